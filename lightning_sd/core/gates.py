@@ -1,0 +1,480 @@
+"""Gates on residual branches: the multiplier ``m_l``, mask sampling and compute skipping.
+
+:func:`inject_stochastic_depth` rewrites each block found by :mod:`lightning_sd.core.discovery` so
+that ``shortcut + f_l(x)`` becomes ``gate_l(shortcut, inputs)``. The gate owns the branch's code:
+
+- training, ``drop="batch"``: one Bernoulli(p_l) draw per block per step; a dropped branch is **not
+  computed**, forward or backward (Huang et al. 2016); a kept one is scaled by ``1/p_l``
+  (``scaling="inverted"``) or 1 (``"expected"``).
+- training, ``drop="sample"``: a per-example mask as timm's ``DropPath``; every branch is computed.
+- evaluation: ``shortcut + f_l(x)`` (``"inverted"``, the plain network) or ``shortcut + p_l f_l(x)``
+  (``"expected"``, the paper's convention).
+- :meth:`StochasticDepthHandle.override`: explicit multipliers ``m`` of shape ``(L,)`` or
+  ``(B, L)``, differentiable, for sensitivities, regularization terms and normality probes.
+
+Parameters of a skipped branch get an exact zero gradient (``0 * w``), so every parameter takes
+part in every backward: DDP with ``find_unused_parameters=False`` works, and single-process and
+multi-process runs update the same parameters. Gates hold no state in ``state_dict``: an injected
+model saves and loads the plain model's keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import linecache
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from lightning_sd.core.discovery import ResidualBranch, _AddPlan, _BlockPlan, _select, is_drop_path_slot
+
+__all__ = ["DROP_KINDS", "SCALINGS", "ResidualGate", "SlotGate", "StochasticDepthHandle", "inject_stochastic_depth", "mask_generator"]
+
+DROP_KINDS = ("batch", "sample")
+SCALINGS = ("inverted", "expected")
+_GATE_PREFIX = "_sd_gate"
+
+
+def mask_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from integers ``key`` (e.g. ``(seed, step, micro_batch)``), independent of global RNG."""
+    seed = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)[0]
+    g = torch.Generator()
+    g.manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+    return g
+
+
+def _broadcast_over_batch(m: Tensor, like: Tensor) -> Tensor:
+    return m.reshape((m.shape[0],) + (1,) * (like.ndim - 1))
+
+
+class _GateBase(nn.Module):
+    """Shared plumbing: index l, a reference to the handle (not a submodule), no state_dict entries."""
+
+    def __init__(self, index: int, handle: StochasticDepthHandle) -> None:
+        super().__init__()
+        self.index = index
+        self.__dict__["handle"] = handle  # plain reference: not a child module, not in state_dict
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, p={float(self.handle.survival[self.index]):.4f}"
+
+    def _multiplier(self, branch_out: Tensor) -> Tensor | float | None:
+        """``m_l`` for this call, or None when the branch is dropped for the whole batch."""
+        h, l = self.handle, self.index
+        if h._override is not None:
+            m = h._override
+            if m.ndim == 1:
+                return m[l]
+            return _broadcast_over_batch(m[:, l], branch_out)
+        p = h._p[l]
+        if not self.training:
+            return p if h.scaling == "expected" else 1.0
+        if h.drop == "batch":
+            if not h._kept_list[l]:
+                return None
+            return 1.0 / p if h.scaling == "inverted" else 1.0
+        mask = h._sample_mask(l, branch_out.shape[0], branch_out.device, branch_out.dtype)
+        return _broadcast_over_batch(mask, branch_out)
+
+
+class ResidualGate(_GateBase):
+    """Replaces ``shortcut + f_l(x)`` in a traced block; calls the branch only when it is kept.
+
+    Args:
+        index: block number l - 1 (forward order).
+        handle: the :class:`StochasticDepthHandle` holding rates and masks.
+        branch: the branch's code, bound to its block, taking the branch's external inputs.
+        block: the module that owns the branch's submodules (for zero-gradient touches).
+        weight_modules: names (relative to ``block``) of the branch's submodules.
+        weight_attrs: names of parameters read directly by the branch (``get_attr``).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        handle: StochasticDepthHandle,
+        branch: Callable[..., Tensor],
+        block: nn.Module,
+        weight_modules: Sequence[str],
+        weight_attrs: Sequence[str],
+    ) -> None:
+        super().__init__(index, handle)
+        self.__dict__["branch"] = branch
+        self.__dict__["block"] = block
+        self.weight_modules = tuple(weight_modules)
+        self.weight_attrs = tuple(weight_attrs)
+
+    def _weights(self) -> Iterator[Tensor]:
+        for name in self.weight_modules:
+            yield from self.block.get_submodule(name).parameters()
+        for name in self.weight_attrs:
+            obj = self.block.get_parameter(name)
+            yield obj
+
+    def _skip(self, shortcut: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return shortcut
+        touches = [w.reshape(-1)[0] for w in self._weights() if w.requires_grad and w.numel()]
+        if not touches:
+            return shortcut
+        return shortcut + torch.stack(touches).sum() * 0.0
+
+    def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
+        h = self.handle
+        if h._override is None and self.training and h.drop == "batch" and not h._kept_list[self.index]:
+            return self._skip(shortcut)
+        out = self.branch(*inputs)
+        m = self._multiplier(out)
+        if isinstance(m, float) and m == 1.0:
+            return shortcut + out
+        return shortcut + out * m
+
+
+class SlotGate(_GateBase):
+    """Stands in a drop-path slot of a block whose forward cannot be traced: multiplies, never skips."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self._multiplier(x)
+        if m is None:
+            return x * 0.0
+        if isinstance(m, float) and m == 1.0:
+            return x
+        return x * m
+
+
+def _compile_graph(graph: fx.Graph, label: str) -> Callable[..., Any]:
+    code = graph.python_code(root_module="self")
+    filename = f"<lightning_sd {label}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - code generated by torch.fx
+    return namespace["forward"]
+
+
+def _rewrite(plan: _BlockPlan, gate_names: list[str]) -> tuple[Callable[..., Any], list[Callable[..., Any]]]:
+    """New forward of the block (adds replaced by gate calls) and one function per branch."""
+    assert plan.graph is not None
+    skip = {n for a in plan.adds for n in a.nodes}
+    by_add = {a.add: (i, a) for i, a in enumerate(plan.adds)}
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in plan.graph.nodes:
+        if node in skip:
+            continue
+        if node in by_add:
+            i, a = by_add[node]
+            args = (env[a.shortcut], *[env[e] for e in a.externals])
+            env[node] = new.call_module(gate_names[i], args)
+        else:
+            env[node] = new.node_copy(node, lambda n: env[n])
+    forward = _compile_graph(new, f"{plan.name or 'root'}.forward")
+    branches = []
+    for i, a in enumerate(plan.adds):
+        bg = fx.Graph()
+        benv: dict[fx.Node, fx.Node] = {}
+        for k, e in enumerate(a.externals):
+            benv[e] = bg.placeholder(f"input_{k}")
+        for n in a.nodes:
+            benv[n] = bg.node_copy(n, lambda x: benv[x])
+        bg.output(benv[a.branch])
+        branches.append(_compile_graph(bg, f"{plan.name or 'root'}.branch{i}"))
+    return forward, branches
+
+
+def _resolve_survival(survival: Any, num_blocks: int) -> Tensor:
+    if callable(survival) and not isinstance(survival, Tensor):
+        survival = survival(num_blocks)
+    if isinstance(survival, (int, float)) and not isinstance(survival, bool):
+        p = torch.full((num_blocks,), float(survival), dtype=torch.float64)
+    else:
+        p = torch.as_tensor(survival, dtype=torch.float64).flatten().clone()
+    if p.numel() != num_blocks:
+        raise ValueError(f"survival has {p.numel()} rates but the model has {num_blocks} residual branches")
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool((p > 1).any()):
+        raise ValueError(f"survival rates must lie in [0, 1], got {p.tolist()}")
+    return p
+
+
+def _check_rates(p: Tensor, scaling: str) -> None:
+    if scaling == "inverted" and bool((p == 0).any()):
+        zero = torch.nonzero(p == 0).flatten().tolist()
+        raise ValueError(
+            f"survival rate 0 for blocks {zero} with scaling='inverted' would divide by zero (m = delta/p). "
+            "Use scaling='expected', a p_min > 0, or remove those blocks with blocks=."
+        )
+
+
+class StochasticDepthHandle:
+    """What :func:`inject_stochastic_depth` returns: gates in forward order, rates, masks, removal.
+
+    Attributes:
+        branches: the :class:`ResidualBranch` of each gate, forward order.
+        gates: the gate modules, ``gates[l - 1]`` for block l.
+        drop: ``"batch"`` or ``"sample"``.
+        scaling: ``"inverted"`` or ``"expected"``.
+        seed: base seed of the mask stream.
+    """
+
+    def __init__(self, model: nn.Module, branches: list[ResidualBranch], survival: Tensor, drop: str, scaling: str, seed: int) -> None:
+        self.model = model
+        self.branches = branches
+        self.gates: list[_GateBase] = []
+        self.drop = drop
+        self.scaling = scaling
+        self.seed = int(seed)
+        self._survival = survival.to(torch.float32)
+        self._p = [float(x) for x in survival]
+        self._kept = torch.ones(len(branches), dtype=torch.bool)
+        self._kept_list = [True] * len(branches)
+        self._key: tuple[int, ...] = (0, 0)
+        self._rank = 0
+        self._sample_cache: Tensor | None = None
+        self._override: Tensor | None = None
+        self._auto_step = 0
+        self._undo: list[Callable[[], None]] = []
+        self.removed = False
+
+    @property
+    def num_blocks(self) -> int:
+        """L, the number of gates."""
+        return len(self.branches)
+
+    @property
+    def survival(self) -> Tensor:
+        """Current rates p_1..p_L (float32, CPU)."""
+        return self._survival.clone()
+
+    def set_survival(self, survival: Sequence[float] | Tensor) -> None:
+        """Set new rates (length L, in [0, 1]; no zero with ``scaling="inverted"``)."""
+        p = _resolve_survival(survival, self.num_blocks)
+        _check_rates(p, self.scaling)
+        self._survival = p.to(torch.float32)
+        self._p = [float(x) for x in p]
+
+    @property
+    def kept(self) -> Tensor:
+        """Batch mask of the current step (bool, length L): which branches run. All True before a draw."""
+        return self._kept.clone()
+
+    def set_rank(self, rank: int) -> None:
+        """Process rank, mixed into per-sample masks so that each rank masks its own examples differently."""
+        self._rank = int(rank)
+
+    def resample(self, step: int, micro_batch: int = 0) -> Tensor:
+        """Draw the masks for training step ``step`` (and micro-batch), from ``(seed, step, micro_batch)``.
+
+        Batch drop: returns the kept mask (bool, length L), identical on every rank. Sample drop: the
+        per-example masks are drawn at the first gate call of the step, from the same key and the rank.
+        """
+        self._key = (int(step), int(micro_batch))
+        self._sample_cache = None
+        if self.drop == "batch":
+            g = mask_generator(self.seed, step, micro_batch, 0)
+            u = torch.rand(self.num_blocks, generator=g, dtype=torch.float64)
+            self._kept = u < torch.tensor(self._p, dtype=torch.float64)
+            self._kept_list = self._kept.tolist()
+        return self._kept.clone()
+
+    def realized_depth(self) -> float:
+        """Number of branches executed at the current step (batch drop) or their mean over examples (sample)."""
+        if self.drop == "batch":
+            return float(self._kept.sum())
+        if self._sample_cache is None:
+            return float("nan")
+        return float((self._sample_cache > 0).sum(dim=1).double().mean())
+
+    def _sample_mask(self, index: int, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        if self._sample_cache is None or self._sample_cache.shape[0] != batch:
+            g = mask_generator(self.seed, *self._key, 1, self._rank)
+            u = torch.rand(batch, self.num_blocks, generator=g, dtype=torch.float64)
+            p = torch.tensor(self._p, dtype=torch.float64)
+            delta = (u < p).double()
+            self._sample_cache = delta / p.clamp_min(1e-12) if self.scaling == "inverted" else delta
+        return self._sample_cache[:, index].to(device=device, dtype=dtype, non_blocking=True)
+
+    @contextlib.contextmanager
+    def override(self, multipliers: Tensor) -> Iterator[None]:
+        """Run the model with explicit multipliers ``m`` (shape ``(L,)`` or ``(B, L)``), in any mode.
+
+        Every branch is computed; gradients flow to ``multipliers``. Used for sensitivities
+        ``dLoss/dm_l`` (m = 1), regularization terms and Monte-Carlo masks.
+        """
+        if multipliers.ndim not in (1, 2) or multipliers.shape[-1] != self.num_blocks:
+            raise ValueError(f"multipliers must have shape (L,) or (B, L) with L = {self.num_blocks}, got {tuple(multipliers.shape)}")
+        previous = self._override
+        self._override = multipliers
+        try:
+            yield
+        finally:
+            self._override = previous
+
+    def _auto_resample(self, module: nn.Module, args: Any) -> None:
+        if module.training and self._override is None:
+            self.resample(self._auto_step)
+            self._auto_step += 1
+
+    def remove(self) -> None:
+        """Restore the original model: original forwards, drop-path slots, no gates."""
+        if self.removed:
+            return
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        self.removed = True
+        self.model.__dict__.pop("_lightning_sd_handle", None)
+
+
+def _set_module(root: nn.Module, qualname: str, new: nn.Module) -> Callable[[], None]:
+    parent_name, _, child = qualname.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = parent._modules[child]
+    parent._modules[child] = new
+    return lambda: parent._modules.__setitem__(child, old)
+
+
+def existing_handle(model: nn.Module) -> StochasticDepthHandle | None:
+    """The live handle of an injected model, or None."""
+    handle = model.__dict__.get("_lightning_sd_handle")
+    if handle is not None and not handle.removed:
+        return handle
+    for module in model.modules():
+        if isinstance(module, _GateBase) and not module.handle.removed:
+            return module.handle
+    return None
+
+
+def inject_stochastic_depth(
+    model: nn.Module,
+    survival: float | Sequence[float] | Tensor | Callable[[int], Tensor],
+    *,
+    drop: str = "batch",
+    scaling: str = "inverted",
+    blocks: str | Sequence[str] | None = None,
+    seed: int = 0,
+    auto_resample: bool = True,
+) -> StochasticDepthHandle:
+    """Put a stochastic-depth gate on every residual branch of ``model``, in place.
+
+    ``y_l = shortcut(y_{l-1}) + m_l f_l(y_{l-1})`` with ``m_l = delta_l`` (``"expected"``) or
+    ``delta_l / p_l`` (``"inverted"``) in training, ``delta_l ~ Bernoulli(p_l)`` (DESIGN.md).
+    Injection is all-or-nothing: every check runs before the model is touched.
+
+    Args:
+        model: any residual model (torchvision, timm, the reference models, your own).
+        survival: rates p_1..p_L: one float for all blocks, a sequence/tensor of length L, or a
+            callable ``num_blocks -> rates`` (e.g. ``lambda L: survival_rates("linear", L, 0.5)``).
+        drop: ``"batch"`` (one draw per block per step, dropped branches are skipped) or ``"sample"``
+            (per-example masks, nothing skipped).
+        scaling: ``"inverted"`` (training divides by p, evaluation runs the plain network) or
+            ``"expected"`` (evaluation multiplies branch l by p_l).
+        blocks: which branches, see :func:`~lightning_sd.find_residual_branches`.
+        seed: base seed of the mask stream; masks of step s come from ``(seed, s, micro_batch)``.
+        auto_resample: draw new masks at every training-mode forward of ``model`` (plain PyTorch
+            loops). The Lightning callback turns this off and draws per step itself.
+
+    Returns:
+        a :class:`StochasticDepthHandle`.
+
+    Example::
+
+        >>> model = torchvision.models.resnet18()
+        >>> handle = inject_stochastic_depth(model, lambda L: survival_rates("linear", L, 0.75))
+        >>> handle.num_blocks
+        8
+        >>> handle.remove()  # the plain model again
+    """
+    if drop not in DROP_KINDS:
+        raise ValueError(f"unknown drop={drop!r}; choose 'batch' (skip dropped blocks) or 'sample' (per-example masks)")
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling={scaling!r}; choose 'inverted' (timm/torchvision) or 'expected' (Huang et al.)")
+    if existing_handle(model) is not None:
+        raise RuntimeError(
+            f"{type(model).__name__} already has stochastic-depth gates; call handle.remove() first "
+            "(or use the existing handle's set_survival to change rates)."
+        )
+    plans, branches = _select(model, blocks)
+    if not branches:
+        raise ValueError(
+            f"found no residual branch (a forward computing x + f(x)) in {type(model).__name__}. "
+            "If your blocks use a form that cannot be traced, name them explicitly, e.g. "
+            "blocks=['layer1.0', 'layer1.1'] or blocks=r'layer\\d\\.\\d+' (module names from model.named_modules())."
+        )
+    p = _resolve_survival(survival, len(branches))
+    _check_rates(p, scaling)
+    handle = StochasticDepthHandle(model, branches, p, drop, scaling, seed)
+
+    # Build everything first (tracing and code generation can fail); mutate afterwards.
+    index = 0
+    actions: list[Callable[[], Callable[[], None]]] = []
+    for plan in plans:
+        if plan.graph is None:
+            for slot in plan.slot_names:
+                gate = SlotGate(index, handle)
+                gate.train(plan.module.training)
+                handle.gates.append(gate)
+                qual = f"{plan.name}.{slot}" if plan.name else slot
+                actions.append(functools.partial(_set_module, model, qual, gate))
+                index += 1
+            continue
+        gate_names = [f"{_GATE_PREFIX}{i}" for i in range(len(plan.adds))]
+        forward, branch_fns = _rewrite(plan, gate_names)
+        block = plan.module
+        for gname, a, fn in zip(gate_names, plan.adds, branch_fns):
+            mods = [str(n.target) for n in a.nodes if n.op == "call_module"]
+            attrs = [str(n.target) for n in a.nodes if n.op == "get_attr" and isinstance(_lookup(block, str(n.target)), nn.Parameter)]
+            gate = ResidualGate(index, handle, functools.partial(fn, block), block, list(dict.fromkeys(mods)), attrs)
+            gate.train(block.training)
+            handle.gates.append(gate)
+            actions.append(functools.partial(_add_gate, block, gname, gate))
+            for mod in dict.fromkeys(mods):
+                if is_drop_path_slot(block.get_submodule(mod)):
+                    qual = f"{plan.name}.{mod}" if plan.name else mod
+                    actions.append(functools.partial(_set_module, model, qual, nn.Identity()))
+            index += 1
+        actions.append(functools.partial(_set_forward, block, functools.partial(forward, block)))
+
+    done: list[Callable[[], None]] = []
+    try:
+        for act in actions:
+            done.append(act())
+        if auto_resample:
+            hook = model.register_forward_pre_hook(handle._auto_resample)
+            done.append(hook.remove)
+    except BaseException:
+        for undo in reversed(done):
+            undo()
+        raise
+    handle._undo = done
+    model.__dict__["_lightning_sd_handle"] = handle
+    return handle
+
+
+def _lookup(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _add_gate(block: nn.Module, name: str, gate: nn.Module) -> Callable[[], None]:
+    block._modules[name] = gate
+    return lambda: block._modules.pop(name, None)
+
+
+def _set_forward(block: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
+    had = "forward" in block.__dict__
+    old = block.__dict__.get("forward")
+    block.__dict__["forward"] = forward
+
+    def undo() -> None:
+        if had:
+            block.__dict__["forward"] = old
+        else:
+            block.__dict__.pop("forward", None)
+
+    return undo

@@ -1,0 +1,268 @@
+"""Survival-rate modes and the budget solver (Hayou & Ayed 2021, sections 2, 4 and 5).
+
+Every mode returns rates ``p`` (float64 tensor of length ``L``, forward order) with
+``0 <= p_l <= 1`` and ``sum_l p_l = budget * L`` to 1e-6: the budget is the expected fraction of
+blocks kept, ``Lbar / L``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SURVIVAL_MODES",
+    "depth_moments",
+    "gradient_growth_theory",
+    "linear_min_budget",
+    "maxreg_rates",
+    "sensemode_rates",
+    "survival_rates",
+]
+
+SURVIVAL_MODES = ("uniform", "linear", "custom", "sensemode", "maxreg")
+_BUDGET_TOL = 1e-6
+
+
+def _check_budget(budget: float) -> float:
+    budget = float(budget)
+    if not (0.0 < budget <= 1.0) or math.isnan(budget):
+        raise ValueError(
+            f"budget must be in (0, 1] (the expected fraction of blocks kept, Lbar / L), got {budget}. "
+            "Use e.g. budget=0.5 to keep half of the blocks on average."
+        )
+    return budget
+
+
+def _check_num_blocks(num_blocks: int) -> int:
+    if int(num_blocks) != num_blocks or num_blocks < 1:
+        raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+    return int(num_blocks)
+
+
+def linear_min_budget(num_blocks: int) -> float:
+    """Smallest budget the linear mode can reach: ``(L - 1) / (2L)`` (then ``p_L = 0``)."""
+    num_blocks = _check_num_blocks(num_blocks)
+    return (num_blocks - 1) / (2 * num_blocks)
+
+
+def _fit_budget(weights: Tensor, budget: float, p_min: float) -> Tensor:
+    """``p = clip(p_min + alpha * w, p_min, 1)`` with ``alpha >= 0`` solving ``sum p = budget * L``.
+
+    ``sum p`` is continuous and non-decreasing in alpha, so bisection finds alpha; the residual
+    is then removed exactly by spreading it over the unclipped entries.
+    """
+    num_blocks = weights.numel()
+    target = budget * num_blocks
+    if p_min * num_blocks > target + _BUDGET_TOL:
+        raise ValueError(
+            f"p_min={p_min} keeps {p_min * num_blocks:.3f} blocks on average, more than the budget "
+            f"{budget} x {num_blocks} = {target:.3f}. Lower p_min below the budget ({budget})."
+        )
+    positive = weights > 0
+    if budget >= 1.0:
+        return torch.ones(num_blocks, dtype=torch.float64)
+    if not bool(positive.any()):
+        raise ValueError(
+            "all weights are zero, so no survival rates proportional to them can meet the budget "
+            f"{budget}; use mode='uniform' or measure on other data."
+        )
+    if int(positive.sum()) + p_min * int((~positive).sum()) < target - _BUDGET_TOL:
+        raise ValueError(
+            f"only {int(positive.sum())} of {num_blocks} blocks have a non-zero weight; even keeping all "
+            f"of them cannot reach the budget {budget} x {num_blocks} = {target:.3f}. Raise p_min or "
+            "lower the budget."
+        )
+
+    def total(alpha: float) -> float:
+        return float(torch.clamp(p_min + alpha * weights, p_min, 1.0).sum())
+
+    lo, hi = 0.0, 1.0
+    while total(hi) < target:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if total(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    p = torch.clamp(p_min + hi * weights, p_min, 1.0)
+    free = (p < 1.0) & positive
+    residual = target - float(p.sum())
+    if free.any() and abs(residual) > 0:
+        p[free] += residual / int(free.sum())
+    return p.clamp_(0.0, 1.0)
+
+
+def sensemode_rates(num_blocks: int, budget: float, sensitivities: Sequence[float] | Tensor, p_min: float = 0.0) -> Tensor:
+    """SenseMode (section 5): ``p_l = clip(p_min + alpha * |S_l|, p_min, 1)``, alpha solving the budget.
+
+    Args:
+        num_blocks: L.
+        budget: expected fraction of blocks kept, in (0, 1].
+        sensitivities: S, length L, finite.
+        p_min: minimum survival rate in [0, budget]; 0 gives the paper's rule ``p ~ |S|``.
+    """
+    num_blocks = _check_num_blocks(num_blocks)
+    budget = _check_budget(budget)
+    s = torch.as_tensor(sensitivities, dtype=torch.float64).flatten()
+    if s.numel() != num_blocks:
+        raise ValueError(f"sensitivities has {s.numel()} entries but the model has {num_blocks} blocks")
+    if not bool(torch.isfinite(s).all()):
+        bad = torch.nonzero(~torch.isfinite(s)).flatten().tolist()
+        raise ValueError(
+            f"sensitivities of blocks {bad} are NaN or infinite; the loss or its gradient diverged on the "
+            "measurement batches. Check the loss on those batches or measure on other data."
+        )
+    if not (0.0 <= p_min <= 1.0):
+        raise ValueError(f"p_min must be in [0, 1], got {p_min}")
+    return _fit_budget(s.abs(), budget, float(p_min))
+
+
+def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor) -> Tensor:
+    """Lemma 2: rates maximizing the explicit penalty for fixed weights, ``p_l = clip(1/2 - C/g_l, 0, 1)``.
+
+    ``C`` is found so that ``sum p = budget * L``. When the budget exceeds what ``p <= 1/2`` allows
+    (budget > 1/2), C is negative and rates rise above 1/2 in proportion to ``1/g_l``.
+
+    Args:
+        num_blocks: L.
+        budget: in (0, 1].
+        g: regularization terms g_l >= 0 (length L, see :func:`lightning_sd.regularization_terms`).
+    """
+    num_blocks = _check_num_blocks(num_blocks)
+    budget = _check_budget(budget)
+    g = torch.as_tensor(g, dtype=torch.float64).flatten()
+    if g.numel() != num_blocks:
+        raise ValueError(f"g has {g.numel()} entries but the model has {num_blocks} blocks")
+    if not bool(torch.isfinite(g).all()) or bool((g < 0).any()):
+        raise ValueError("g must be finite and non-negative (g_l is a quadratic form of a PSD Hessian)")
+    if budget >= 1.0:
+        return torch.ones(num_blocks, dtype=torch.float64)
+    target = budget * num_blocks
+    inv = 1.0 / g.clamp_min(1e-300)
+
+    def total(c: float) -> float:
+        return float(torch.clamp(0.5 - c * inv, 0.0, 1.0).sum())
+
+    lo, hi = -1.0, 1.0
+    while total(lo) < target:
+        lo *= 2.0
+    while total(hi) > target:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if total(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    p = torch.clamp(0.5 - hi * inv, 0.0, 1.0)
+    free = (p > 0) & (p < 1)
+    residual = target - float(p.sum())
+    if free.any():
+        p[free] += residual / int(free.sum())
+    return p.clamp_(0.0, 1.0)
+
+
+def survival_rates(
+    mode: str,
+    num_blocks: int,
+    budget: float = 1.0,
+    *,
+    rates: Sequence[float] | Tensor | None = None,
+    sensitivities: Sequence[float] | Tensor | None = None,
+    g: Sequence[float] | Tensor | None = None,
+    p_min: float = 0.0,
+) -> Tensor:
+    """Survival rates ``p_1..p_L`` for a compute budget.
+
+    Modes (Hayou & Ayed 2021):
+
+    - ``"uniform"``: ``p_l = budget``.
+    - ``"linear"``: ``p_l = 1 - (l/L)(1 - p_L)`` with ``p_L = 1 - 2L(1 - budget)/(L + 1)`` so that
+      ``sum p = budget * L`` exactly; infeasible below ``(L - 1) / (2L)``.
+    - ``"custom"``: ``rates`` as given (checked, the budget is ignored).
+    - ``"sensemode"``: from ``sensitivities`` (section 5), see :func:`sensemode_rates`.
+    - ``"maxreg"``: from regularization terms ``g`` (Lemma 2), see :func:`maxreg_rates`.
+
+    Args:
+        mode: one of ``"uniform"``, ``"linear"``, ``"custom"``, ``"sensemode"``, ``"maxreg"``.
+        num_blocks: number of residual branches L >= 1.
+        budget: expected fraction of blocks kept, in (0, 1].
+        rates: explicit rates for ``"custom"``, length L, each in [0, 1].
+        sensitivities: S_l for ``"sensemode"``.
+        g: g_l for ``"maxreg"``.
+        p_min: minimum rate for ``"sensemode"``.
+
+    Returns:
+        float64 tensor of length L.
+
+    Example::
+
+        >>> survival_rates("linear", 4, 0.75)
+        tensor([0.9000, 0.8000, 0.7000, 0.6000], dtype=torch.float64)
+    """
+    if mode not in SURVIVAL_MODES:
+        raise ValueError(f"unknown survival mode {mode!r}; choose one of {', '.join(SURVIVAL_MODES)}")
+    num_blocks = _check_num_blocks(num_blocks)
+    if mode == "custom":
+        if rates is None:
+            raise ValueError("mode='custom' needs rates=[p_1, ..., p_L]")
+        p = torch.as_tensor(rates, dtype=torch.float64).flatten().clone()
+        if p.numel() != num_blocks:
+            raise ValueError(f"custom rates have {p.numel()} entries but the model has {num_blocks} residual blocks")
+        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool((p > 1).any()):
+            raise ValueError(f"custom rates must lie in [0, 1], got {p.tolist()}")
+        return p
+    budget = _check_budget(budget)
+    if mode == "uniform":
+        return torch.full((num_blocks,), budget, dtype=torch.float64)
+    if mode == "linear":
+        p_last = 1.0 - 2.0 * num_blocks * (1.0 - budget) / (num_blocks + 1)
+        if p_last < -_BUDGET_TOL:
+            raise ValueError(
+                f"budget {budget} is infeasible for the linear mode with {num_blocks} blocks (p_L would be "
+                f"{p_last:.4f} < 0); the smallest feasible budget is (L - 1)/(2L) = "
+                f"{linear_min_budget(num_blocks):.6f}. Raise the budget or use mode='uniform' or 'sensemode'."
+            )
+        p_last = max(p_last, 0.0)
+        ls = torch.arange(1, num_blocks + 1, dtype=torch.float64)
+        return 1.0 - ls / num_blocks * (1.0 - p_last)
+    if mode == "sensemode":
+        if sensitivities is None:
+            raise ValueError("mode='sensemode' needs sensitivities=S (see lightning_sd.estimate_sensitivities)")
+        return sensemode_rates(num_blocks, budget, sensitivities, p_min)
+    if g is None:
+        raise ValueError("mode='maxreg' needs g=[g_1, ..., g_L] (see lightning_sd.regularization_terms)")
+    return maxreg_rates(num_blocks, budget, g)
+
+
+def depth_moments(survival: Sequence[float] | Tensor) -> tuple[float, float]:
+    """Lemma 1: mean ``sum p_l`` and variance ``sum p_l (1 - p_l)`` of the sampled depth ``L_delta``."""
+    p = torch.as_tensor(survival, dtype=torch.float64)
+    return float(p.sum()), float((p * (1 - p)).sum())
+
+
+def gradient_growth_theory(survival: Sequence[float] | Tensor | None, num_blocks: int | None = None) -> Tensor:
+    """Proposition 1: ``q_l = prod_{k>l} (1 + p_k)`` for l = 0..L (``2^(L-l)`` without SD).
+
+    Args:
+        survival: rates p_1..p_L, or None for no SD (then ``num_blocks`` is required).
+        num_blocks: L when ``survival`` is None.
+
+    Returns:
+        float64 tensor of length L + 1, entry l is q_l (q_L = 1).
+    """
+    if survival is None:
+        if num_blocks is None:
+            raise ValueError("gradient_growth_theory needs survival rates or num_blocks")
+        p = torch.ones(num_blocks, dtype=torch.float64)
+    else:
+        p = torch.as_tensor(survival, dtype=torch.float64).flatten()
+    factors = torch.cat([1.0 + p, torch.ones(1, dtype=torch.float64)])
+    # q_l = prod_{k=l+1}^{L} (1 + p_k): reverse cumulative product of factors[l:] shifted by one.
+    rev = torch.flip(torch.cumprod(torch.flip(factors[:-1], [0]), 0), [0])
+    return torch.cat([rev, torch.ones(1, dtype=torch.float64)])
