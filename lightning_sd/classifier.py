@@ -1,0 +1,320 @@
+"""``SDClassifier``: an image-classification LightningModule whose backbone is named or given.
+
+The backbone is a :class:`~lightning_sd.models.CifarResNet` (``"CifarResNet-110"``,
+``"StableCifarResNet-56"``), any torchvision classification model, any timm model (all built
+without pretrained weights) or an ``nn.Module`` instance. Stochastic depth itself is added by the
+:class:`~lightning_sd.callbacks.StochasticDepth` callback, which finds the residual branches of
+whatever backbone is here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = [
+    "SDClassifier",
+    "build_backbone",
+    "build_optimizer",
+    "with_lr_schedule",
+    "called_by_fit_loop",
+    "OptimizerName",
+    "SchedulerName",
+]
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+SchedulerName = Literal["cosine", "multistep", "none"]
+
+_CIFAR_RESNET = re.compile(r"^(stable[-_]?)?cifar[-_]?resnet[-_]?(\d+)$", re.IGNORECASE)
+
+BACKBONE_HELP = (
+    "Name a backbone as 'CifarResNet-<depth>' with depth = 6n + 2 (CifarResNet-20, -32, -44, -56, -110; "
+    "'StableCifarResNet-110' or stable=True scales branches by 1/sqrt(L)), as a torchvision classification "
+    "model ('resnet18', 'torchvision:resnet50'; see torchvision.models.list_models(module=torchvision.models)), "
+    "as a timm model ('timm:resnet18', 'vit_tiny_patch16_224'; see timm.list_models()), or pass an nn.Module "
+    "instance (CLI: backbone: {class_path: ..., init_args: ...}). Unprefixed names are looked up in torchvision "
+    "first, then timm. No pretrained weights are loaded."
+)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return list(timm.list_models())
+
+
+def build_backbone(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    stable: bool = False,
+    balanced: bool = False,
+) -> nn.Module:
+    """Build a randomly initialised classification backbone from its name.
+
+    Args:
+        name: ``"CifarResNet-<6n+2>"`` / ``"StableCifarResNet-<6n+2>"``, a torchvision classification
+            model name (optionally ``"torchvision:"``-prefixed) or a timm model name (optionally
+            ``"timm:"``-prefixed). Unprefixed names are tried in that order.
+        num_classes: size of the classifier head, >= 1.
+        in_channels: image channels (torchvision models accept only 3).
+        stable: Stable ResNet branch scaling ``1/sqrt(L)`` (CifarResNet only).
+        balanced: Balanced ReLUs of Li et al. (2021) (CifarResNet only).
+
+    Returns:
+        The backbone, mapping ``(B, in_channels, H, W)`` images to ``(B, num_classes)`` logits.
+
+    Raises:
+        ValueError: unknown name (the message lists how to name a backbone and close matches), a
+            CifarResNet depth that is not ``6n + 2``, or an option the chosen family does not support.
+
+    Example::
+
+        >>> build_backbone("CifarResNet-56", num_classes=100, stable=True).num_blocks
+        27
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    match = _CIFAR_RESNET.match(name.strip())
+    if match:
+        from lightning_sd.models import CifarResNet
+
+        depth = int(match.group(2))
+        try:
+            return CifarResNet(
+                depth,
+                num_classes=num_classes,
+                stable=stable or match.group(1) is not None,
+                in_channels=in_channels,
+                balanced=balanced,
+            )
+        except ValueError as err:
+            raise ValueError(f"backbone {name!r}: {err}") from err
+
+    source, _, model_name = name.strip().rpartition(":")
+    if source not in ("", "torchvision", "timm"):
+        raise ValueError(f"backbone {name!r}: unknown prefix {source!r}:, use 'torchvision:' or 'timm:'. {BACKBONE_HELP}")
+    if stable or balanced:
+        raise ValueError(
+            f"backbone {name!r}: stable=True and balanced=True apply to CifarResNet-* backbones only; "
+            "for other models, build the scaled model yourself and pass it as an nn.Module instance"
+        )
+
+    if source in ("", "torchvision") and model_name in _torchvision_names():
+        if in_channels != 3:
+            raise ValueError(
+                f"backbone {name!r}: torchvision models take 3-channel images, got in_channels={in_channels}; "
+                f"use a timm model ('timm:{model_name}' accepts in_chans) or a CifarResNet"
+            )
+        import torchvision
+
+        return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes)
+    if source in ("", "timm"):
+        import timm
+
+        if timm.is_model(model_name):
+            return timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+    known = [f"CifarResNet-{d}" for d in (20, 32, 44, 56, 110)]
+    if source in ("", "torchvision"):
+        known += _torchvision_names()
+    if source in ("", "timm"):
+        known += _timm_names()
+    close = difflib.get_close_matches(model_name, list(dict.fromkeys(known)), n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    where = {"": "torchvision or timm", "torchvision": "torchvision", "timm": "timm"}[source]
+    raise ValueError(f"Unknown backbone {name!r}: not a CifarResNet and not a {where} model name.{hint} {BACKBONE_HELP}")
+
+
+def build_optimizer(
+    params: Any,
+    optimizer: OptimizerName = "sgd",
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
+    """SGD (with ``momentum``, optional Nesterov), Adam or AdamW (decoupled ``weight_decay``)."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if optimizer == "sgd":
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
+
+
+def with_lr_schedule(module: LightningModule, scheduler: SchedulerName, optim: torch.optim.Optimizer) -> Any:
+    """Attach a per-step schedule over the whole run (``trainer.estimated_stepping_batches``)."""
+    if scheduler == "none":
+        return optim
+    if scheduler not in ("cosine", "multistep"):
+        raise ValueError(f"scheduler must be 'cosine', 'multistep' or 'none', got {scheduler!r}")
+    try:
+        total = module.trainer.estimated_stepping_batches
+    except RuntimeError:  # not attached to a Trainer
+        total = math.inf
+    if not math.isfinite(total) or total < 1:
+        rank_zero_warn(
+            f"scheduler={scheduler!r} needs a finite run length (set trainer max_epochs or max_steps); "
+            "training with a constant learning rate"
+        )
+        return optim
+    total = int(total)
+    if scheduler == "cosine":
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=total)
+    else:
+        sched = torch.optim.lr_scheduler.MultiStepLR(optim, milestones=[total // 2, (3 * total) // 4], gamma=0.1)
+    return {"optimizer": optim, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def called_by_fit_loop(module: LightningModule) -> bool:
+    """Whether ``module.training_step`` is running as the Trainer's own training step.
+
+    Callbacks that call ``training_step`` themselves (SenseMode sensitivities, regularization terms) do so
+    from other hooks, where ``self.log(on_step=True)`` is refused and metric updates would mix their
+    batches into the training accuracy: the modules here log only when this is true.
+    """
+    return module._trainer is not None and getattr(module, "_current_fx_name", None) == "training_step"
+
+
+class SDClassifier(LightningModule):
+    """Image classifier trained with cross-entropy; the backbone is named (CifarResNet, torchvision, timm) or given.
+
+    Logs ``train/loss`` (every step), ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss`` and
+    ``test/acc`` (per epoch; accuracy is top-1 multiclass accuracy from torchmetrics).
+    :meth:`training_step` returns the loss tensor, so callbacks can call it to compute gradients
+    (SenseMode sensitivities, regularization terms); called from anywhere but the fit loop it logs
+    nothing and leaves ``train/acc`` untouched.
+
+    The defaults are the CIFAR recipe of He et al. (2016) and Huang et al. (2016) used by the SD paper:
+    SGD with learning rate 0.1, momentum 0.9, weight decay 1e-4; here annealed with a cosine schedule over
+    the whole run (``trainer.max_epochs`` or ``max_steps``), stepped every optimizer step.
+
+    Args:
+        backbone: a name understood by :func:`build_backbone` (``"CifarResNet-20"`` .. ``"CifarResNet-110"``,
+            ``"StableCifarResNet-110"``, torchvision or timm model names) or an ``nn.Module`` mapping images
+            to ``num_classes`` logits.
+        num_classes: number of classes, >= 2 (10 for CIFAR-10 and digits, 100 for CIFAR-100).
+        in_channels: image channels given to a named backbone (3 for CIFAR, 1 for digits).
+        stable: scale the residual branches of a CifarResNet by ``1/sqrt(L)`` (Stable ResNet).
+        balanced: use Balanced ReLUs (Li et al. 2021) in a CifarResNet.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: initial learning rate, > 0.
+        momentum: SGD momentum in [0, 1).
+        weight_decay: L2 penalty (SGD, Adam) or decoupled decay (AdamW), >= 0.
+        nesterov: Nesterov momentum for SGD (Huang et al. 2016 used it).
+        scheduler: ``"cosine"`` (to 0 over the run), ``"multistep"`` (x0.1 at 50% and 75% of the run, He et
+            al. 2016) or ``"none"``.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+
+    Example::
+
+        >>> model = SDClassifier("StableCifarResNet-110", num_classes=100)
+        >>> model(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 100])
+    """
+
+    def __init__(
+        self,
+        backbone: Union[str, nn.Module] = "CifarResNet-20",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        stable: bool = False,
+        balanced: bool = False,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        nesterov: bool = False,
+        scheduler: SchedulerName = "cosine",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"SDClassifier needs num_classes >= 2, got {num_classes}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
+        if scheduler not in ("cosine", "multistep", "none"):
+            raise ValueError(f"scheduler must be 'cosine', 'multistep' or 'none', got {scheduler!r}")
+        if isinstance(backbone, str):
+            self.save_hyperparameters()
+            self.backbone = build_backbone(backbone, num_classes, in_channels, stable=stable, balanced=balanced)
+        elif isinstance(backbone, nn.Module):
+            self.save_hyperparameters(ignore=["backbone"])
+            self.backbone = backbone
+        else:
+            raise TypeError(f"backbone must be a name (str) or an nn.Module, got {type(backbone).__name__}. {BACKBONE_HELP}")
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of shape ``(B, num_classes)``."""
+        return self.backbone(x)
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Mean cross-entropy (with the configured label smoothing)."""
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> Tensor:
+        """Cross-entropy of the batch; logged (and ``train/acc`` updated) only when the fit loop calls it."""
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        if called_by_fit_loop(self):
+            self.train_acc(logits.detach(), y)
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        metric(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> Tensor:
+        return self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> Tensor:
+        return self._eval_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int = 0) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(dim=1)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optim = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
+        return with_lr_schedule(self, hp.scheduler, optim)
