@@ -1,0 +1,5 @@
+"""Thin Lightning callbacks over lightning_sd.core."""
+
+from lightning_sd.callbacks.stochastic_depth import StochasticDepth
+
+__all__ = ["StochasticDepth"]

@@ -1,0 +1,31 @@
+"""lightning_sd: principled, measurable, fast stochastic depth for PyTorch Lightning."""
+
+from lightning_sd.callbacks import StochasticDepth
+from lightning_sd.core import (
+    ResidualBranch,
+    StochasticDepthHandle,
+    depth_moments,
+    find_residual_branches,
+    gradient_growth_theory,
+    inject_stochastic_depth,
+    linear_min_budget,
+    maxreg_rates,
+    sensemode_rates,
+    survival_rates,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ResidualBranch",
+    "StochasticDepth",
+    "StochasticDepthHandle",
+    "depth_moments",
+    "find_residual_branches",
+    "gradient_growth_theory",
+    "inject_stochastic_depth",
+    "linear_min_budget",
+    "maxreg_rates",
+    "sensemode_rates",
+    "survival_rates",
+]
