@@ -53,6 +53,7 @@ class StochasticDepth(Callback):
         recompute_every_n_epochs: measure again every n epochs (``"sensemode"``/``"maxreg"``).
         sensitivity_loss: ``(pl_module, batch) -> loss`` used for sensitivities; default: the
             module's ``training_step`` output.
+        regularization_loss: loss whose Hessian defines g_l for ``"maxreg"``: ``"cross_entropy"`` or ``"mse"``.
         log_every_n_steps: how often the realized depth is logged (it is always accumulated).
 
     Example::
@@ -75,6 +76,7 @@ class StochasticDepth(Callback):
         sensitivity_batches: int = 8,
         recompute_every_n_epochs: int | None = None,
         sensitivity_loss: Callable[[pl.LightningModule, Any], Tensor] | None = None,
+        regularization_loss: str = "cross_entropy",
         log_every_n_steps: int = 1,
     ) -> None:
         if mode not in SURVIVAL_MODES:
@@ -111,6 +113,8 @@ class StochasticDepth(Callback):
                 raise ValueError(
                     f"recompute_every_n_epochs only applies to measured modes {_MEASURED_MODES}, not mode={mode!r}"
                 )
+        if regularization_loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"regularization_loss must be 'cross_entropy' or 'mse', got {regularization_loss!r}")
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.mode = mode
@@ -124,6 +128,7 @@ class StochasticDepth(Callback):
         self.sensitivity_batches = int(sensitivity_batches)
         self.recompute_every_n_epochs = recompute_every_n_epochs
         self.sensitivity_loss = sensitivity_loss
+        self.regularization_loss = regularization_loss
         self.log_every_n_steps = int(log_every_n_steps)
         self.handle: StochasticDepthHandle | None = None
         self.sensitivities: Tensor | None = None
