@@ -1,0 +1,257 @@
+import copy
+
+import pytest
+import scipy.stats
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from lightning_sd.core.gates import existing_handle, inject_stochastic_depth
+from lightning_sd.core.survival import survival_rates
+from lightning_sd.models import CifarResNet, ResidualMLP
+
+
+def manual_mlp(model: ResidualMLP, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Independent forward of the residual MLP with multipliers m (shape (L,) or (B, L))."""
+    y = model.stem(x)
+    for l, block in enumerate(model.blocks):
+        ml = m[l] if m.ndim == 1 else m[:, l : l + 1]
+        y = y + ml * block.branch_scale * torch.relu(y) @ block.linear.weight.T
+    return model.head(y)
+
+
+def snapshot(model: nn.Module):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        [("forward" in m.__dict__) for m in model.modules()],
+    )
+
+
+def assert_unchanged(model, snap):
+    state, modules, forwards = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert [("forward" in m.__dict__) for m in model.modules()] == forwards
+    assert existing_handle(model) is None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_training_output_and_gradients_match_manual_batch_drop():
+    torch.manual_seed(0)
+    model = ResidualMLP(6, 10, 5, 3, stable=True)
+    ref = copy.deepcopy(model)
+    p = torch.tensor([0.9, 0.5, 0.7, 0.6, 0.8], dtype=torch.float64)
+    handle = inject_stochastic_depth(model, p, drop="batch", scaling="inverted", auto_resample=False)
+    x = torch.randn(4, 6)
+    kept = handle.resample(step=3)
+    out = model(x)
+    out.square().sum().backward()
+    m = kept.double() / p
+    expected = manual_mlp(ref, x, m.float())
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # Skipped branches get an exact zero gradient, so DDP sees every parameter used.
+    for l, k in enumerate(kept.tolist()):
+        if not k:
+            assert torch.count_nonzero(model.blocks[l].linear.weight.grad) == 0
+
+
+def test_sample_drop_matches_manual_per_example_masks():
+    torch.manual_seed(1)
+    model = ResidualMLP(6, 10, 4, 2)
+    ref = copy.deepcopy(model)
+    handle = inject_stochastic_depth(model, 0.6, drop="sample", scaling="expected", auto_resample=False)
+    handle.resample(step=0)
+    x = torch.randn(64, 6)
+    out = model(x)
+    masks = handle._sample_cache.float()
+    assert masks.shape == (64, 4)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(out, manual_mlp(ref, x, masks))
+
+
+def test_batch_drop_does_not_call_dropped_modules():
+    model = CifarResNet(20, width=4)
+    calls = {}
+    for name, mod in model.named_modules():
+        if name.endswith(".conv1") or name.endswith(".conv2"):
+            mod.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    handle = inject_stochastic_depth(model, 0.5, auto_resample=False)
+    model.train()
+    x = torch.randn(2, 3, 8, 8)
+    total_kept = 0
+    for step in range(10):
+        calls.clear()
+        kept = handle.resample(step)
+        model(x).sum().backward()
+        total_kept += int(kept.sum())
+        for l, branch in enumerate(handle.branches):
+            n = calls.get(f"{branch.block}.conv1", 0)
+            assert n == int(kept[l]), (step, branch.name)
+    assert 0 < total_kept < 90
+
+
+def test_executed_fraction_matches_budget_binomial():
+    model = ResidualMLP(4, 8, 20, 1)
+    handle = inject_stochastic_depth(model, lambda L: survival_rates("linear", L, 0.6), auto_resample=False)
+    executed = 0
+    steps = 500
+    per_block = torch.zeros(20)
+    for step in range(steps):
+        kept = handle.resample(step)
+        executed += int(kept.sum())
+        per_block += kept.float()
+    n = steps * 20
+    assert scipy.stats.binomtest(executed, n, 0.6).pvalue > 1e-3
+    # Per-block frequencies follow the linear profile (each a binomial with its own p_l).
+    p = handle.survival
+    pvals = [scipy.stats.binomtest(int(per_block[l]), steps, float(p[l])).pvalue for l in range(20)]
+    assert min(pvals) > 1e-4
+
+
+def test_masks_are_seeded_and_leave_global_rng_alone():
+    model = ResidualMLP(4, 8, 30, 1)
+    h = inject_stochastic_depth(model, 0.5, seed=7, auto_resample=False)
+    state = torch.get_rng_state()
+    a = h.resample(5, 1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, h.resample(5, 1))
+    assert not torch.equal(a, h.resample(6, 1))
+    other = ResidualMLP(4, 8, 30, 1)
+    assert torch.equal(inject_stochastic_depth(other, 0.5, seed=7, auto_resample=False).resample(5, 1), a)
+
+
+def test_auto_resample_draws_a_new_mask_per_training_forward():
+    model = ResidualMLP(4, 8, 30, 1)
+    h = inject_stochastic_depth(model, 0.5, seed=3)
+    model.train()
+    seen = set()
+    for _ in range(5):
+        model(torch.randn(2, 4))
+        seen.add(tuple(h.kept.tolist()))
+    assert len(seen) > 1
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: torchvision.models.resnet18(num_classes=5),
+        lambda: timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=5, img_size=32, patch_size=8),
+        lambda: CifarResNet(20, width=4),
+    ],
+)
+def test_eval_inverted_equals_plain_model(factory):
+    model = factory().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    inject_stochastic_depth(model, 0.5)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_eval_expected_equals_p_scaled_network():
+    model = ResidualMLP(6, 12, 6, 2).eval()
+    ref = copy.deepcopy(model)
+    p = survival_rates("linear", 6, 0.7)
+    inject_stochastic_depth(model, p, scaling="expected")
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), manual_mlp(ref, x, p.float()))
+
+
+def test_state_dict_of_trained_injected_model_loads_strict_into_plain_model():
+    torch.manual_seed(0)
+    model = CifarResNet(20, width=4)
+    keys = list(model.state_dict())
+    inject_stochastic_depth(model, 0.6)
+    assert list(model.state_dict()) == keys
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.randint(0, 10, (4,))).backward()
+        opt.step()
+    fresh = CifarResNet(20, width=4)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    model.eval(), fresh.eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+
+
+def test_remove_restores_the_model():
+    model = timm.create_model("convnext_atto", drop_path_rate=0.2, num_classes=3)
+    snap = snapshot(model)
+    slots = sum(type(m).__name__ == "DropPath" for m in model.modules())
+    assert slots == 11  # timm's linspace(0, 0.2) leaves the first block's slot an Identity
+    h = inject_stochastic_depth(model, 0.5)
+    assert sum(type(m).__name__ == "DropPath" for m in model.modules()) == 0  # slots taken over
+    h.remove()
+    assert_unchanged(model, snap)
+    assert sum(type(m).__name__ == "DropPath" for m in model.modules()) == slots
+
+
+def test_override_gives_gradients_wrt_multipliers():
+    model = ResidualMLP(5, 8, 4, 1).eval()
+    ref = copy.deepcopy(model)
+    h = inject_stochastic_depth(model, 0.5)
+    x = torch.randn(3, 5)
+    m = torch.ones(3, 4, requires_grad=True)
+    with h.override(m):
+        out = model(x).sum()
+    (grad,) = torch.autograd.grad(out, m)
+    m2 = torch.ones(3, 4, requires_grad=True)
+    (grad_ref,) = torch.autograd.grad(manual_mlp(ref, x, m2).sum(), m2)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def no_branch_model():
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(survival=1.5), ValueError, r"\[0, 1\]"),
+        (dict(survival=[0.5] * 3), ValueError, "3 rates but the model has 9"),
+        (dict(survival=0.5, drop="layer"), ValueError, "unknown drop"),
+        (dict(survival=0.5, scaling="none"), ValueError, "unknown scaling"),
+        (dict(survival=[0.0] + [0.5] * 8), ValueError, "scaling='expected'"),
+        (dict(survival=0.5, blocks=r"nothing\..*"), ValueError, "matches no residual branch"),
+        (dict(survival=0.5, blocks=["fc"]), ValueError, "computes no residual add"),
+        (dict(survival=lambda L: survival_rates("linear", L, 0.3)), ValueError, "smallest feasible budget"),
+    ],
+)
+def test_bad_input_leaves_model_unchanged(kwargs, error, match):
+    model = CifarResNet(20, width=4)
+    snap = snapshot(model)
+    survival = kwargs.pop("survival")
+    with pytest.raises(error, match=match):
+        inject_stochastic_depth(model, survival, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_no_residual_branch_message_shows_blocks():
+    model = no_branch_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"found no residual branch.*blocks=\["):
+        inject_stochastic_depth(model, 0.5)
+    assert_unchanged(model, snap)
+
+
+def test_injecting_twice_raises_and_keeps_first_injection():
+    model = CifarResNet(20, width=4)
+    h = inject_stochastic_depth(model, 0.5)
+    modules = [n for n, _ in model.named_modules()]
+    with pytest.raises(RuntimeError, match="already has stochastic-depth gates"):
+        inject_stochastic_depth(model, 0.7)
+    assert [n for n, _ in model.named_modules()] == modules
+    assert torch.allclose(h.survival, torch.full((9,), 0.5))
