@@ -1,0 +1,134 @@
+import csv
+import glob
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+
+from lightning_sd.callbacks.stochastic_depth import StochasticDepth
+from lightning_sd.core.gates import existing_handle
+from tests.helpers import ClassifierModule, image_loader, trainer_kwargs
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("backbone", ["cifar", "timm"])
+def test_fit_with_callback(tmp_path, precision, backbone):
+    if backbone == "cifar":
+        net, size = None, 8
+    else:
+        net = timm.create_model(
+            "vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=10, drop_path_rate=0.1
+        )
+        size = 16
+    module = ClassifierModule(net)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    cb = StochasticDepth(mode="linear", budget=0.75, seed=0)
+    trainer = pl.Trainer(max_steps=4, precision=precision, callbacks=[cb], **trainer_kwargs(tmp_path))
+    trainer.fit(module, image_loader(n=16, batch_size=4, size=size), image_loader(n=8, batch_size=4, size=size))
+    L = cb.num_blocks
+    assert L == (9 if backbone == "cifar" else 4)
+    assert cb.survival.dtype == torch.float32 and cb.survival.shape == (L,)
+    assert float(cb.survival.sum()) == pytest.approx(0.75 * L, abs=1e-5)
+    assert trainer.global_step == 4
+    assert set(module.state_dict()) == set(before)
+    changed = [k for k in before if not torch.equal(before[k], module.state_dict()[k])]
+    assert changed  # the model trained
+    metrics = list(csv.DictReader(open(glob.glob(f"{tmp_path}/lightning_logs/version_0/metrics.csv")[0])))
+    realized = [float(r["sd/realized_depth"]) for r in metrics if r.get("sd/realized_depth")]
+    assert len(realized) == 4 and all(0 <= d <= L for d in realized)
+    rates = [float(r[f"sd/survival/{l + 1:03d}"]) for r in metrics if r.get("sd/survival/001") for l in range(L)]
+    assert rates == pytest.approx(cb.survival.tolist())
+    table = list(csv.DictReader(open(cb.table_path)))
+    assert [int(r["block"]) for r in table] == list(range(1, L + 1))
+    assert [float(r["survival"]) for r in table] == pytest.approx(cb.survival.tolist())
+
+
+def test_masks_follow_seed_and_step_not_global_rng(tmp_path):
+    seen = []
+
+    class Recorder(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(existing_handle(pl_module).kept.tolist())
+
+    def run(global_seed):
+        seen.clear()
+        pl.seed_everything(global_seed)
+        cb = StochasticDepth(mode="uniform", budget=0.5, seed=11)
+        trainer = pl.Trainer(max_steps=5, callbacks=[cb, Recorder()], **trainer_kwargs(tmp_path))
+        trainer.fit(ClassifierModule(), image_loader(n=20, batch_size=4))
+        return list(seen)
+
+    a, b = run(1), run(2)
+    assert a == b
+    assert len({tuple(x) for x in a}) > 1  # masks change from step to step
+
+
+def test_validation_runs_deterministic_network(tmp_path):
+    torch.manual_seed(0)
+    module = ClassifierModule()
+    cb = StochasticDepth(mode="uniform", budget=0.5, seed=0)
+    trainer = pl.Trainer(max_steps=2, callbacks=[cb], **trainer_kwargs(tmp_path))
+    trainer.fit(module, image_loader(n=8, batch_size=4))
+    module.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a, b = module(x), module(x)
+    assert torch.equal(a, b)
+    plain = ClassifierModule()
+    plain.load_state_dict(module.state_dict(), strict=True)
+    plain.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), a)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(budget=0.0), r"budget must be in \(0, 1\]"),
+        (dict(budget=1.5), r"budget must be in \(0, 1\]"),
+        (dict(mode="cosine"), "unknown mode"),
+        (dict(drop="token"), "unknown drop"),
+        (dict(scaling="half"), "unknown scaling"),
+        (dict(mode="custom"), "needs survival"),
+        (dict(mode="custom", survival=[0.5, 1.2]), r"\[0, 1\]"),
+        (dict(mode="custom", survival=[0.0, 0.5]), "divides by zero"),
+        (dict(survival=[0.5]), "only used with mode='custom'"),
+        (dict(seed=-1), "seed must be"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StochasticDepth(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(mode="custom", survival=[0.5] * 4), "4 entries but the model has 9"),
+        (dict(mode="linear", budget=0.2), "smallest feasible budget"),
+        (dict(blocks=r"head\..*"), "matches no residual branch"),
+    ],
+)
+def test_bad_arguments_fail_at_setup_before_any_step(tmp_path, kwargs, match):
+    module = ClassifierModule()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    stepped = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, *args):
+            stepped.append(1)
+
+    trainer = pl.Trainer(max_steps=2, callbacks=[StochasticDepth(**kwargs), Spy()], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module, image_loader(n=8, batch_size=4))
+    assert not stepped
+    assert existing_handle(module) is None
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_model_without_residual_branch(tmp_path):
+    module = ClassifierModule(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10)))
+    trainer = pl.Trainer(max_steps=1, callbacks=[StochasticDepth()], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"found no residual branch.*blocks="):
+        trainer.fit(module, image_loader(n=8, batch_size=4))
