@@ -64,6 +64,7 @@ def build_backbone(
     in_channels: int = 3,
     stable: bool = False,
     balanced: bool = False,
+    backbone_kwargs: Optional[dict[str, Any]] = None,
 ) -> nn.Module:
     """Build a randomly initialised classification backbone from its name.
 
@@ -75,6 +76,9 @@ def build_backbone(
         in_channels: image channels (torchvision models accept only 3).
         stable: Stable ResNet branch scaling ``1/sqrt(L)`` (CifarResNet only).
         balanced: Balanced ReLUs of Li et al. (2021) (CifarResNet only).
+        backbone_kwargs: extra keyword arguments of the constructor (``CifarResNet``,
+            ``torchvision.models.get_model`` or ``timm.create_model``), e.g. ``{"width": 32}`` or, for a timm
+            ViT on 32x32 images, ``{"img_size": 32, "patch_size": 4}``.
 
     Returns:
         The backbone, mapping ``(B, in_channels, H, W)`` images to ``(B, num_classes)`` logits.
@@ -92,6 +96,13 @@ def build_backbone(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    extra = dict(backbone_kwargs or {})
+    reserved = {"num_classes", "in_channels", "in_chans", "stable", "balanced", "weights", "pretrained", "depth"} & set(extra)
+    if reserved:
+        raise ValueError(
+            f"backbone_kwargs may not set {sorted(reserved)}: use the num_classes/in_channels/stable/balanced "
+            "arguments (and the name for the depth); pretrained weights are never loaded"
+        )
     match = _CIFAR_RESNET.match(name.strip())
     if match:
         from lightning_sd.models import CifarResNet
@@ -104,8 +115,9 @@ def build_backbone(
                 stable=stable or match.group(1) is not None,
                 in_channels=in_channels,
                 balanced=balanced,
+                **extra,
             )
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise ValueError(f"backbone {name!r}: {err}") from err
 
     source, _, model_name = name.strip().rpartition(":")
@@ -125,12 +137,12 @@ def build_backbone(
             )
         import torchvision
 
-        return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes, **extra)
     if source in ("", "timm"):
         import timm
 
         if timm.is_model(model_name):
-            return timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+            return timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **extra)
 
     known = [f"CifarResNet-{d}" for d in (20, 32, 44, 56, 110)]
     if source in ("", "torchvision"):
@@ -230,6 +242,7 @@ class SDClassifier(LightningModule):
         scheduler: ``"cosine"`` (to 0 over the run), ``"multistep"`` (x0.1 at 50% and 75% of the run, He et
             al. 2016) or ``"none"``.
         label_smoothing: cross-entropy label smoothing in [0, 1).
+        backbone_kwargs: extra constructor arguments of a named backbone (see :func:`build_backbone`).
 
     Example::
 
@@ -252,6 +265,7 @@ class SDClassifier(LightningModule):
         nesterov: bool = False,
         scheduler: SchedulerName = "cosine",
         label_smoothing: float = 0.0,
+        backbone_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -264,7 +278,9 @@ class SDClassifier(LightningModule):
             raise ValueError(f"scheduler must be 'cosine', 'multistep' or 'none', got {scheduler!r}")
         if isinstance(backbone, str):
             self.save_hyperparameters()
-            self.backbone = build_backbone(backbone, num_classes, in_channels, stable=stable, balanced=balanced)
+            self.backbone = build_backbone(
+                backbone, num_classes, in_channels, stable=stable, balanced=balanced, backbone_kwargs=backbone_kwargs
+            )
         elif isinstance(backbone, nn.Module):
             self.save_hyperparameters(ignore=["backbone"])
             self.backbone = backbone

@@ -16,6 +16,15 @@ from lightning_sd.models import CifarResNet, ResidualMLP
 from lightning_sd.regressor import SDRegressor
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, oversubscribed threads make these tests ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _trainer(tmp_path: Path, **kwargs) -> Trainer:
     defaults = dict(
         accelerator="cpu",
@@ -76,6 +85,18 @@ def test_timm_backbone_by_name() -> None:
     only_timm = build_backbone("resnet10t", num_classes=3)
     assert type(only_timm) is timm.models.resnet.ResNet
     assert only_timm(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_backbone_kwargs_reach_the_constructor() -> None:
+    vit = SDClassifier("timm:vit_tiny_patch16_224", num_classes=10, backbone_kwargs={"img_size": 32, "patch_size": 4})
+    assert vit.backbone.patch_embed.num_patches == 64  # (32 / 4) ** 2
+    assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert vit.hparams.backbone_kwargs == {"img_size": 32, "patch_size": 4}
+    assert build_backbone("CifarResNet-20", backbone_kwargs={"width": 8}).fc.in_features == 32
+    with pytest.raises(ValueError, match="backbone_kwargs may not set \\['depth'\\]"):
+        build_backbone("CifarResNet-20", backbone_kwargs={"depth": 56})
+    with pytest.raises(ValueError, match="unexpected keyword argument 'foo'"):
+        build_backbone("CifarResNet-20", backbone_kwargs={"foo": 1})
 
 
 def test_backbone_instance_is_used_as_is() -> None:
