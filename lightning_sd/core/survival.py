@@ -70,12 +70,17 @@ def _fit_budget(weights: Tensor, budget: float, p_min: float) -> Tensor:
             "all weights are zero, so no survival rates proportional to them can meet the budget "
             f"{budget}; use mode='uniform' or measure on other data."
         )
-    if int(positive.sum()) + p_min * int((~positive).sum()) < target - _BUDGET_TOL:
+    saturated = torch.where(positive, torch.ones_like(weights), torch.full_like(weights, p_min))
+    if float(saturated.sum()) < target - _BUDGET_TOL:
         raise ValueError(
             f"only {int(positive.sum())} of {num_blocks} blocks have a non-zero weight; even keeping all "
             f"of them cannot reach the budget {budget} x {num_blocks} = {target:.3f}. Raise p_min or "
             "lower the budget."
         )
+    if float(saturated.sum()) <= target:
+        # The budget is exactly what keeping every weighted block allows (up to rounding): no finite
+        # alpha reaches it from below, so return the limit alpha -> inf instead of searching for it.
+        return saturated
 
     def total(alpha: float) -> float:
         return float(torch.clamp(p_min + alpha * weights, p_min, 1.0).sum())
@@ -125,13 +130,25 @@ def sensemode_rates(num_blocks: int, budget: float, sensitivities: Sequence[floa
 def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor) -> Tensor:
     """Lemma 2: rates maximizing the explicit penalty for fixed weights, ``p_l = clip(1/2 - C/g_l, 0, 1)``.
 
-    ``C`` is found so that ``sum p = budget * L``. When the budget exceeds what ``p <= 1/2`` allows
-    (budget > 1/2), C is negative and rates rise above 1/2 in proportion to ``1/g_l``.
+    Maximizes ``sum_l p_l (1 - p_l) g_l`` (strictly concave in the blocks with ``g_l > 0``) under
+    ``sum p = budget * L`` and ``0 <= p <= 1``. ``C`` has the sign of ``L - 2 Lbar``: below a budget of
+    1/2 the rates rise with ``g_l`` towards 1/2, above it they fall with ``g_l`` towards 1/2.
+    Blocks with ``g_l = 0`` do not enter the penalty: they get rate 0 when ``C > 0``, 1 when ``C < 0``
+    and share what the budget leaves when ``C = 0`` (every positive-g block then at 1/2, the global
+    maximum); with every ``g_l = 0`` the rates are uniform.
 
     Args:
         num_blocks: L.
         budget: in (0, 1].
         g: regularization terms g_l >= 0 (length L, see :func:`lightning_sd.regularization_terms`).
+
+    Returns:
+        float64 tensor of length L with ``sum p = budget * L`` (to 1e-9 up to clipping round-off).
+
+    Example::
+
+        >>> maxreg_rates(3, 0.3, [1.0, 2.0, 4.0])
+        tensor([0.1571, 0.3286, 0.4143], dtype=torch.float64)
     """
     num_blocks = _check_num_blocks(num_blocks)
     budget = _check_budget(budget)
@@ -143,28 +160,52 @@ def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor) ->
     if budget >= 1.0:
         return torch.ones(num_blocks, dtype=torch.float64)
     target = budget * num_blocks
-    inv = 1.0 / g.clamp_min(1e-300)
+    pos = g > 0
+    n_zero = int((~pos).sum())
+    half = 0.5 * int(pos.sum())  # sum over positive-g blocks at C = 0
+    p = torch.empty(num_blocks, dtype=torch.float64)
+    if half <= target <= half + n_zero:
+        # C = 0: positive-g blocks at 1/2, zero-g blocks share the remainder equally.
+        p[pos] = 0.5
+        if n_zero:
+            p[~pos] = (target - half) / n_zero
+        return p
+    # C != 0: zero-g blocks at 0 (C > 0, target below half) or 1 (C < 0); solve over positive-g blocks.
+    keep_zero = target > half
+    p[~pos] = 1.0 if keep_zero else 0.0
+    gp = g[pos]
+    inv = 1.0 / gp
+    goal = target - (n_zero if keep_zero else 0)
 
-    def total(c: float) -> float:
-        return float(torch.clamp(0.5 - c * inv, 0.0, 1.0).sum())
+    def rates(c: float) -> Tensor:
+        return torch.clamp(0.5 - c * inv, 0.0, 1.0)
 
-    lo, hi = -1.0, 1.0
-    while total(lo) < target:
-        lo *= 2.0
-    while total(hi) > target:
-        hi *= 2.0
+    # total(c) is continuous and non-increasing in c: bracket the root, bisect, then solve the
+    # piecewise-linear equation exactly on the final active set (keeps the 1/2 - C/g_l form).
+    lo, hi = (-1.0, 0.0) if keep_zero else (0.0, 1.0)
+    if keep_zero:
+        while float(rates(lo).sum()) < goal:
+            lo *= 2.0
+    else:
+        while float(rates(hi).sum()) > goal:
+            hi *= 2.0
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if total(mid) > target:
+        if float(rates(mid).sum()) > goal:
             lo = mid
         else:
             hi = mid
-    p = torch.clamp(0.5 - hi * inv, 0.0, 1.0)
-    free = (p > 0) & (p < 1)
-    residual = target - float(p.sum())
-    if free.any():
-        p[free] += residual / int(free.sum())
-    return p.clamp_(0.0, 1.0)
+    c = 0.5 * (lo + hi)
+    q = rates(c)
+    free = (q > 0) & (q < 1)
+    if bool(free.any()):
+        fixed = float(q[~free].sum())
+        c_exact = (0.5 * int(free.sum()) + fixed - goal) / float(inv[free].sum())
+        q_exact = rates(c_exact)
+        if abs(float(q_exact.sum()) - goal) <= abs(float(q.sum()) - goal):
+            q = q_exact
+    p[pos] = q
+    return p
 
 
 def survival_rates(

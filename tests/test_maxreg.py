@@ -1,0 +1,108 @@
+"""Lemma 2 (max regularization) rates and their measurement at fit start (StochasticDepth mode="maxreg")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from lightning_sd.core.survival import maxreg_rates, survival_rates
+
+
+def _penalty(p: np.ndarray, g: np.ndarray) -> float:
+    return float(0.5 * np.sum(p * (1 - p) * g))
+
+
+def _scipy_max(g: np.ndarray, budget: float) -> np.ndarray:
+    """Independent solution: maximize sum p(1-p) g under sum p = budget L, 0 <= p <= 1 (SLSQP)."""
+    L = g.size
+    res = minimize(
+        lambda p: -np.sum(p * (1 - p) * g),
+        np.full(L, budget),
+        jac=lambda p: -(1 - 2 * p) * g,
+        bounds=[(0.0, 1.0)] * L,
+        constraints=[{"type": "eq", "fun": lambda p: p.sum() - budget * L, "jac": lambda p: np.ones(L)}],
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
+    assert res.success, res.message
+    return res.x
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3, 0.5, 0.7, 0.95])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_maxreg_maximizes_penalty_under_budget(budget: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    g = rng.lognormal(0.0, 1.0, size=12)
+    p = maxreg_rates(12, budget, g).numpy()
+    assert abs(p.sum() - budget * 12) < 1e-6
+    assert (p >= 0).all() and (p <= 1).all()
+    best = _scipy_max(g, budget)
+    # The objective is strictly concave: the maximizer is unique, so the rates themselves must agree.
+    np.testing.assert_allclose(p, best, atol=1e-5)
+    assert _penalty(p, g) >= _penalty(best, g) - 1e-9
+    # Lemma 2's form: p_l = 1/2 - C/g_l on the unclipped blocks, one C, sign of L - 2 Lbar.
+    free = (p > 1e-9) & (p < 1 - 1e-9)
+    c = (0.5 - p[free]) * g[free]
+    np.testing.assert_allclose(c, c.mean(), rtol=1e-9, atol=1e-12)
+    assert np.sign(c.mean()) == np.sign(12 - 2 * budget * 12) or budget == 0.5
+    # Clipped blocks are where the formula leaves [0, 1].
+    assert (0.5 - c.mean() / g[p <= 1e-9] <= 1e-9).all()
+    assert (0.5 - c.mean() / g[p >= 1 - 1e-9] >= 1 - 1e-9).all()
+
+
+def test_maxreg_equal_g_is_uniform_and_budget_half_is_global_max() -> None:
+    torch.testing.assert_close(maxreg_rates(7, 0.6, torch.full((7,), 3.0)), torch.full((7,), 0.6, dtype=torch.float64))
+    torch.testing.assert_close(maxreg_rates(5, 0.5, [1.0, 2.0, 3.0, 4.0, 5.0]), torch.full((5,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(survival_rates("maxreg", 3, 1.0, g=[1.0, 2.0, 3.0]), torch.ones(3, dtype=torch.float64))
+
+
+def test_maxreg_larger_g_gets_rate_nearer_half() -> None:
+    g = torch.tensor([0.5, 1.0, 2.0, 8.0], dtype=torch.float64)
+    low = maxreg_rates(4, 0.15, g)
+    high = maxreg_rates(4, 0.9, g)
+    assert bool((low[1:] >= low[:-1]).all())  # below 1/2: rates rise with g
+    assert bool((high[1:] <= high[:-1]).all())  # above 1/2: rates fall with g
+    assert float(low[0]) == 0.0 and float(high[0]) == 1.0  # the smallest g is clipped at both ends
+
+
+@pytest.mark.parametrize(
+    ("g", "budget", "expected"),
+    [
+        # C = 0 region: positive-g blocks sit at the global maximum 1/2, zero-g blocks share the rest.
+        ([0.0, 0.0, 1.0], 0.5, [0.5, 0.5, 0.5]),
+        ([0.0, 0.0, 1.0], 0.7, [0.8, 0.8, 0.5]),
+        ([0.0, 2.0, 2.0, 0.0], 0.375, [0.25, 0.5, 0.5, 0.25]),
+        # C > 0: zero-g blocks are dropped; C < 0: they are always kept.
+        ([0.0, 1.0, 1.0], 0.2, [0.0, 0.3, 0.3]),
+        ([0.0, 1.0, 1.0], 0.9, [1.0, 0.85, 0.85]),
+        # every g zero: R does not depend on p, rates are uniform.
+        ([0.0, 0.0], 0.3, [0.3, 0.3]),
+    ],
+)
+def test_maxreg_zero_regularization_terms(g: list[float], budget: float, expected: list[float]) -> None:
+    p = maxreg_rates(len(g), budget, g)
+    assert abs(float(p.sum()) - budget * len(g)) < 1e-6
+    torch.testing.assert_close(p, torch.tensor(expected, dtype=torch.float64), atol=1e-9, rtol=0.0)
+
+
+def test_maxreg_extreme_scales() -> None:
+    g = torch.tensor([1e-12, 1e-6, 1.0, 1e6], dtype=torch.float64)
+    for budget in (0.05, 0.5, 0.99):
+        p = maxreg_rates(4, budget, g)
+        assert abs(float(p.sum()) - budget * 4) < 1e-6
+        assert bool(torch.isfinite(p).all())
+
+
+def test_maxreg_bad_input() -> None:
+    with pytest.raises(ValueError, match="entries but the model has"):
+        maxreg_rates(3, 0.5, [1.0, 2.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        maxreg_rates(2, 0.5, [1.0, -2.0])
+    with pytest.raises(ValueError, match="finite"):
+        maxreg_rates(2, 0.5, [1.0, float("nan")])
+    with pytest.raises(ValueError, match="budget"):
+        maxreg_rates(2, 0.0, [1.0, 2.0])
+    with pytest.raises(ValueError, match="needs g="):
+        survival_rates("maxreg", 2, 0.5)
