@@ -70,12 +70,17 @@ def _fit_budget(weights: Tensor, budget: float, p_min: float) -> Tensor:
             "all weights are zero, so no survival rates proportional to them can meet the budget "
             f"{budget}; use mode='uniform' or measure on other data."
         )
-    if int(positive.sum()) + p_min * int((~positive).sum()) < target - _BUDGET_TOL:
+    saturated = torch.where(positive, torch.ones_like(weights), torch.full_like(weights, p_min))
+    if float(saturated.sum()) < target - _BUDGET_TOL:
         raise ValueError(
             f"only {int(positive.sum())} of {num_blocks} blocks have a non-zero weight; even keeping all "
             f"of them cannot reach the budget {budget} x {num_blocks} = {target:.3f}. Raise p_min or "
             "lower the budget."
         )
+    if float(saturated.sum()) <= target:
+        # The budget is exactly what keeping every weighted block allows (up to rounding): no finite
+        # alpha reaches it from below, so return the limit alpha -> inf instead of searching for it.
+        return saturated
 
     def total(alpha: float) -> float:
         return float(torch.clamp(p_min + alpha * weights, p_min, 1.0).sum())
