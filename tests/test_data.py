@@ -64,8 +64,9 @@ def test_toy_regression_beta_scale_and_noise() -> None:
     assert (x @ scaled.beta).var().item() == pytest.approx(1.0, rel=0.15)
     # sin of a wide Gaussian has variance (1 - exp(-2 * 256)) / 2 ~ 0.5
     assert base.train_set.tensors[1].var().item() == pytest.approx(0.5, abs=0.03)
-    # noise: same inputs and beta are not guaranteed (noise draws interleave), but residuals have std 0.1
+    # noise is drawn after the training inputs: same beta and x as without noise, residuals of std 0.1
     xn, yn = noisy.train_set.tensors
+    assert torch.equal(noisy.beta, base.beta) and torch.equal(xn, x)
     residual = yn - torch.sin(xn @ noisy.beta).unsqueeze(1)
     assert residual.std().item() == pytest.approx(0.1, rel=0.05)
     assert len(noisy.val_dataloader()) == 0
