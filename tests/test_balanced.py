@@ -17,6 +17,16 @@ from lightning_sd.models.cifar_resnet import CifarResNet
 from lightning_sd.models.residual_mlp import ResidualMLP
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: intra-op threads only contend on the shared 2-core test machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 def _active_fractions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Fraction of active units at the input of every ReLU / BalancedReLU, in forward order."""
     fracs: list[float] = []

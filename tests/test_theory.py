@@ -21,6 +21,16 @@ from lightning_sd.theory import (
     simulate_G,
 )
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: intra-op threads only contend on the shared 2-core test machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 A = L = 2**-0.5  # the paper's alpha = lambda = 1/sqrt(2)
 
 
@@ -34,14 +44,23 @@ def _se_var(x: torch.Tensor) -> float:
     return math.sqrt((m4 - m2 * m2) / x.numel())
 
 
+def _simulate_one_thread(**kwargs):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return simulate(**kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vanilla_100():
-    return simulate(100, 100, A, L, balanced=False, num_samples=10000, seed=0)
+    return _simulate_one_thread(n=100, d=100, alpha=A, lam=L, balanced=False, num_samples=10000, seed=0)
 
 
 @pytest.fixture(scope="module")
 def balanced_100():
-    return simulate(100, 100, A, L, balanced=True, num_samples=10000, seed=1)
+    return _simulate_one_thread(n=100, d=100, alpha=A, lam=L, balanced=True, num_samples=10000, seed=1)
 
 
 # ----------------------------------------------------------------------------------------- simulators

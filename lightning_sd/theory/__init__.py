@@ -8,7 +8,8 @@ Torch, numpy and scipy only (never imports lightning):
 * :func:`simulate_G` / :func:`simulate` -- exact Monte-Carlo samples of ``G`` ("fast": O(d n) per
   network via ``W x =d ||x|| g``; "dense": explicit weight matrices, O(d n^2));
 * :func:`hypoactivation_constant`, :func:`interlayer_covariance_total`, :func:`j2bar`,
-  :func:`out_sq_moments` -- the pieces.
+  :func:`out_sq_moments` -- the pieces;
+* :func:`probe_model` -- per-ReLU active fraction and ``h_l`` and ``ln ||y_out||^2`` of a real model.
 """
 
 from lightning_sd.theory.predict import (
@@ -21,10 +22,13 @@ from lightning_sd.theory.predict import (
     predict,
     predict_infinite_width,
 )
+from lightning_sd.theory.probe import LayerActivation, ProbeResult, probe_model, residual_mlp_prediction
 from lightning_sd.theory.simulate import SimulationResult, simulate, simulate_G
 
 __all__ = [
+    "LayerActivation",
     "Prediction",
+    "ProbeResult",
     "SimulationResult",
     "beta_c",
     "hypoactivation_constant",
@@ -33,6 +37,8 @@ __all__ = [
     "out_sq_moments",
     "predict",
     "predict_infinite_width",
+    "probe_model",
+    "residual_mlp_prediction",
     "simulate",
     "simulate_G",
 ]

@@ -81,8 +81,12 @@ def _phi(u: Tensor, balanced: bool, gen: torch.Generator | None) -> Tensor:
     """Pre-activation after the sign flip: ``u`` (vanilla) or ``s * u`` with fresh uniform signs."""
     if not balanced:
         return u
-    signs = torch.randint(0, 2, u.shape, generator=gen, device=u.device, dtype=torch.int8)
-    return torch.where(signs.bool(), u, -u)
+    batch, n = u.shape
+    # one random byte gives 8 independent fair signs
+    raw = torch.randint(0, 256, (batch, (n + 7) // 8), generator=gen, device=u.device, dtype=torch.uint8)
+    shifts = torch.arange(8, device=u.device, dtype=torch.uint8)
+    bits = ((raw.unsqueeze(-1) >> shifts) & 1).view(batch, -1)[:, :n].bool()
+    return torch.where(bits, u, -u)
 
 
 def _run_chunk(

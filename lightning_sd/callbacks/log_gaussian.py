@@ -1,0 +1,202 @@
+"""LogGaussianMonitor: hypoactivation and output-scale diagnostics at the start of training."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_sd.theory.probe import ProbeResult, probe_model
+
+__all__ = ["LogGaussianMonitor"]
+
+_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+class LogGaussianMonitor(Callback):
+    r"""Log hypoactivation and the distribution of ``ln ||y_out||^2`` of the model when training starts.
+
+    At ``on_train_start`` the callback runs the LightningModule once on probe inputs (the first batch of
+    the training dataloader, or ``probe``), in eval mode and without gradients, restoring every
+    submodule's mode afterwards. For every ``nn.ReLU`` / :class:`~lightning_sd.models.BalancedReLU`
+    call it measures the fraction of active units and the average hypoactivation of Li, Nica & Roy
+    (2021), Eq. (2), ``h_l = ||phi(z_l / ||z_l||)||^2 - 1/2`` (averaged over the probe inputs): vanilla
+    ReLU ResNets fire slightly fewer than half their units (``h_l < 0``, ``O(1/n)`` per layer, ``O(d/n)``
+    in total), balanced ones exactly half on average. It also records ``ln ||y_out||^2`` per input and,
+    when the module contains one :class:`~lightning_sd.models.ResidualMLP` (the paper's Eq. (1) with
+    ``alpha = 1``, ``lam = branch_scale``), the log-Gaussian prediction beside it (Theorem 1 / 4):
+    ``ln ||y_out||^2 = ln(||x||^2/n_in) + d ln(1 + lam^2) + G + ln chi^2_{n_out}``, ``G ~ N(mean_G, var_G)``.
+
+    Logged (``on_epoch``, keys under ``prefix``): ``active_fraction_mean``, ``h_total``,
+    ``ln_out_sq_mean``, ``ln_out_sq_std``, ``ln_out_sq_q05 .. q95``, with ``pred_`` twins when there
+    is a prediction, and per layer ``active_fraction/<name>`` and ``h/<name>`` (``log_per_layer``).
+    Two tables go to ``trainer.log_dir`` (CSV, rank zero) and to every logger with a ``log_table``
+    method (e.g. ``WandbLogger``): ``<prefix>_layers.csv`` (layer, name, balanced, active_fraction, h)
+    and ``<prefix>_output.csv`` (statistic, empirical, predicted). The measurements stay in
+    ``self.result`` (a :class:`~lightning_sd.theory.ProbeResult`).
+
+    The theory is a statement over random weights at initialization for one input: a probe over one
+    network's batch shares the weights, so its spread is typically narrower than predicted; the
+    centre should agree. It does not apply to a trained or resumed model, to ``"expected"``-scaling
+    stochastic depth (the eval network scales branches by ``p_l``), or to ``F.relu`` calls (not seen).
+
+    Args:
+        probe: explicit probe inputs (batch first); default: the first training batch.
+        num_probe: use at most this many probe inputs (``None``: all of the batch), ``>= 1``.
+        input_key: where the inputs are in a batch: index for tuple/list batches (default 0), key
+            for dict batches. A tensor batch is used as is.
+        forward: optional ``callable(pl_module, x) -> output``; default ``pl_module(x)``.
+        log_per_layer: log the two per-layer scalars of every ReLU call (``2 x`` number of ReLUs keys).
+        prefix: metric key and file-name prefix.
+
+    Example::
+
+        trainer = Trainer(callbacks=[LogGaussianMonitor()], max_epochs=10)
+        trainer.fit(model, datamodule=dm)
+        monitor.result.mean_active_fraction, monitor.result.predicted_ln_out_sq()
+    """
+
+    def __init__(
+        self,
+        probe: Tensor | None = None,
+        num_probe: int | None = None,
+        input_key: int | str = 0,
+        forward: Callable[[pl.LightningModule, Tensor], Any] | None = None,
+        log_per_layer: bool = True,
+        prefix: str = "log_gaussian",
+    ) -> None:
+        super().__init__()
+        if probe is not None and (not isinstance(probe, Tensor) or probe.dim() < 1 or probe.shape[0] < 1):
+            raise ValueError("probe must be a non-empty batch-first tensor")
+        if num_probe is not None and (not isinstance(num_probe, int) or num_probe < 1):
+            raise ValueError(f"num_probe must be an integer >= 1, got {num_probe!r}")
+        if not prefix:
+            raise ValueError("prefix must be a non-empty string")
+        self.probe = probe
+        self.num_probe = num_probe
+        self.input_key = input_key
+        self.forward = forward
+        self.log_per_layer = log_per_layer
+        self.prefix = prefix
+        self.result: ProbeResult | None = None
+        self.layer_rows: list[dict[str, Any]] = []
+        self.output_rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------ probe inputs
+    def _extract(self, batch: Any) -> Tensor:
+        if isinstance(batch, Tensor):
+            return batch
+        if isinstance(batch, Mapping):
+            if self.input_key not in batch:
+                raise KeyError(f"LogGaussianMonitor: batch has no key {self.input_key!r}; set input_key")
+            return batch[self.input_key]
+        if isinstance(batch, (list, tuple)):
+            if not isinstance(self.input_key, int):
+                raise TypeError(f"LogGaussianMonitor: tuple batch needs an integer input_key, got {self.input_key!r}")
+            return batch[self.input_key]
+        raise TypeError(f"LogGaussianMonitor: cannot find the inputs in a batch of type {type(batch).__name__}")
+
+    def _probe_inputs(self, trainer: pl.Trainer) -> Tensor:
+        if self.probe is not None:
+            x = self.probe
+        else:
+            loader = trainer.train_dataloader
+            if isinstance(loader, Mapping):
+                loader = next(iter(loader.values()))
+            elif isinstance(loader, (list, tuple)):
+                loader = loader[0]
+            if loader is None:
+                raise RuntimeError("LogGaussianMonitor: no training dataloader; pass probe=...")
+            x = self._extract(next(iter(loader)))
+        if not isinstance(x, Tensor):
+            raise TypeError(f"LogGaussianMonitor: probe inputs must be a tensor, got {type(x).__name__}")
+        if self.num_probe is not None:
+            x = x[: self.num_probe]
+        return x
+
+    # ------------------------------------------------------------------------------------------ hook
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        x = self._probe_inputs(trainer).to(pl_module.device)
+        precision = trainer.precision_plugin
+        x = precision.convert_input(x)
+        with precision.forward_context():
+            result = probe_model(pl_module, x, forward=self.forward)
+        self.result = result
+        self._log(trainer, pl_module, result)
+        self._tables(trainer, result)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: ProbeResult) -> None:
+        sync = trainer.world_size > 1
+        p = self.prefix
+
+        def log(name: str, value: float) -> None:
+            if math.isfinite(value):
+                pl_module.log(f"{p}/{name}", float(value), on_step=False, on_epoch=True, sync_dist=sync,
+                              batch_size=1)
+
+        if not result.layers:
+            rank_zero_warn("LogGaussianMonitor: no nn.ReLU / BalancedReLU module was called by the probe")
+        else:
+            log("active_fraction_mean", result.mean_active_fraction)
+            log("h_total", result.h_total)
+        if self.log_per_layer:
+            for layer in result.layers:
+                log(f"active_fraction/{layer.name}", layer.active_fraction)
+                log(f"h/{layer.name}", layer.h)
+        emp = self._summary(result.ln_out_sq)
+        pred_samples = result.predicted_samples()
+        pred = self._summary(pred_samples) if pred_samples is not None else None
+        moments = result.predicted_ln_out_sq()
+        if pred is not None and moments is not None:
+            pred["mean"], pred["std"] = moments  # exact moments instead of the Monte-Carlo ones
+        for key, value in emp.items():
+            log(f"ln_out_sq_{key}", value)
+            if pred is not None:
+                log(f"pred_ln_out_sq_{key}", pred[key])
+        if result.prediction is not None:
+            log("pred_mean_G", result.prediction.mean_G)
+            log("pred_var_G", result.prediction.var_G)
+            log("pred_h_total", result.prediction.h_total)
+        self.layer_rows = [
+            {"layer": s.index, "name": s.name, "balanced": s.balanced, "active_fraction": s.active_fraction, "h": s.h}
+            for s in result.layers
+        ]
+        self.output_rows = [
+            {"statistic": f"ln_out_sq_{k}", "empirical": v, "predicted": (pred[k] if pred is not None else float("nan"))}
+            for k, v in emp.items()
+        ]
+
+    @staticmethod
+    def _summary(values: Tensor) -> dict[str, float]:
+        v = values.double()
+        out = {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
+        qs = torch.quantile(v, torch.tensor(_QUANTILES, dtype=torch.float64))
+        for q, val in zip(_QUANTILES, qs.tolist()):
+            out[f"q{round(q * 100):02d}"] = val
+        return out
+
+    def _tables(self, trainer: pl.Trainer, result: ProbeResult) -> None:
+        if not trainer.is_global_zero:
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(log_dir, exist_ok=True)
+        for suffix, rows, fields in (
+            ("layers", self.layer_rows, ["layer", "name", "balanced", "active_fraction", "h"]),
+            ("output", self.output_rows, ["statistic", "empirical", "predicted"]),
+        ):
+            with open(os.path.join(log_dir, f"{self.prefix}_{suffix}.csv"), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+            for logger in trainer.loggers:
+                log_table = getattr(logger, "log_table", None)
+                if callable(log_table):
+                    log_table(key=f"{self.prefix}/{suffix}", columns=fields, data=[[r[c] for c in fields] for r in rows])
