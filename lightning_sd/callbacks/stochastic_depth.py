@@ -12,9 +12,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
 from lightning_sd.core.gates import DROP_KINDS, SCALINGS, StochasticDepthHandle, inject_stochastic_depth
+from lightning_sd.callbacks.strategy_support import skips_compute_under
 from lightning_sd.core.survival import SURVIVAL_MODES, depth_moments, survival_rates
 
 __all__ = ["StochasticDepth"]
@@ -162,6 +164,7 @@ class StochasticDepth(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.handle is not None and not self.handle.removed:
             return
+        skip, message = skips_compute_under(trainer.strategy)
         if self.seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed() % 2**63)).item())
             self.seed = int(trainer.strategy.broadcast(seed, src=0))
@@ -175,6 +178,9 @@ class StochasticDepth(Callback):
             auto_resample=False,
         )
         self.handle.set_rank(trainer.global_rank)
+        self.handle.skip_compute = skip
+        if message is not None and self.drop == "batch":
+            rank_zero_warn(message)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
@@ -200,7 +206,13 @@ class StochasticDepth(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.handle is not None
-        self.handle.resample(trainer.global_step, batch_idx)
+        try:
+            batch_size: int | None = extract_batch_size(batch)
+        except Exception:  # no tensor to read it from: the gates draw at their first call
+            batch_size = None
+        # One mask per micro-batch: with gradient accumulation the micro-batches of an optimizer step
+        # (same global_step, consecutive batch_idx) get independent masks, as separate steps would.
+        self.handle.resample(trainer.global_step, batch_idx, batch_size=batch_size, device=pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.handle is not None

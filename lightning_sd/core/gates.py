@@ -127,7 +127,10 @@ class ResidualGate(_GateBase):
     def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
         h = self.handle
         if h._override is None and self.training and h.drop == "batch" and not h._kept_list[self.index]:
-            return self._skip(shortcut)
+            if h.skip_compute:
+                return self._skip(shortcut)
+            # Masking without skipping (FSDP, DeepSpeed): same value, every rank runs every block.
+            return shortcut + self.branch(*inputs) * 0.0
         out = self.branch(*inputs)
         m = self._multiplier(out)
         if isinstance(m, float) and m == 1.0:
@@ -238,6 +241,8 @@ class StochasticDepthHandle:
         self._auto_step = 0
         self._undo: list[Callable[[], None]] = []
         self.removed = False
+        #: Dropped branches (batch drop, training) are skipped; False multiplies them by 0 instead.
+        self.skip_compute = True
 
     @property
     def num_blocks(self) -> int:
@@ -265,14 +270,25 @@ class StochasticDepthHandle:
         """Process rank, mixed into per-sample masks so that each rank masks its own examples differently."""
         self._rank = int(rank)
 
-    def resample(self, step: int, micro_batch: int = 0) -> Tensor:
+    def resample(
+        self,
+        step: int,
+        micro_batch: int = 0,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         """Draw the masks for training step ``step`` (and micro-batch), from ``(seed, step, micro_batch)``.
 
         Batch drop: returns the kept mask (bool, length L), identical on every rank. Sample drop: the
-        per-example masks are drawn at the first gate call of the step, from the same key and the rank.
+        per-example multipliers (``delta`` or ``delta / p``, shape ``(batch_size, L)``, fp32) come from
+        the same key and the rank; given ``batch_size`` (and ``device``) they are drawn here, outside
+        the forward, so a ``torch.compile``-d model reads them as an input (no graph break, no
+        recompile per step); otherwise at the first gate call.
         """
         self._key = (int(step), int(micro_batch))
         self._sample_cache = None
+        if self.drop == "sample" and batch_size is not None:
+            self._sample_cache = self._draw_sample_masks(int(batch_size)).to(device or "cpu")
         if self.drop == "batch":
             g = mask_generator(self.seed, step, micro_batch, 0)
             u = torch.rand(self.num_blocks, generator=g, dtype=torch.float64)
@@ -286,15 +302,18 @@ class StochasticDepthHandle:
             return float(self._kept.sum())
         if self._sample_cache is None:
             return float("nan")
-        return float((self._sample_cache > 0).sum(dim=1).double().mean())
+        return float((self._sample_cache > 0).sum(dim=1).double().mean().cpu())
+
+    def _draw_sample_masks(self, batch: int) -> Tensor:
+        g = mask_generator(self.seed, *self._key, 1, self._rank)
+        u = torch.rand(batch, self.num_blocks, generator=g, dtype=torch.float64)
+        p = torch.tensor(self._p, dtype=torch.float64)
+        delta = (u < p).double()
+        return (delta / p.clamp_min(1e-12) if self.scaling == "inverted" else delta).float()
 
     def _sample_mask(self, index: int, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         if self._sample_cache is None or self._sample_cache.shape[0] != batch:
-            g = mask_generator(self.seed, *self._key, 1, self._rank)
-            u = torch.rand(batch, self.num_blocks, generator=g, dtype=torch.float64)
-            p = torch.tensor(self._p, dtype=torch.float64)
-            delta = (u < p).double()
-            self._sample_cache = delta / p.clamp_min(1e-12) if self.scaling == "inverted" else delta
+            self._sample_cache = self._draw_sample_masks(batch).to(device)
         return self._sample_cache[:, index].to(device=device, dtype=dtype, non_blocking=True)
 
     @contextlib.contextmanager
@@ -315,7 +334,9 @@ class StochasticDepthHandle:
 
     def _auto_resample(self, module: nn.Module, args: Any) -> None:
         if module.training and self._override is None:
-            self.resample(self._auto_step)
+            first = next((a for a in args if isinstance(a, Tensor)), None)
+            batch = None if first is None or first.ndim == 0 else first.shape[0]
+            self.resample(self._auto_step, batch_size=batch, device=None if first is None else first.device)
             self._auto_step += 1
 
     def remove(self) -> None:
