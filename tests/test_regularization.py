@@ -168,6 +168,11 @@ def test_sampled_one_forward_and_num_samples_backwards() -> None:
     forwards.clear(), backwards.clear()
     regularization_terms(model, x, estimator="exact")
     assert len(forwards) == 1 and len(backwards) == 5  # one per output coordinate
+    forwards.clear(), backwards.clear()
+    auto = regularization_terms(model, x, estimator="auto", num_samples=4)  # o = 5 > 4: sampled
+    assert len(backwards) == 4
+    torch.testing.assert_close(auto, regularization_terms(model, x, estimator="sampled", num_samples=4))
+    torch.testing.assert_close(regularization_terms(model, x, estimator="auto", num_samples=5), regularization_terms(model, x))
 
 
 def test_explicit_penalty_formula() -> None:

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 REGULARIZATION_LOSSES = ("cross_entropy", "mse")
-REGULARIZATION_ESTIMATORS = ("exact", "sampled")
+REGULARIZATION_ESTIMATORS = ("exact", "sampled", "auto")
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -69,10 +69,10 @@ def _check_args(loss: str, estimator: str, num_samples: int) -> None:
         )
     if estimator not in REGULARIZATION_ESTIMATORS:
         raise ValueError(
-            f"unknown estimator={estimator!r}; choose 'exact' (one backward per output coordinate) or "
-            "'sampled' (num_samples backwards, unbiased)"
+            f"unknown estimator={estimator!r}; choose 'exact' (one backward per output coordinate), "
+            "'sampled' (num_samples backwards, unbiased) or 'auto' (exact when o <= num_samples)"
         )
-    if estimator == "sampled" and (int(num_samples) != num_samples or num_samples < 1):
+    if estimator != "exact" and (int(num_samples) != num_samples or num_samples < 1):
         raise ValueError(f"num_samples must be a positive integer for estimator='sampled', got {num_samples!r}")
 
 
@@ -107,6 +107,8 @@ def regularization_terms(
       One backward of ``(v * y_out).sum()`` per sample gives every example and block, so the cost is
       1 forward + ``num_samples`` backwards whatever L and o. Unbiased; the relative variance of
       each example's estimate is at most ``2 / num_samples`` (Rademacher fourth moment).
+    - ``"auto"``: ``"exact"`` when the output has at most ``num_samples`` coordinates (no more
+      backwards, no variance), else ``"sampled"``.
 
     Args:
         model: a residual model mapping ``inputs`` to ``y_out`` of shape ``(B, o)`` (extra dimensions
@@ -114,7 +116,7 @@ def regularization_terms(
         inputs: one probe batch, shape ``(B, ...)``; floating inputs are cast to the model's dtype.
         loss: ``"cross_entropy"`` (logits; ``H = diag(pi) - pi pi^T``) or ``"mse"`` (``H = 2I``,
             the paper's ``||y - t||^2``).
-        estimator: ``"exact"`` or ``"sampled"``.
+        estimator: ``"exact"``, ``"sampled"`` or ``"auto"``.
         num_samples: probe vectors for ``"sampled"`` (>= 1); 16 gives ~5% relative error on a batch
             of 128.
         blocks: which branches, as in :func:`~lightning_sd.find_residual_branches`; only for a plain
@@ -172,7 +174,7 @@ def _terms(model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss
     with torch.enable_grad(), handle.override(m):
         y = _flat_output(model(inputs), batch)
         math_dtype = torch.promote_types(y.dtype, torch.float32)
-        if estimator == "exact":
+        if estimator == "exact" or (estimator == "auto" and y.shape[1] <= num_samples):
             return _exact(y, m, loss, math_dtype)
         return _sampled(y, m, loss, math_dtype, num_samples, seed)
 

@@ -1,0 +1,276 @@
+"""RegularizationMonitor: log SD's per-block regularization terms g_l and its explicit penalty R during training."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_sd.callbacks.maxreg_measurement import default_input_fn, probe_inputs, reduce_mean_over_ranks
+from lightning_sd.core.gates import SCALINGS, existing_handle
+from lightning_sd.core.regularization import REGULARIZATION_ESTIMATORS, REGULARIZATION_LOSSES, gate_variance, regularization_terms
+
+__all__ = ["RegularizationMonitor"]
+
+
+class RegularizationMonitor(Callback):
+    r"""Watch the explicit regularization of stochastic depth: ``g_l`` per block, the penalty ``R`` and its shares.
+
+    Training with SD is training the average network plus the explicit penalty (Hayou & Ayed 2021,
+    section 4.1, Eq. (4)/(6))
+
+    ``R = 1/2 sum_l Var(m_l) g_l``,  ``g_l = mean_x zeta_l(x)^T H(x) zeta_l(x)`` (Eq. (5)),
+
+    with ``zeta_l = d y_out / d m_l`` the "information discrepancy" of block l and ``H`` the Hessian of the
+    loss w.r.t. the output (``diag(pi) - pi pi^T`` for cross-entropy, ``2 I`` for squared error).
+    Every ``every_n_epochs`` training epochs the monitor computes ``g`` on a fixed probe batch (the first
+    ``probe_size`` examples of the validation data, else of the training data, taken once per process),
+    averages it over processes, and logs:
+
+    - ``reg/g/{l:03d}`` for every block, ``reg/penalty`` (R), ``reg/share/{l:03d}`` (``R_l / R``),
+      ``reg/g_mean``;
+    - a per-block table ``regularization_epoch{E}.csv`` in ``trainer.log_dir`` (block, name, g,
+      survival, variance, penalty, share), ``logger.log_table`` where a logger has it (W&B), and a
+      TensorBoard histogram of g over depth (bucket l holds g_l) when a logger's experiment is a
+      ``SummaryWriter``.
+
+    Rates come from the :class:`~lightning_sd.callbacks.StochasticDepth` callback in
+    ``trainer.callbacks`` (its current rates and scaling); without one, from ``survival``; without both,
+    only g is logged. The probe runs in evaluation mode (BatchNorm running statistics) in fp32 (fp64
+    statistics), outside autocast; module modes and parameter gradients are left as they were. Under DDP
+    every process probes its own share of the data and the same reduction is called on every rank.
+
+    Args:
+        every_n_epochs: probe after every n-th training epoch (>= 1).
+        probe_size: examples in the probe batch per process (>= 1); g's relative Monte-Carlo error over
+            inputs falls like ``1/sqrt(probe_size)``.
+        loss: ``"cross_entropy"`` (logits) or ``"mse"`` (the paper's ``||y - t||^2``).
+        estimator: ``"exact"`` (one backward per output coordinate), ``"sampled"`` (``num_samples``
+            backwards, unbiased) or ``"auto"`` (exact when the output has <= ``num_samples`` coordinates).
+        num_samples: probe vectors of the sampled estimator (>= 1).
+        survival: rates p_l (one float or a sequence of length L) when no StochasticDepth callback is used.
+        scaling: ``"inverted"`` or ``"expected"``, the convention of ``survival`` (ignored with a
+            StochasticDepth callback, whose scaling is used).
+        blocks: residual branches to probe on a model without gates (see ``find_residual_branches``).
+        input_fn: ``batch -> inputs``; default ``batch[0]`` for ``(x, y)`` batches (see
+            :func:`~lightning_sd.callbacks.maxreg_measurement.default_input_fn`).
+        seed: seed of the sampled estimator's probe vectors.
+
+    Example::
+
+        trainer = Trainer(callbacks=[StochasticDepth(mode="uniform", budget=0.7),
+                                     RegularizationMonitor(every_n_epochs=5, loss="cross_entropy")])
+        trainer.fit(model, datamodule=dm)
+        monitor.history[-1]["penalty"]  # R at the last probe
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        probe_size: int = 128,
+        loss: str = "cross_entropy",
+        estimator: str = "auto",
+        num_samples: int = 16,
+        survival: float | Sequence[float] | None = None,
+        scaling: str = "inverted",
+        blocks: str | list[str] | None = None,
+        input_fn: Callable[[Any], Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
+        if int(probe_size) != probe_size or probe_size < 1:
+            raise ValueError(f"probe_size must be a positive integer (examples per process), got {probe_size!r}")
+        if loss not in REGULARIZATION_LOSSES:
+            raise ValueError(f"unknown loss={loss!r}; choose 'cross_entropy' (classification logits) or 'mse' (squared error)")
+        if estimator not in REGULARIZATION_ESTIMATORS:
+            raise ValueError(f"unknown estimator={estimator!r}; choose one of {', '.join(REGULARIZATION_ESTIMATORS)}")
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling={scaling!r}; choose 'inverted' (m = delta/p) or 'expected' (m = delta)")
+        if survival is not None:
+            rates = torch.as_tensor(survival, dtype=torch.float64)
+            if not bool(torch.isfinite(rates).all()) or bool((rates < 0).any()) or bool((rates > 1).any()):
+                raise ValueError(f"survival rates must lie in [0, 1], got {rates.flatten().tolist()}")
+            if scaling == "inverted" and bool((rates == 0).any()):
+                raise ValueError("a survival rate of 0 with scaling='inverted' has infinite variance; use scaling='expected'")
+        self.every_n_epochs = int(every_n_epochs)
+        self.probe_size = int(probe_size)
+        self.loss = loss
+        self.estimator = estimator
+        self.num_samples = int(num_samples)
+        self.survival = survival
+        self.scaling = scaling
+        self.blocks = blocks
+        self.input_fn = input_fn
+        self.seed = int(seed)
+        self.history: list[dict[str, Any]] = []
+        self.table_path: str | None = None
+        self._probe: list[Tensor] | None = None
+
+    # ------------------------------------------------------------------ probe data
+    def _collect_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Tensor]:
+        loader = None
+        val = getattr(trainer, "val_dataloaders", None)
+        if val is not None and (not isinstance(val, (list, tuple, dict)) or len(val) > 0):
+            loader = val
+        if loader is None:
+            loader = trainer.train_dataloader
+        fn = self.input_fn or default_input_fn
+        # Enough batches to gather probe_size examples whatever the batch size.
+        return [x.detach() for x in probe_inputs(trainer, pl_module, loader, self.probe_size, fn, max_examples=self.probe_size)]
+
+    # ------------------------------------------------------------------ rates
+    def _rates(self, trainer: pl.Trainer, num_blocks: int) -> tuple[Tensor | None, str]:
+        from lightning_sd.callbacks.stochastic_depth import StochasticDepth
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, StochasticDepth) and cb.handle is not None:
+                return cb.handle.survival.to(torch.float64), cb.scaling
+        if self.survival is None:
+            return None, self.scaling
+        p = torch.as_tensor(self.survival, dtype=torch.float64).flatten()
+        if p.numel() == 1:
+            p = p.expand(num_blocks).clone()
+        if p.numel() != num_blocks:
+            raise ValueError(f"RegularizationMonitor(survival=...) has {p.numel()} rates but the model has {num_blocks} residual branches")
+        return p, self.scaling
+
+    # ------------------------------------------------------------------ measurement
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Probe now: g (mean over the probe, all processes), rates, R and shares. Called by every rank."""
+        if self._probe is None:
+            self._probe = self._collect_probe(trainer, pl_module)
+        handle = existing_handle(pl_module)
+        names: list[str] | None = [b.name for b in handle.branches] if handle is not None else None
+        blocks = None if handle is not None else self.blocks
+        total: Tensor | None = None
+        count = 0
+        for i, x in enumerate(self._probe):
+            g = regularization_terms(
+                pl_module, x, loss=self.loss, estimator=self.estimator, num_samples=self.num_samples, blocks=blocks, seed=self.seed + i
+            )
+            total = g * x.shape[0] if total is None else total + g * x.shape[0]
+            count += x.shape[0]
+        if total is None:
+            # This process has no probe data: still take part in the reduction with zeros.
+            from lightning_sd.core.discovery import find_residual_branches
+
+            num = handle.num_blocks if handle is not None else len(find_residual_branches(pl_module, self.blocks))
+            total = torch.zeros(num, dtype=torch.float64)
+        g = reduce_mean_over_ranks(trainer, pl_module, total, count)
+        if names is None:
+            from lightning_sd.core.discovery import find_residual_branches
+
+            names = [b.name for b in find_residual_branches(pl_module, self.blocks)]
+        p, scaling = self._rates(trainer, g.numel())
+        result: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step, "names": names, "g": g}
+        if p is not None:
+            var = gate_variance(p, scaling)
+            terms = 0.5 * var * g
+            penalty = float(terms.sum())
+            share = terms / penalty if penalty > 0 else torch.zeros_like(terms)
+            result.update(survival=p, scaling=scaling, variance=var, terms=terms, penalty=penalty, share=share)
+        return result
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        result = self.measure(trainer, pl_module)
+        self.history.append(result)
+        metrics = {f"reg/g/{l + 1:03d}": float(v) for l, v in enumerate(result["g"])}
+        metrics["reg/g_mean"] = float(result["g"].mean())
+        if "penalty" in result:
+            metrics["reg/penalty"] = result["penalty"]
+            for l, v in enumerate(result["share"]):
+                metrics[f"reg/share/{l + 1:03d}"] = float(v)
+        # Identical on every rank after the reduction; sync_dist (a mean of equal values) keeps Lightning's
+        # epoch-level bookkeeping consistent across ranks at the cost of one small all-reduce per key.
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
+        # trainer.log_dir broadcasts under DDP: every rank asks for it, only rank 0 writes.
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        if trainer.is_global_zero:
+            self._write_table(trainer, result, log_dir)
+
+    # ------------------------------------------------------------------ tables
+    @staticmethod
+    def table(result: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per block of a :meth:`measure` result: block, name, g and, with rates, survival/variance/penalty/share."""
+        rows = []
+        for l, name in enumerate(result["names"]):
+            row: dict[str, Any] = {"block": l + 1, "name": name, "g": float(result["g"][l])}
+            if "penalty" in result:
+                row.update(
+                    survival=float(result["survival"][l]),
+                    variance=float(result["variance"][l]),
+                    penalty=float(result["terms"][l]),
+                    share=float(result["share"][l]),
+                )
+            rows.append(row)
+        return rows
+
+    def _write_table(self, trainer: pl.Trainer, result: dict[str, Any], log_dir: str) -> None:
+        rows = self.table(result)
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, f"regularization_epoch{trainer.current_epoch}.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        self.table_path = path
+        g = result["g"]
+        for logger in trainer.loggers:
+            log_table = getattr(logger, "log_table", None)
+            if callable(log_table):
+                log_table(key="reg/blocks", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+            experiment = getattr(logger, "experiment", None)
+            if _is_summary_writer(experiment):
+                _histogram_over_depth(experiment, "reg/g_by_block", g, trainer.global_step)
+                if "terms" in result:
+                    _histogram_over_depth(experiment, "reg/penalty_by_block", result["terms"], trainer.global_step)
+
+
+def _is_summary_writer(obj: Any) -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        SummaryWriter = None  # noqa: N806
+    if SummaryWriter is not None and isinstance(obj, SummaryWriter):
+        return True
+    try:
+        from tensorboardX import SummaryWriter as XWriter
+    except Exception:
+        return False
+    return isinstance(obj, XWriter)
+
+
+def _histogram_over_depth(writer: Any, tag: str, values: Tensor, step: int) -> None:
+    """A TensorBoard histogram whose bucket l (edges l - 1/2, l + 1/2) holds ``values[l - 1]``: the profile over depth."""
+    v = values.to(torch.float64).clamp_min(0.0)
+    L = v.numel()
+    depth = torch.arange(1, L + 1, dtype=torch.float64)
+    total = float(v.sum())
+    try:
+        writer.add_histogram_raw(
+            tag,
+            min=1.0,
+            max=float(L),
+            num=total,
+            sum=float((depth * v).sum()),
+            sum_squares=float((depth * depth * v).sum()),
+            bucket_limits=[l + 0.5 for l in range(1, L + 1)],
+            bucket_counts=v.tolist(),
+            global_step=step,
+        )
+    except Exception as err:  # a writer without add_histogram_raw: fall back to the plain histogram of values
+        rank_zero_warn(f"RegularizationMonitor: add_histogram_raw failed ({err}); logging a plain histogram of {tag}")
+        writer.add_histogram(tag, v, step)
+
