@@ -106,3 +106,45 @@ def test_maxreg_bad_input() -> None:
         maxreg_rates(2, 0.0, [1.0, 2.0])
     with pytest.raises(ValueError, match="needs g="):
         survival_rates("maxreg", 2, 0.5)
+
+
+def test_stochastic_depth_maxreg_mode_end_to_end(tmp_path) -> None:
+    """StochasticDepth(mode="maxreg") measures g at fit start (via rate_measurement -> measure_maxreg)."""
+    pytest.importorskip("lightning_sd.callbacks.rate_measurement")
+    import lightning.pytorch as pl
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_sd.callbacks.stochastic_depth import StochasticDepth
+    from lightning_sd.core.regularization import regularization_terms
+    from lightning_sd.models import ResidualMLP
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = ResidualMLP(8, width=16, depth=6, out_features=3)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 8, generator=g), torch.randint(0, 3, (40,), generator=g))
+    model = Module()
+    expected_g = regularization_terms(model, data.tensors[0][:20], loss="cross_entropy")  # 2 batches of 10
+    sd = StochasticDepth(mode="maxreg", budget=0.3, sensitivity_batches=2, regularization_loss="cross_entropy", seed=0)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False, callbacks=[sd],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model, DataLoader(data, batch_size=10))
+    torch.testing.assert_close(sd.g, expected_g.float(), rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(sd.survival.double(), maxreg_rates(6, 0.3, sd.g.double()), rtol=1e-6, atol=1e-6)
+    assert abs(float(sd.survival.double().sum()) - 0.3 * 6) < 1e-5
+    assert sd.state_dict()["g"] == pytest.approx(sd.g.tolist())
