@@ -39,12 +39,15 @@ QUICKSTART_YAML = """\
 # Quickstart: the SD paper's toy regression (Hayou & Ayed 2021, section 6) with stochastic depth.
 # y = sin(beta^T x), x in R^256; a Stable Vanilla ResNet (residual MLP, width 128, 100 blocks, branches
 # scaled by 1/sqrt(L)) trained with Adam; SenseMode survival rates p_l proportional to |S_l| (the loss
-# sensitivities, measured on 8 batches at the start of training) for a training budget of 0.5.
-# About two minutes on a laptop CPU. `lightning-sd fit` runs this when no --config/--model/--data is given.
+# sensitivities, measured on 8 batches at the start of training) for a training budget of 0.5, with the
+# paper's scaling (m_l = delta_l in training, p_l at evaluation). Every 2 epochs the monitors log the
+# explicit regularization g_l and penalty R (reg/*) and Shapiro-Wilk p-values of the output over 200
+# masks per input (normality/*). About two minutes on a CPU; `lightning-sd fit` runs this recipe when
+# no --config/--model/--data is given.
 #
-# Variables:
-#   mode:   uniform | linear | sensemode | maxreg     (trainer.callbacks[0].init_args.mode)
-#   budget: expected fraction of blocks kept, (0, 1] (trainer.callbacks[0].init_args.budget)
+# Variables (StochasticDepth is the last callback, so these flags reach it):
+#   --trainer.callbacks.init_args.mode    uniform | linear | sensemode | maxreg
+#   --trainer.callbacks.init_args.budget  expected fraction of the 100 blocks kept, (0, 1]
 # beta_scale 0.0625 = 1/sqrt(256) makes beta^T x ~ N(0, 1) so the target can be learned and val/loss
 # moves; set data.init_args.beta_scale: 1.0 for the paper's exact beta ~ N(0, I), whose target is close
 # to noise of variance 0.5 on unseen inputs.
@@ -60,11 +63,22 @@ trainer:
       save_dir: lightning_logs
       name: quickstart
   callbacks:
+    - class_path: lightning_sd.callbacks.regularization_monitor.RegularizationMonitor
+      init_args:
+        every_n_epochs: 2
+        loss: mse
+        probe_size: 128
+    - class_path: lightning_sd.callbacks.normality_monitor.NormalityMonitor
+      init_args:
+        every_n_epochs: 2
+        num_inputs: 64
+        num_masks: 200
     - class_path: lightning_sd.callbacks.StochasticDepth
       init_args:
         mode: sensemode
         budget: 0.5
         drop: batch
+        scaling: expected
         seed: 0
         sensitivity_batches: 8
 model:

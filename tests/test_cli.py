@@ -118,7 +118,10 @@ def test_quickstart_fits_a_few_steps(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert isinstance(cli.model, SDRegressor) and len(cli.model.backbone.blocks) == 100
     assert cli.trainer.global_step == 3
     (sd,) = [c for c in cli.trainer.callbacks if isinstance(c, StochasticDepth)]
-    assert (sd.mode, sd.num_blocks) == ("sensemode", 100)
+    assert (sd.mode, sd.num_blocks, sd.scaling) == ("sensemode", 100, "expected")
+    assert cli.trainer.callbacks.index(sd) > max(
+        i for i, c in enumerate(cli.trainer.callbacks) if type(c).__name__ in ("RegularizationMonitor", "NormalityMonitor")
+    )  # SD is the last of the recipe's callbacks, so --trainer.callbacks.init_args.* reach it
     assert float(sd.survival.sum()) == pytest.approx(50.0, abs=1e-4)  # budget 0.5 of 100 blocks
     out = capsys.readouterr().out
     assert "running the quickstart recipe" in out
