@@ -179,3 +179,24 @@ def test_console_entry_point_runs_as_a_module(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert yaml.safe_load(proc.stdout)["model"]["class_path"] == "lightning_sd.regressor.SDRegressor"
+
+
+@pytest.mark.parametrize("name", ["cifar10_stable_resnet110.yaml", "cifar100_stable_resnet56.yaml", "timm_cifar.yaml"])
+def test_cifar_recipes_run_on_a_generated_dataset(tmp_path: Path, capsys: pytest.CaptureFixture, name: str) -> None:
+    from tests.test_data import write_fake_cifar
+
+    num_classes = 100 if "cifar100" in name else 10
+    write_fake_cifar(tmp_path / "data", num_classes, per_batch=4, num_test=8)
+    cli = SDLightningCLI(
+        args=["fit", "--config", str(CONFIGS / name), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+              "--trainer.limit_val_batches", "2", "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+              "--trainer.callbacks.init_args.sensitivity_batches", "1",
+              "--data.init_args.data_dir", str(tmp_path / "data"), "--data.init_args.verify_checksums", "false",
+              "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", "--data.init_args.num_val", "8", *QUIET]
+    )
+    assert cli.trainer.global_step == 2
+    assert len(cli.datamodule.train_set) == 12 and len(cli.datamodule.val_set) == 8
+    (sd,) = [c for c in cli.trainer.callbacks if isinstance(c, StochasticDepth)]
+    assert sd.num_blocks == {"cifar10_stable_resnet110.yaml": 54, "cifar100_stable_resnet56.yaml": 27, "timm_cifar.yaml": 24}[name]
+    assert "val/acc" in cli.trainer.callback_metrics
