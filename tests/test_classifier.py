@@ -183,6 +183,17 @@ def test_classifier_fits_digits_with_cifar_resnet20(tmp_path: Path) -> None:
         correct += int((model(x).argmax(1) == y).sum())
         total += y.numel()
     assert results["test/acc"] == pytest.approx(correct / total, abs=1e-6)
+    # predictions are the argmax classes of the test split
+    preds = torch.cat(trainer.predict(model, dm))
+    assert preds.shape == (270,) and preds.dtype == torch.long
+    # a checkpoint rebuilds the named backbone from its hyperparameters
+    path = tmp_path / "digits.ckpt"
+    trainer.save_checkpoint(path)
+    restored = SDClassifier.load_from_checkpoint(path)
+    restored.eval()
+    assert restored.hparams.backbone == "CifarResNet-20" and restored.hparams.in_channels == 1
+    x = dm.test_set.tensors[0][:5]
+    torch.testing.assert_close(restored(x), model(x))
 
 
 class _CallsTrainingStep(Callback):

@@ -36,6 +36,7 @@ def test_toy_regression_shapes_and_targets() -> None:
     batches = list(dm.train_dataloader())
     assert [b[0].shape[0] for b in batches] == [32, 32, 32, 4]
     assert len(dm.val_dataloader()) == 1 and len(dm.test_dataloader()) == 1
+    assert torch.equal(next(iter(dm.predict_dataloader()))[0], dm.test_set.tensors[0])
 
 
 def test_toy_regression_is_deterministic_in_the_seed() -> None:

@@ -225,3 +225,7 @@ class CIFARDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (``lightning-sd predict`` / ``Trainer.predict``)."""
+        return self._loader(self.test_set, False)
