@@ -16,7 +16,7 @@ process, and its Monte-Carlo standard error is carried into the prediction.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -81,7 +81,6 @@ class Prediction:
     C: float = 0.0
     C_stderr: float = 0.0
     mean_G_stderr: float = 0.0
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def std_G(self) -> float:

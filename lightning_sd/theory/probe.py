@@ -22,7 +22,7 @@ over a batch is typically narrower than the predicted spread, while its centre s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -70,7 +70,6 @@ class ProbeResult:
     input_log_ratio: Tensor | None = None
     prediction: Prediction | None = None
     n_out: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def h_total(self) -> float:
