@@ -171,8 +171,12 @@ def _terms(model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss
     # residual stream and break the next bf16/fp16 layer), else fp32 or fp64; statistics are fp64.
     m_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
     m = torch.ones(batch, num_blocks, dtype=m_dtype, device=inputs.device, requires_grad=True)
+    # Detached parameters (swapped in for this call only): the backwards then run w.r.t. m alone and skip
+    # every weight gradient (about a third of the cost on a CNN), without touching requires_grad flags.
+    detached = {name: p.detach() for name, p in model.named_parameters()}
     with torch.enable_grad(), handle.override(m):
-        y = _flat_output(model(inputs), batch)
+        out = torch.func.functional_call(model, detached, (inputs,), strict=False, tie_weights=True)
+        y = _flat_output(out, batch)
         math_dtype = torch.promote_types(y.dtype, torch.float32)
         if estimator == "exact" or (estimator == "auto" and y.shape[1] <= num_samples):
             return _exact(y, m, loss, math_dtype)
