@@ -281,10 +281,11 @@ class StochasticDepth(Callback):
         return rows
 
     def _write_table(self, trainer: pl.Trainer) -> None:
+        # trainer.log_dir broadcasts from rank 0: every rank must read it, before the rank-0 check.
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
         rows = self.rate_table()
-        log_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, f"sd_rates_epoch{trainer.current_epoch}.csv")
         with open(path, "w", newline="") as f:

@@ -1,0 +1,71 @@
+"""Fit RegressionModule with StochasticDepth under a given strategy; rank 0 saves weights and masks.
+
+Run as a script (``python tests/scripts/fit_regression.py --out DIR ...``) so that Lightning's DDP
+launcher re-runs this script, not the pytest session, for the other ranks.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from lightning_sd.callbacks.stochastic_depth import StochasticDepth  # noqa: E402
+from lightning_sd.core.gates import existing_handle  # noqa: E402
+from tests.helpers import RegressionModule, regression_data  # noqa: E402
+
+
+class MaskRecorder(pl.Callback):
+    def __init__(self):
+        self.records = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        h = existing_handle(pl_module)
+        masks = None if h._sample_cache is None else h._sample_cache.tolist()
+        self.records.append({"step": trainer.global_step, "batch_idx": batch_idx, "kept": h.kept.tolist(), "sample": masks})
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--drop", default="batch")
+    parser.add_argument("--mode", default="uniform")
+    parser.add_argument("--budget", type=float, default=0.5)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    module = RegressionModule(in_features=8, width=16, depth=8, lr=0.1)
+    recorder = MaskRecorder()
+    sd = StochasticDepth(mode=args.mode, budget=args.budget, drop=args.drop, seed=1234, sensitivity_batches=2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy,
+        max_steps=args.steps,
+        callbacks=[sd, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.out,
+    )
+    loader = DataLoader(regression_data(n=128, in_features=8), batch_size=args.batch_size, shuffle=False)
+    trainer.fit(module, loader)
+    rank = trainer.global_rank
+    with open(os.path.join(args.out, f"masks_rank{rank}.json"), "w") as f:
+        json.dump({"records": recorder.records, "survival": sd.survival.tolist(), "seed": sd.seed}, f)
+    if trainer.is_global_zero:
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, os.path.join(args.out, "weights.pt"))
+
+
+if __name__ == "__main__":
+    main()

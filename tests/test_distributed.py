@@ -1,0 +1,67 @@
+"""Stochastic depth under DDP (two real processes over gloo) and the strategy decision."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
+
+from lightning_sd.callbacks.strategy_support import skips_compute_under
+from lightning_sd.core.gates import mask_generator
+from tests.distributed import run_script
+
+
+def load(path):
+    return torch.load(path / "weights.pt"), json.load(open(path / "masks_rank0.json"))
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run_script("fit_regression.py", "--out", str(out), "--devices", "1", "--batch-size", "16")
+    return load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_find_unused_parameters_true", "ddp_spawn"])
+def test_ddp_batch_drop_equals_single_process(tmp_path, single_run, strategy):
+    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", strategy, "--batch-size", "8")
+    weights, masks = load(tmp_path)
+    ref_weights, ref_masks = single_run
+    rank1 = json.load(open(tmp_path / "masks_rank1.json"))
+    # Same mask on every rank at every step, and the same as the single-process run.
+    assert [r["kept"] for r in masks["records"]] == [r["kept"] for r in rank1["records"]]
+    assert [r["kept"] for r in masks["records"]] == [r["kept"] for r in ref_masks["records"]]
+    assert any(not all(r["kept"]) for r in masks["records"])  # some blocks were really skipped
+    diff = max(float((weights[k] - ref_weights[k]).abs().max()) for k in weights)
+    assert diff < 1e-5
+
+
+@pytest.mark.slow
+def test_ddp_sample_drop_masks_differ_per_rank_reproducibly(tmp_path):
+    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--drop", "sample", "--steps", "3")
+    ranks = [json.load(open(tmp_path / f"masks_rank{r}.json")) for r in (0, 1)]
+    seed = ranks[0]["seed"]
+    p = torch.tensor(ranks[0]["survival"], dtype=torch.float64)
+    for rank, data in enumerate(ranks):
+        for rec in data["records"]:
+            g = mask_generator(seed, rec["step"], rec["batch_idx"], 1, rank)
+            u = torch.rand(8, len(p), generator=g, dtype=torch.float64)
+            expected = ((u < p).double() / p).float()
+            assert torch.equal(torch.tensor(rec["sample"]), expected)
+    assert ranks[0]["records"][0]["sample"] != ranks[1]["records"][0]["sample"]
+
+
+class _CustomStrategy(Strategy):
+    pass
+
+
+def test_strategy_decision():
+    assert skips_compute_under(SingleDeviceStrategy("cpu")) == (True, None)
+    assert skips_compute_under(DDPStrategy()) == (True, None)
+    assert skips_compute_under(DDPStrategy(find_unused_parameters=True))[0] is True
+    skip, message = skips_compute_under(FSDPStrategy())
+    assert skip is False and "masked" in message and "FSDPStrategy" in message
+    assert DeepSpeedStrategy in type(skips_compute_under).__globals__["_MASKING"]
+    with pytest.raises(RuntimeError, match="does not support the strategy _CustomStrategy"):
+        skips_compute_under(_CustomStrategy.__new__(_CustomStrategy))
