@@ -292,6 +292,29 @@ class SDClassifier(LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
+    def setup(self, stage: str) -> None:
+        """Check ``num_classes`` / ``in_channels`` against the datamodule's, when it declares them."""
+        try:
+            dm = self.trainer.datamodule
+        except RuntimeError:  # not attached to a Trainer
+            return
+        problems = []
+        dm_classes = getattr(dm, "num_classes", None)
+        if isinstance(dm_classes, int) and dm_classes != self.num_classes:
+            problems.append(
+                f"the datamodule has {dm_classes} classes but SDClassifier(num_classes={self.num_classes}); "
+                f"pass num_classes={dm_classes} (CLI: --model.init_args.num_classes {dm_classes})"
+            )
+        dm_channels = getattr(dm, "in_channels", None)
+        if isinstance(self.hparams.get("backbone"), str) and isinstance(dm_channels, int) and dm_channels != self.hparams.in_channels:
+            problems.append(
+                f"the datamodule's images have {dm_channels} channel(s) but the backbone was built for "
+                f"in_channels={self.hparams.in_channels}; pass in_channels={dm_channels} "
+                f"(CLI: --model.init_args.in_channels {dm_channels})"
+            )
+        if problems:
+            raise ValueError(f"SDClassifier does not match {type(dm).__name__}: " + "; ".join(problems))
+
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape ``(B, num_classes)``."""
         return self.backbone(x)

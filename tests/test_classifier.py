@@ -196,6 +196,13 @@ def test_classifier_fits_digits_with_cifar_resnet20(tmp_path: Path) -> None:
     torch.testing.assert_close(restored(x), model(x))
 
 
+def test_mismatched_datamodule_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="in_channels=1 \\(CLI: --model.init_args.in_channels 1\\)"):
+        _trainer(tmp_path, max_steps=1).fit(SDClassifier("CifarResNet-20"), DigitsDataModule())
+    with pytest.raises(ValueError, match="has 10 classes but SDClassifier\\(num_classes=100\\)"):
+        _trainer(tmp_path, max_steps=1).fit(SDClassifier("CifarResNet-20", num_classes=100, in_channels=1), DigitsDataModule())
+
+
 class _CallsTrainingStep(Callback):
     """Calls ``training_step`` from hooks where logging on_step is refused, as SenseMode does."""
 
