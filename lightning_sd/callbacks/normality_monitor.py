@@ -1,0 +1,322 @@
+"""NormalityMonitor: is the noise stochastic depth injects Gaussian? (Hayou & Ayed 2021, Theorem 2, Fig. 5)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_sd.core.gates import existing_handle
+from lightning_sd.core.normality import NORMALITY_TESTS, _check_test, normality_pvalues, summarize
+
+__all__ = ["NormalityMonitor"]
+
+
+class NormalityMonitor(Callback):
+    r"""Log the distribution of normality-test p-values of the model's output under stochastic-depth masks.
+
+    Every ``every_n_epochs`` training epochs (and at the start of training with ``probe_at_start``),
+    the callback takes fixed probe inputs (the first ``num_inputs`` examples of the validation data, or
+    of the training data when there is no validation), draws ``num_masks`` masks
+    ``delta ~ Bernoulli(p)`` per input with the rates of the :class:`~lightning_sd.StochasticDepth`
+    callback, records one fixed output neuron for each mask and runs a normality test per input
+    (:func:`~lightning_sd.core.normality.normality_pvalues`; model in eval mode, no grad, masked passes
+    batched). Theorem 2: in a deep Stable ResNet, ``y(x; delta) = y(x; p) + gamma(x)`` with
+    ``gamma(x) -> N(0, alpha v(x))``, so the p-values should look uniform on [0, 1] (median about 0.5,
+    about 95% above 0.05) at every epoch (Fig. 5 left) and from about 20 blocks on (Fig. 5 right).
+
+    Logged (``on_epoch``, under ``prefix``): ``median_pvalue``, ``frac_above_<alpha>``, ``q25_pvalue``,
+    ``q75_pvalue``; with ``per_block`` per block l ``block_median/<l>`` and ``block_frac_above/<l>``
+    (1-based, zero-padded). A histogram of the p-values goes to every logger whose ``experiment`` has
+    ``add_histogram`` (TensorBoard's ``SummaryWriter``), and all p-values to
+    ``<log_dir>/<prefix>_pvalues.csv`` (rank zero, one row per probe input per probe: epoch, step,
+    input, output p-value, then block p-values). ``self.history`` keeps the summaries,
+    ``self.last_pvalues`` / ``self.last_block_pvalues`` the last probe's p-values of all ranks.
+
+    Distributed: every rank probes its own inputs (its shard of the data, as the distributed sampler
+    gives it) with its own masks; all ranks all-gather the p-values (every rank calls the same
+    collectives), so the logged summaries are identical on all ranks and cover ``world_size x
+    num_inputs`` inputs. The probe runs without autocast (statistics in fp32/fp64); a model in
+    ``"bf16-true"``/``"16-true"`` precision is probed in its own dtype.
+
+    Args:
+        every_n_epochs: probe after every n-th training epoch (>= 1).
+        num_inputs: probe inputs per rank (>= 1; fewer if the data is smaller, then equalized over ranks).
+        num_masks: masks per input M (paper: 200); shapiro needs M >= 3, dagostino M >= 8.
+        test: ``"shapiro"`` (:func:`scipy.stats.shapiro`) or ``"dagostino"`` (:func:`scipy.stats.normaltest`).
+        per_block: also test one neuron of every block's output y_l (Fig. 5 right); L more metrics.
+        survival: rates to use when there is no StochasticDepth callback (float or length-L list in
+            [0, 1]); the model then gets temporary gates with ``"expected"`` scaling (the paper's
+            m = delta). With a StochasticDepth callback its current rates and scaling are used.
+        neuron: index into the flattened per-example output.
+        block_neuron: index into each flattened block output (default ``neuron``).
+        alpha: significance level of the ``frac_above`` metrics, in (0, 1).
+        seed: seed of the masks; the probe of epoch e on rank r uses :meth:`probe_seed` ``(e, r)``.
+        input_key: where the inputs are in a batch: index for tuple/list batches, key for dicts.
+        probe: explicit probe inputs (batch first) instead of data from the dataloaders.
+        probe_at_start: also probe at ``on_train_start`` (the network at initialization or on resume).
+        chunk_size: (input, mask) rows per forward pass, bounds memory.
+        prefix: metric-key and file-name prefix.
+
+    Example::
+
+        trainer = Trainer(callbacks=[StochasticDepth("uniform", 0.7, scaling="expected"),
+                                     NormalityMonitor(every_n_epochs=5, per_block=True)])
+        trainer.fit(SDRegressor(depth=100, width=128), datamodule=ToyRegressionDataModule())
+        monitor.history[-1]["median_pvalue"]  # > 0.05 when SD acts as Gaussian noise
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_inputs: int = 64,
+        num_masks: int = 200,
+        test: str = "shapiro",
+        per_block: bool = False,
+        survival: float | Sequence[float] | None = None,
+        neuron: int = 0,
+        block_neuron: int | None = None,
+        alpha: float = 0.05,
+        seed: int = 0,
+        input_key: int | str = 0,
+        probe: Tensor | None = None,
+        probe_at_start: bool = False,
+        chunk_size: int = 4096,
+        prefix: str = "normality",
+    ) -> None:
+        super().__init__()
+        if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        if int(num_inputs) != num_inputs or num_inputs < 1:
+            raise ValueError(f"num_inputs must be an integer >= 1, got {num_inputs!r}")
+        if test not in NORMALITY_TESTS:
+            raise ValueError(f"unknown test={test!r}; choose 'shapiro' or 'dagostino'")
+        _check_test(test, num_masks)
+        if survival is not None:
+            rates = torch.as_tensor(survival, dtype=torch.float64)
+            if not bool(torch.isfinite(rates).all()) or bool((rates < 0).any()) or bool((rates > 1).any()):
+                raise ValueError(f"survival rates must lie in [0, 1], got {survival!r}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if probe is not None and (not isinstance(probe, Tensor) or probe.ndim < 1 or probe.shape[0] < 1):
+            raise ValueError("probe must be a non-empty batch-first tensor")
+        if not prefix:
+            raise ValueError("prefix must be a non-empty string")
+        self.every_n_epochs = int(every_n_epochs)
+        self.num_inputs = int(num_inputs)
+        self.num_masks = int(num_masks)
+        self.test = test
+        self.per_block = bool(per_block)
+        self.survival = survival
+        self.neuron = int(neuron)
+        self.block_neuron = block_neuron
+        self.alpha = float(alpha)
+        self.seed = int(seed)
+        self.input_key = input_key
+        self.probe = probe
+        self.probe_at_start = bool(probe_at_start)
+        self.chunk_size = int(chunk_size)
+        self.prefix = prefix
+        self.history: list[dict[str, Any]] = []
+        self.last_pvalues: Tensor | None = None
+        self.last_block_pvalues: Tensor | None = None
+        self.csv_path: str | None = None
+        self._sd: Any = None
+        self._inputs: Tensor | None = None
+
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_sd.callbacks.stochastic_depth import StochasticDepth
+
+        found = [cb for cb in trainer.callbacks if isinstance(cb, StochasticDepth)]
+        if len(found) > 1:
+            raise ValueError("NormalityMonitor: found several StochasticDepth callbacks; use one")
+        self._sd = found[0] if found else None
+        if self._sd is None and self.survival is None:
+            raise ValueError(
+                "NormalityMonitor needs survival rates: add a StochasticDepth callback to the Trainer "
+                "(Trainer(callbacks=[StochasticDepth(...), NormalityMonitor()])) or pass survival= (e.g. 0.7)"
+            )
+
+    def _rates(self, pl_module: pl.LightningModule) -> tuple[Tensor | float | Sequence[float], str | None]:
+        if self._sd is not None and self._sd.handle is not None and not self._sd.handle.removed:
+            return self._sd.handle.survival, self._sd.handle.scaling
+        if self.survival is None:
+            raise RuntimeError("NormalityMonitor: the StochasticDepth callback has no gates on the model (not set up?)")
+        handle = existing_handle(pl_module)
+        return self.survival, (handle.scaling if handle is not None else "expected")
+
+    # ------------------------------------------------------------------------------------ probe inputs
+    def _extract(self, batch: Any) -> Tensor:
+        if isinstance(batch, Tensor):
+            return batch
+        if isinstance(batch, Mapping):
+            if self.input_key not in batch:
+                raise KeyError(f"NormalityMonitor: batch has no key {self.input_key!r}; set input_key")
+            return batch[self.input_key]
+        if isinstance(batch, (list, tuple)):
+            if not isinstance(self.input_key, int):
+                raise TypeError(f"NormalityMonitor: tuple batch needs an integer input_key, got {self.input_key!r}")
+            return batch[self.input_key]
+        raise TypeError(f"NormalityMonitor: cannot find the inputs in a batch of type {type(batch).__name__}; pass probe=")
+
+    @staticmethod
+    def _first_loader(loaders: Any) -> Any:
+        if isinstance(loaders, Mapping):
+            return next(iter(loaders.values()), None)
+        if isinstance(loaders, (list, tuple)):
+            return loaders[0] if loaders else None
+        return loaders
+
+    def _collect(self, trainer: pl.Trainer) -> Tensor:
+        if self.probe is not None:
+            return self.probe[: self.num_inputs]
+        loader = self._first_loader(trainer.val_dataloaders)
+        if loader is None:
+            loader = self._first_loader(trainer.train_dataloader)
+        if loader is None:
+            raise RuntimeError("NormalityMonitor: no validation or training dataloader to take probe inputs from; pass probe=")
+        parts: list[Tensor] = []
+        count = 0
+        for batch in loader:
+            x = self._extract(batch)
+            if not isinstance(x, Tensor):
+                raise TypeError(f"NormalityMonitor: probe inputs must be tensors, got {type(x).__name__}")
+            parts.append(x[: self.num_inputs - count].detach().cpu())
+            count += parts[-1].shape[0]
+            if count >= self.num_inputs:
+                break
+        if count == 0:
+            raise RuntimeError("NormalityMonitor: the dataloader yielded no examples")
+        return torch.cat(parts)
+
+    def _probe_inputs(self, trainer: pl.Trainer) -> Tensor:
+        if self._inputs is None:
+            x = self._collect(trainer)
+            # every rank must probe the same number of inputs for the all-gather
+            n = torch.tensor([x.shape[0]], dtype=torch.float64, device=trainer.strategy.root_device)
+            counts = trainer.strategy.all_gather(n)
+            self._inputs = x[: int(counts.min())]
+        return self._inputs
+
+    # ------------------------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._probe_inputs(trainer)  # fix the probe now: the same inputs at every epoch
+        if self.probe_at_start:
+            self._run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._run(trainer, pl_module)
+
+    # ------------------------------------------------------------------------------------ probe
+    def probe_seed(self, epoch: int, rank: int) -> int:
+        """Mask seed of the probe at ``epoch`` on ``rank``: from ``(seed, epoch, rank)`` (independent per rank)."""
+        return int(np.random.SeedSequence([self.seed, int(epoch), int(rank)]).generate_state(1)[0])
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        x = self._probe_inputs(trainer).to(pl_module.device)
+        survival, scaling = self._rates(pl_module)
+        res = normality_pvalues(
+            pl_module,
+            x,
+            survival,
+            num_masks=self.num_masks,
+            test=self.test,
+            neuron=self.neuron,
+            per_block=self.per_block,
+            block_neuron=self.block_neuron,
+            scaling=scaling,
+            seed=self.probe_seed(trainer.current_epoch, trainer.global_rank),
+            chunk_size=self.chunk_size,
+        )
+        pvalues = self._gather(trainer, res.pvalues)
+        blocks = self._gather(trainer, res.block_pvalues) if res.block_pvalues is not None else None
+        self.last_pvalues, self.last_block_pvalues = pvalues, blocks
+        self._log(trainer, pl_module, pvalues, blocks)
+        # trainer.log_dir broadcasts from rank 0: every rank must call it, not only the one that writes
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        self._write(trainer, log_dir, pvalues, blocks)
+
+    @staticmethod
+    def _gather(trainer: pl.Trainer, values: Tensor) -> Tensor:
+        if trainer.world_size <= 1:
+            return values
+        device = trainer.strategy.root_device
+        gathered = trainer.strategy.all_gather(values.to(device=device, dtype=torch.float32))
+        return gathered.reshape(-1, *values.shape[1:]).double().cpu()
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pvalues: Tensor, blocks: Tensor | None) -> None:
+        s = summarize(pvalues, self.alpha)
+        metrics = {
+            "median_pvalue": s["median"],
+            f"frac_above_{self.alpha:g}": s["frac_above"],
+            "q25_pvalue": s["q25"],
+            "q75_pvalue": s["q75"],
+        }
+        record: dict[str, Any] = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, **metrics}
+        if blocks is not None:
+            width = max(3, len(str(blocks.shape[1])))
+            medians, fracs = [], []
+            for l in range(blocks.shape[1]):
+                b = summarize(blocks[:, l], self.alpha)
+                medians.append(b["median"])
+                fracs.append(b["frac_above"])
+                metrics[f"block_median/{l + 1:0{width}d}"] = b["median"]
+                metrics[f"block_frac_above/{l + 1:0{width}d}"] = b["frac_above"]
+            record["block_median"] = medians
+            record["block_frac_above"] = fracs
+        self.history.append(record)
+        # identical on every rank (computed from the gathered values): no sync needed, and Lightning's
+        # "use sync_dist=True" advice does not apply
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+            for name, value in metrics.items():
+                if math.isfinite(value):
+                    pl_module.log(f"{self.prefix}/{name}", float(value), on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
+        if trainer.is_global_zero:
+            finite = pvalues[~torch.isnan(pvalues)].numpy()
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                add_histogram = getattr(experiment, "add_histogram", None)
+                if callable(add_histogram) and finite.size:
+                    add_histogram(f"{self.prefix}/pvalues", finite, global_step=trainer.global_step, bins=np.linspace(0.0, 1.0, 21))
+
+    def _write(self, trainer: pl.Trainer, log_dir: str, pvalues: Tensor, blocks: Tensor | None) -> None:
+        if not trainer.is_global_zero:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, f"{self.prefix}_pvalues.csv")
+        fields = ["epoch", "global_step", "input", "pvalue"]
+        if blocks is not None:
+            fields += [f"block_{l + 1}" for l in range(blocks.shape[1])]
+        new = not os.path.exists(path) or self.csv_path != path
+        with open(path, "w" if new else "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(fields)
+            for i in range(pvalues.shape[0]):
+                row = [trainer.current_epoch, trainer.global_step, i, float(pvalues[i])]
+                if blocks is not None:
+                    row += [float(v) for v in blocks[i]]
+                writer.writerow(row)
+        self.csv_path = path
+
+    # ------------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
