@@ -192,10 +192,6 @@ def test_history_is_checkpointed() -> None:
 def _ddp_main(out: str) -> None:
     """Both ranks: StochasticDepth + NormalityMonitor over 2 processes (gloo), one epoch."""
     sd = StochasticDepth(mode="uniform", budget=0.7, scaling="expected", seed=2)
-    # StochasticDepth._write_table reads trainer.log_dir (a broadcast from rank 0) on rank 0 only, which
-    # leaves rank 0 one collective ahead and deadlocks the next collective of the run (reported upstream).
-    # Its rate table is not under test here.
-    sd._write_table = lambda trainer: None
     monitor = NormalityMonitor(num_inputs=4, num_masks=30, per_block=True, seed=3)
     model = Regressor(depth=12)
     trainer = _trainer(out, callbacks=[sd, monitor], strategy="ddp", devices=2, max_epochs=1, logger=False)
