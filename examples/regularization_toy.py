@@ -83,7 +83,7 @@ def part_a(args: argparse.Namespace) -> list[dict[str, float]]:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss) * idx.numel()
+                total += float(loss.detach()) * idx.numel()
             train_loss = total / args.num_train
         else:
             train_loss = float("nan")
