@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from torch import nn
 
 from lightning_sd.core.gates import existing_handle, inject_stochastic_depth
 from lightning_sd.core.normality import masked_samples, normality_pvalues, normality_test, sample_multipliers

@@ -164,6 +164,19 @@ def test_monitor_without_validation_uses_training_data_and_explicit_rates(tmp_pa
     assert "normality/median_pvalue" in trainer.callback_metrics
 
 
+def test_monitor_under_bf16_mixed_probes_in_fp32(tmp_path) -> None:
+    # The probe is a forward the callback runs itself, outside autocast: fp32 samples, so the p-values equal
+    # the fp32 core computation (bf16 outputs would tie and change Shapiro-Wilk's statistic).
+    sd = StochasticDepth(mode="uniform", budget=0.7, scaling="expected", seed=1)
+    monitor = NormalityMonitor(num_inputs=4, num_masks=30, seed=2)
+    model = Regressor(depth=8)
+    trainer = _trainer(tmp_path, callbacks=[sd, monitor], logger=False, max_epochs=1, precision="bf16-mixed", limit_val_batches=0)
+    train = _data(16, seed=0)
+    trainer.fit(model, DataLoader(train, batch_size=4))
+    ref = normality_pvalues(model, train.tensors[0][:4], torch.full((8,), 0.7), num_masks=30, scaling="expected", seed=monitor.probe_seed(0, 0))
+    torch.testing.assert_close(monitor.last_pvalues, ref.pvalues, rtol=1e-12, atol=0)
+
+
 def test_monitor_errors(tmp_path) -> None:
     trainer = _trainer(tmp_path, callbacks=[NormalityMonitor(num_masks=10)], logger=False, max_epochs=1)
     with pytest.raises(ValueError, match="StochasticDepth callback"):

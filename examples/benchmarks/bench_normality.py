@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.gates import inject_stochastic_depth
 from lightning_sd.core.normality import _block_output_modules, masked_samples, normality_test, sample_multipliers
 from lightning_sd.models import CifarResNet, ResidualMLP
@@ -82,10 +83,7 @@ def loop_samples(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, neuron:
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, num_masks: int, chunk_size: int, repeats: int) -> dict[str, float | str]:
-    num_blocks = len(inject_stochastic_depth(model, 1.0).branches)
-    from lightning_sd.core.gates import existing_handle
-
-    existing_handle(model).remove()
+    num_blocks = len(find_residual_branches(model))
     masks = sample_multipliers(torch.full((num_blocks,), 0.7), x.shape[0], num_masks, scaling="expected", seed=0)
     batched_out, batched_blocks = masked_samples(model, x, masks, per_block=True, chunk_size=chunk_size)
     ref_out, ref_blocks = loop_samples(model, x, masks)
