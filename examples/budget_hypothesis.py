@@ -16,6 +16,8 @@ Usage::
     python examples/budget_hypothesis.py --data toy --depth 50 --epochs 20 # the paper's sin(beta^T x) task
     python examples/budget_hypothesis.py --model resnet --depth 32 --width 8 --image-size 8
     python examples/budget_hypothesis.py --budgets 0.1 0.5 0.9 --seeds 0 1 --csv results.csv
+    python examples/budget_hypothesis.py --data cifar10 --data-dir data --depth 110 --width 16 \
+        --batch-size 128 --epochs 160 --accelerator gpu --seeds 0 1 2 3   # the paper's Table 2 setting
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.classifier import SDClassifier
 from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.survival import linear_min_budget
+from lightning_sd.data.cifar import CIFARDataModule
 from lightning_sd.data.digits import DigitsDataModule
 from lightning_sd.data.toy_regression import ToyRegressionDataModule
 from lightning_sd.models import CifarResNet, ResidualMLP
@@ -64,6 +67,12 @@ def build(args: argparse.Namespace, seed: int) -> tuple[LightningModule, Lightni
             in_features=args.in_features, width=args.width, depth=args.depth, stable=True, lr=args.lr, scheduler="cosine"
         )
         return module, dm, "MSE"
+    if args.data in ("cifar10", "cifar100"):
+        num_classes = 10 if args.data == "cifar10" else 100
+        dm = CIFARDataModule(data_dir=args.data_dir, num_classes=num_classes, batch_size=args.batch_size, seed=seed)
+        backbone = CifarResNet(args.depth, num_classes=num_classes, stable=True, in_channels=3, width=args.width)
+        module = SDClassifier(backbone, num_classes=num_classes)  # the paper's SGD recipe (lr 0.1, momentum 0.9, wd 1e-4)
+        return module, dm, "error %"
     dm = DigitsDataModule(batch_size=args.batch_size, image_size=args.image_size, seed=seed)
     if args.model == "mlp":
         backbone: nn.Module = nn.Sequential(
@@ -88,7 +97,7 @@ def run_one(args: argparse.Namespace, mode: str, budget: float, seed: int) -> di
         sensitivity_batches=args.sensitivity_batches,
     )
     trainer = Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
         max_epochs=args.epochs,
         logger=False,
@@ -136,7 +145,14 @@ def table(rows: list[dict[str, Any]], budgets: list[float], modes: list[str], me
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Uniform vs linear vs SenseMode survival rates over budgets (paper's Table 2).")
-    parser.add_argument("--data", choices=["digits", "toy"], default="digits", help="sklearn digits (classification) or sin(beta^T x)")
+    parser.add_argument(
+        "--data",
+        choices=["digits", "toy", "cifar10", "cifar100"],
+        default="digits",
+        help="sklearn digits, sin(beta^T x), or CIFAR (extracted in --data-dir; Stable CifarResNet --depth, paper's SGD recipe)",
+    )
+    parser.add_argument("--data-dir", default="data", help="directory holding the extracted CIFAR dataset (no download)")
+    parser.add_argument("--accelerator", default="cpu", help="Trainer accelerator ('gpu' for the CIFAR runs)")
     parser.add_argument("--model", choices=["mlp", "resnet"], default="mlp", help="digits backbone: Stable ResidualMLP or Stable CifarResNet")
     parser.add_argument("--depth", type=int, default=32, help="residual blocks of the MLP, or CifarResNet depth 6n+2")
     parser.add_argument("--width", type=int, default=64, help="MLP width, or CifarResNet first-stage channels")
@@ -148,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine-annealed over the run)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for digits/toy (cosine-annealed); CIFAR uses the paper's SGD recipe")
     parser.add_argument("--drop", choices=["batch", "sample"], default="batch")
     parser.add_argument("--scaling", choices=["expected", "inverted"], default="expected", help="'expected' is the paper's convention")
     parser.add_argument("--p-min", type=float, default=0.0, help="SenseMode minimum rate (paper: 0, p ~ |S|)")
@@ -173,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
     metric = rows[0]["metric"] if rows else "error %"
-    what = f"{args.data}, " + (f"Stable ResidualMLP depth {args.depth} width {args.width}" if args.data == "toy" or args.model == "mlp" else f"Stable CifarResNet-{args.depth} width {args.width}")
+    mlp = args.data == "toy" or (args.data == "digits" and args.model == "mlp")
+    what = f"{args.data}, " + (f"Stable ResidualMLP depth {args.depth} width {args.width}" if mlp else f"Stable CifarResNet-{args.depth} width {args.width}")
     print(
         f"\nTest {metric} ({what}, L = {num_blocks} blocks, {args.epochs} epochs, drop={args.drop}, scaling={args.scaling}; "
         f"mean ± std over seeds {args.seeds}; '–': linear infeasible below (L-1)/(2L) = {linear_min_budget(num_blocks):.3f})\n"
