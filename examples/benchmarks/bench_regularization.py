@@ -38,22 +38,25 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Minimum wall time of each function over ``repeats`` interleaved rounds (after one warm-up call of the first).
+    """Minimum time of each function over ``repeats`` interleaved rounds (after one warm-up call of the first).
 
     The minimum, not the median: on a shared machine other processes only ever add time, and
     interleaving exposes every function to the same background load.
     """
+    # CPU: process time (CPU seconds of this process, all its threads), which other processes on a shared
+    # machine do not inflate; with --threads 1 it equals wall time on an idle machine. CUDA: wall time.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     best = {name: float("inf") for name in fns}
     for round_ in range(repeats + 1):
         for i, (name, fn) in enumerate(fns.items()):
             if round_ == 0 and i > 0:
                 break  # the first function's warm-up call warms the kernels for all of them
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             _sync(device)
             if round_ > 0:
-                best[name] = min(best[name], time.perf_counter() - start)
+                best[name] = min(best[name], clock() - start)
     return best
 
 
@@ -98,14 +101,15 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     args = parser.parse_args()
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock_name = "wall" if device.type == "cuda" else "CPU process"
     print(
         f"device={device} threads={torch.get_num_threads()} probe={args.batch}x3x{args.size}x{args.size} "
-        f"num_samples={args.num_samples} repeats={args.repeats} (minimum seconds over interleaved rounds)"
+        f"num_samples={args.num_samples} repeats={args.repeats} (minimum over interleaved rounds of {clock_name} seconds)"
     )
     header = "| model | L | train step (s) | fwd+bwd (s) | exact (s) | exact / step | exact passes | sampled (s) | sampled / step | sampled passes | goal (<= passes) |"
     print(header)
