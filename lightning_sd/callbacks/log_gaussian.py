@@ -184,9 +184,10 @@ class LogGaussianMonitor(Callback):
         return out
 
     def _tables(self, trainer: pl.Trainer, result: ProbeResult) -> None:
+        # trainer.log_dir broadcasts from rank 0 under DDP: every rank must read it before the rank check.
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        log_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(log_dir, exist_ok=True)
         for suffix, rows, fields in (
             ("layers", self.layer_rows, ["layer", "name", "balanced", "active_fraction", "h"]),

@@ -302,7 +302,8 @@ class StochasticDepth(Callback):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"mode": self.mode, "budget": self.budget, "seed": self.seed, "drop": self.drop, "scaling": self.scaling}
         if self.handle is not None:
-            state["survival"] = self.handle.survival.tolist()
+            # float64: masks compare u < p_l and scale by 1/p_l, so a float32 round trip would change them.
+            state["survival"] = self.handle.survival_float64.tolist()
             state["branches"] = [b.name for b in self.handle.branches]
         if self.sensitivities is not None:
             state["sensitivities"] = self.sensitivities.tolist()

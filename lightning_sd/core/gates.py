@@ -254,6 +254,11 @@ class StochasticDepthHandle:
         """Current rates p_1..p_L (float32, CPU)."""
         return self._survival.clone()
 
+    @property
+    def survival_float64(self) -> Tensor:
+        """The rates exactly as masks are drawn from them (float64): what a checkpoint must keep."""
+        return torch.tensor(self._p, dtype=torch.float64)
+
     def set_survival(self, survival: Sequence[float] | Tensor) -> None:
         """Set new rates (length L, in [0, 1]; no zero with ``scaling="inverted"``)."""
         p = _resolve_survival(survival, self.num_blocks)

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth  # noqa: E402
 from lightning_sd.core.gates import existing_handle  # noqa: E402
@@ -21,13 +21,45 @@ from tests.helpers import RegressionModule, regression_data  # noqa: E402
 
 
 class MaskRecorder(pl.Callback):
-    def __init__(self):
+    """Records each step's masks; at the end of training (inside every worker, ddp_spawn included)
+    writes them per rank, and rank 0 writes the weights."""
+
+    def __init__(self, out):
+        self.out = out
         self.records = []
+
+    def on_train_end(self, trainer, pl_module):
+        h = existing_handle(pl_module)
+        with open(os.path.join(self.out, f"masks_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"records": self.records, "survival": h.survival.tolist(), "seed": h.seed}, f)
+        if trainer.is_global_zero:
+            weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+            torch.save(weights, os.path.join(self.out, "weights.pt"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         h = existing_handle(pl_module)
         masks = None if h._sample_cache is None else h._sample_cache.tolist()
-        self.records.append({"step": trainer.global_step, "batch_idx": batch_idx, "kept": h.kept.tolist(), "sample": masks})
+        self.records.append(
+            {
+                "step": trainer.global_step,
+                "batch_idx": batch_idx,
+                "kept": h.kept.tolist(),
+                "sample": masks,
+                "x_sum": float(batch[0].sum()),
+                "n": int(batch[0].shape[0]),
+            }
+        )
+
+
+class ShardedRegression(RegressionModule):
+    batch_size = 8
+
+    def train_dataloader(self):
+        # Rank r of N takes examples r, r + N, ...: the union of one step's per-rank batches is the
+        # single-process batch of N x batch_size examples, so both runs see the same global batches.
+        data = regression_data(n=128, in_features=8)
+        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
 
 
 def main():
@@ -43,8 +75,8 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    module = RegressionModule(in_features=8, width=16, depth=8, lr=0.1)
-    recorder = MaskRecorder()
+    module = ShardedRegression(in_features=8, width=16, depth=8, lr=0.01)
+    recorder = MaskRecorder(args.out)
     sd = StochasticDepth(mode=args.mode, budget=args.budget, drop=args.drop, seed=1234, sensitivity_batches=2)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -57,14 +89,10 @@ def main():
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=args.out,
+        use_distributed_sampler=False,
     )
-    loader = DataLoader(regression_data(n=128, in_features=8), batch_size=args.batch_size, shuffle=False)
-    trainer.fit(module, loader)
-    rank = trainer.global_rank
-    with open(os.path.join(args.out, f"masks_rank{rank}.json"), "w") as f:
-        json.dump({"records": recorder.records, "survival": sd.survival.tolist(), "seed": sd.seed}, f)
-    if trainer.is_global_zero:
-        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, os.path.join(args.out, "weights.pt"))
+    module.batch_size = args.batch_size
+    trainer.fit(module)
 
 
 if __name__ == "__main__":
