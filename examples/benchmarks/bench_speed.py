@@ -1,0 +1,115 @@
+"""Training-step time with stochastic depth: batch drop (skips compute) vs per-sample drop vs no SD.
+
+For each model and budget b (uniform rates), one training step = resample masks, forward, backward,
+SGD step. The "ideal" ratio of a budget is ``(stem_head + b * blocks) / full`` where ``stem_head`` is
+the step time with every block dropped (p = 0) and ``blocks = full - stem_head``. Every timing is the
+median over ``--repeats`` repeats of the mean over ``--steps`` steps; configurations are interleaved
+within each repeat so that drift of the machine affects them alike.
+
+    python examples/benchmarks/bench_speed.py                    # CifarResNet-110 and resnet50
+    python examples/benchmarks/bench_speed.py --models cifar110 --batch-size 32 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torchvision
+from torch import nn
+
+from lightning_sd.core.gates import StochasticDepthHandle, inject_stochastic_depth
+from lightning_sd.models import CifarResNet
+
+BUDGETS = (0.25, 0.5, 0.75, 1.0)
+
+
+def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
+    if name == "cifar110":
+        return CifarResNet(110, num_classes=10), (3, 32, 32), 10
+    if name == "resnet50":
+        return torchvision.models.resnet50(num_classes=100), (3, 64, 64), 100
+    raise ValueError(f"unknown model {name!r}; choose cifar110 or resnet50")
+
+
+def time_steps(model: nn.Module, handle: StochasticDepthHandle | None, x: torch.Tensor, y: torch.Tensor, steps: int, step0: int) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model.train()
+
+    def one(step: int) -> None:
+        if handle is not None:
+            handle.resample(step)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    one(step0)  # warm-up
+    start = time.perf_counter()
+    for s in range(steps):
+        one(step0 + 1 + s)
+    return (time.perf_counter() - start) / steps
+
+
+def bench(name: str, batch_size: int, steps: int, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    base, shape, classes = build(name)
+    x = torch.randn(batch_size, *shape)
+    y = torch.randint(0, classes, (batch_size,))
+    plain = copy.deepcopy(base)
+    batch_model = copy.deepcopy(base)
+    batch_handle = inject_stochastic_depth(batch_model, 1.0, drop="batch", scaling="expected", auto_resample=False)
+    sample_model = copy.deepcopy(base)
+    sample_handle = inject_stochastic_depth(sample_model, 1.0, drop="sample", auto_resample=False)
+    L = batch_handle.num_blocks
+    configs: list[tuple[str, float | None]] = [("none", None), ("stem_head", 0.0)]
+    configs += [("batch", b) for b in BUDGETS] + [("sample", b) for b in BUDGETS]
+    times: dict[tuple[str, float | None], list[float]] = {c: [] for c in configs}
+    for r in range(repeats):
+        for kind, b in configs:
+            if kind == "none":
+                t = time_steps(plain, None, x, y, steps, 0)
+            elif kind in ("batch", "stem_head"):
+                batch_handle.set_survival([b] * L)
+                t = time_steps(batch_model, batch_handle, x, y, steps, 1000 * r)
+            else:
+                sample_handle.set_survival([b] * L)
+                t = time_steps(sample_model, sample_handle, x, y, steps, 1000 * r)
+            times[(kind, b)].append(t)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    full, stem_head = med[("none", None)], med[("stem_head", 0.0)]
+    blocks = full - stem_head
+    rows = [dict(model=name, config="no SD", budget=1.0, ms=1000 * full, ratio=1.0, ideal=1.0)]
+    rows.append(dict(model=name, config="all dropped (stem+head)", budget=0.0, ms=1000 * stem_head, ratio=stem_head / full, ideal=stem_head / full))
+    for kind in ("batch", "sample"):
+        for b in BUDGETS:
+            t = med[(kind, b)]
+            ideal = (stem_head + b * blocks) / full if kind == "batch" else 1.0
+            rows.append(dict(model=name, config=f"{kind} drop", budget=b, ms=1000 * t, ratio=t / full, ideal=ideal))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["cifar110", "resnet50"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats (median)")
+    print("| model | config | budget | step ms | ratio to no SD | ideal ratio | ratio / ideal |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        for r in bench(name, args.batch_size, args.steps, args.repeats):
+            print(
+                f"| {r['model']} | {r['config']} | {r['budget']:.2f} | {r['ms']:.1f} | {r['ratio']:.3f} | "
+                f"{r['ideal']:.3f} | {r['ratio'] / r['ideal']:.3f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
