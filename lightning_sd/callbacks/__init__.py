@@ -1,6 +1,8 @@
 """Thin Lightning callbacks over lightning_sd.core."""
 
 from lightning_sd.callbacks.log_gaussian import LogGaussianMonitor
+from lightning_sd.callbacks.normality_monitor import NormalityMonitor
+from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 
-__all__ = ["LogGaussianMonitor", "StochasticDepth"]
+__all__ = ["LogGaussianMonitor", "NormalityMonitor", "RegularizationMonitor", "StochasticDepth"]

@@ -1,7 +1,18 @@
 """Torch-only core of lightning_sd: usable from a plain PyTorch loop, never imports lightning."""
 
 from lightning_sd.core.discovery import ResidualBranch, find_residual_branches
-from lightning_sd.core.gates import StochasticDepthHandle, inject_stochastic_depth, mask_generator
+from lightning_sd.core.gates import StochasticDepthHandle, existing_handle, inject_stochastic_depth, mask_generator
+from lightning_sd.core.gradient_growth import GradientGrowth, gradient_growth, gradient_growth_rates
+from lightning_sd.core.normality import (
+    NORMALITY_TESTS,
+    NormalityResult,
+    masked_samples,
+    normality_pvalues,
+    normality_test,
+    sample_multipliers,
+)
+from lightning_sd.core.regularization import explicit_penalty, gate_variance, penalty_terms, regularization_terms
+from lightning_sd.core.sensitivity import estimate_sensitivities, supervised_loss
 from lightning_sd.core.survival import (
     depth_moments,
     gradient_growth_theory,
@@ -12,15 +23,31 @@ from lightning_sd.core.survival import (
 )
 
 __all__ = [
+    "NORMALITY_TESTS",
+    "GradientGrowth",
+    "NormalityResult",
     "ResidualBranch",
     "StochasticDepthHandle",
     "depth_moments",
+    "estimate_sensitivities",
+    "existing_handle",
+    "explicit_penalty",
     "find_residual_branches",
+    "gate_variance",
+    "gradient_growth",
+    "gradient_growth_rates",
     "gradient_growth_theory",
     "inject_stochastic_depth",
     "linear_min_budget",
     "mask_generator",
+    "masked_samples",
     "maxreg_rates",
+    "normality_pvalues",
+    "normality_test",
+    "penalty_terms",
+    "regularization_terms",
+    "sample_multipliers",
     "sensemode_rates",
+    "supervised_loss",
     "survival_rates",
 ]
