@@ -127,7 +127,7 @@ def run_one(args: argparse.Namespace, mode: str, budget: float, seed: int) -> di
 
 def table(rows: list[dict[str, Any]], budgets: list[float], modes: list[str], metric: str) -> str:
     names = {"uniform": "Uniform", "sensemode": "SenseMode", "linear": "Linear"}
-    lines = [f"| Lbar/L | " + " | ".join(f"{names.get(m, m)} ({metric})" for m in modes) + " |"]
+    lines = ["| Lbar/L | " + " | ".join(f"{names.get(m, m)} ({metric})" for m in modes) + " |"]
     lines.append("|---" * (len(modes) + 1) + "|")
     for b in budgets:
         cells = []

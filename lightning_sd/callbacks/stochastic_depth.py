@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -241,6 +241,7 @@ class StochasticDepth(Callback):
             },
             on_step=False,
             on_epoch=True,
+            sync_dist=True,
         )
 
     # ------------------------------------------------------------------ measured modes
@@ -263,7 +264,7 @@ class StochasticDepth(Callback):
             metrics[f"sd/survival/{l + 1:03d}"] = float(p[l])
             if self.sensitivities is not None:
                 metrics[f"sd/sensitivity/{l + 1:03d}"] = float(self.sensitivities[l])
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # same on every rank
         self._write_table(trainer)
 
     def rate_table(self) -> list[dict[str, Any]]:

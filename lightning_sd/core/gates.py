@@ -31,9 +31,19 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from lightning_sd.core.discovery import ResidualBranch, _AddPlan, _BlockPlan, _select, is_drop_path_slot
+from lightning_sd.core.discovery import ResidualBranch, _BlockPlan, _select, is_drop_path_slot
 
-__all__ = ["DROP_KINDS", "SCALINGS", "ResidualGate", "SlotGate", "StochasticDepthHandle", "inject_stochastic_depth", "mask_generator"]
+__all__ = [
+    "DROP_KINDS",
+    "SCALINGS",
+    "ResidualGate",
+    "SlotGate",
+    "StochasticDepthHandle",
+    "existing_handle",
+    "inject_stochastic_depth",
+    "mask_generator",
+    "probe_gates",
+]
 
 DROP_KINDS = ("batch", "sample")
 SCALINGS = ("inverted", "expected")
@@ -372,6 +382,34 @@ def existing_handle(model: nn.Module) -> StochasticDepthHandle | None:
         if isinstance(module, _GateBase) and not module.handle.removed:
             return module.handle
     return None
+
+
+@contextlib.contextmanager
+def probe_gates(model: nn.Module, blocks: str | Sequence[str] | None = None) -> Iterator[tuple[StochasticDepthHandle, bool]]:
+    """The gates a probe runs through: the model's live handle, or temporary gates removed afterwards.
+
+    Diagnostics (sensitivities, regularization terms, normality, gradient growth) accept a plain or an
+    injected model; this yields ``(handle, temporary)``. Temporary gates have survival 1 and
+    ``scaling="expected"`` (a plain forward) and never resample; probes drive them with
+    :meth:`StochasticDepthHandle.override`.
+
+    Raises:
+        ValueError: ``blocks`` given for a model that already has gates (its gates decide the blocks).
+    """
+    handle = existing_handle(model)
+    if handle is not None:
+        if blocks is not None:
+            raise ValueError(
+                "the model already has stochastic-depth gates, so blocks= cannot choose other branches; "
+                "drop blocks= (the existing gates are used) or call handle.remove() first."
+            )
+        yield handle, False
+        return
+    handle = inject_stochastic_depth(model, 1.0, scaling="expected", blocks=blocks, auto_resample=False)
+    try:
+        yield handle, True
+    finally:
+        handle.remove()
 
 
 def inject_stochastic_depth(

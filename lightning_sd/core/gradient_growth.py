@@ -24,8 +24,7 @@ from lightning_sd.core.gates import (
     ResidualGate,
     StochasticDepthHandle,
     _resolve_survival,
-    existing_handle,
-    inject_stochastic_depth,
+    probe_gates,
 )
 from lightning_sd.core.normality import sample_multipliers
 from lightning_sd.core.survival import gradient_growth_theory
@@ -65,19 +64,6 @@ def gradient_growth_rates(q: Tensor) -> Tensor:
     num_blocks = q.numel() - 1
     span = torch.arange(num_blocks, 0, -1, dtype=torch.float64)
     return q[:-1] ** (1.0 / span)
-
-
-@contextlib.contextmanager
-def _handle_for(model: nn.Module) -> Iterator[StochasticDepthHandle]:
-    handle = existing_handle(model)
-    if handle is not None:
-        yield handle
-        return
-    handle = inject_stochastic_depth(model, 1.0, scaling="expected", auto_resample=False)
-    try:
-        yield handle
-    finally:
-        handle.remove()
 
 
 def _per_mask_growth(
@@ -130,7 +116,7 @@ def _per_mask_growth(
 
 @contextlib.contextmanager
 def _traced_handle(model: nn.Module) -> Iterator[StochasticDepthHandle]:
-    with _handle_for(model) as handle:
+    with probe_gates(model) as (handle, _):
         if any(not isinstance(g, ResidualGate) for g in handle.gates):
             raise ValueError(
                 "gradient_growth needs every residual branch traced (y_l = shortcut + m_l f_l), but some blocks were "

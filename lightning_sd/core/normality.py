@@ -33,8 +33,8 @@ from lightning_sd.core.gates import (
     StochasticDepthHandle,
     _resolve_survival,
     existing_handle,
-    inject_stochastic_depth,
     mask_generator,
+    probe_gates,
 )
 
 __all__ = [
@@ -200,20 +200,6 @@ def _probe_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-@contextlib.contextmanager
-def _handle_for(model: nn.Module) -> Iterator[tuple[StochasticDepthHandle, bool]]:
-    """The model's live handle, or a temporary one (survival 1.0, removed afterwards)."""
-    handle = existing_handle(model)
-    if handle is not None:
-        yield handle, False
-        return
-    handle = inject_stochastic_depth(model, 1.0, scaling="expected", auto_resample=False)
-    try:
-        yield handle, True
-    finally:
-        handle.remove()
-
-
 def _block_output_modules(handle: StochasticDepthHandle, model: nn.Module) -> list[nn.Module]:
     """The module whose output is "the block output" y_l of each branch (see :func:`normality_pvalues`)."""
     modules: list[nn.Module] = []
@@ -278,7 +264,7 @@ def masked_samples(
         raise ValueError(f"chunk_size must be >= 1 rows, got {chunk_size}")
     n, m_count, num_blocks = multipliers.shape
     block_neuron = neuron if block_neuron is None else block_neuron
-    with _handle_for(model) as (handle, _):
+    with probe_gates(model) as (handle, _):
         if handle.num_blocks != num_blocks:
             raise ValueError(f"multipliers have L = {num_blocks} but the model has {handle.num_blocks} residual branches")
         device = inputs.device

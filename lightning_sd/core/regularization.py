@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_sd.core.gates import SCALINGS, StochasticDepthHandle, existing_handle, inject_stochastic_depth, mask_generator
+from lightning_sd.core.gates import SCALINGS, StochasticDepthHandle, mask_generator, probe_gates
 
 __all__ = [
     "REGULARIZATION_ESTIMATORS",
@@ -140,25 +140,14 @@ def regularization_terms(
         raise ValueError(f"reduction must be 'mean' (g over the batch) or 'none' (per example), got {reduction!r}")
     if not isinstance(inputs, Tensor) or inputs.ndim < 1 or inputs.shape[0] < 1:
         raise ValueError("inputs must be a tensor of shape (B, ...) with B >= 1 (one probe batch)")
-    handle = existing_handle(model)
-    if handle is not None and blocks is not None:
-        raise ValueError(
-            "blocks= is only used for a plain model; this model already has stochastic-depth gates, whose "
-            "blocks are used. Drop blocks= (or call handle.remove() first)."
-        )
-    injected = False
-    if handle is None:
-        handle = inject_stochastic_depth(model, 1.0, blocks=blocks, auto_resample=False)
-        injected = True
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        g = _terms(model, handle, inputs, loss, estimator, int(num_samples), int(seed))
-    finally:
-        for module, training in modes:
-            module.training = training
-        if injected:
-            handle.remove()
+    with probe_gates(model, blocks) as (handle, _):
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            g = _terms(model, handle, inputs, loss, estimator, int(num_samples), int(seed))
+        finally:
+            for module, training in modes:
+                module.training = training
     return g.mean(dim=0) if reduction == "mean" else g
 
 

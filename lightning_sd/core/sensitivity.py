@@ -23,7 +23,7 @@ from typing import Any, ContextManager
 import torch
 from torch import Tensor, nn
 
-from lightning_sd.core.gates import StochasticDepthHandle, existing_handle, inject_stochastic_depth
+from lightning_sd.core.gates import StochasticDepthHandle, probe_gates
 
 __all__ = ["SENSITIVITY_METHODS", "estimate_sensitivities", "supervised_loss"]
 
@@ -86,25 +86,6 @@ def _buffers_restored(model: nn.Module, enabled: bool) -> Iterator[None]:
         with torch.no_grad():
             for buf, copy in saved:
                 buf.copy_(copy)
-
-
-@contextlib.contextmanager
-def _gated(model: nn.Module, blocks: str | Sequence[str] | None) -> Iterator[StochasticDepthHandle]:
-    """The model's live handle, or temporary gates (survival 1, no resampling) removed afterwards."""
-    handle = existing_handle(model)
-    if handle is not None:
-        if blocks is not None:
-            raise ValueError(
-                "the model already has stochastic-depth gates, so blocks= cannot choose other branches; "
-                "drop blocks= (the existing gates are used) or call handle.remove() first."
-            )
-        yield handle
-        return
-    handle = inject_stochastic_depth(model, 1.0, blocks=blocks, auto_resample=False)
-    try:
-        yield handle
-    finally:
-        handle.remove()
 
 
 def estimate_sensitivities(
@@ -183,7 +164,7 @@ def estimate_sensitivities(
     rng_devices = [device] if device.type == "cuda" else []
 
     rng = torch.random.fork_rng(devices=rng_devices) if fork_rng else contextlib.nullcontext()
-    with rng, _buffers_restored(model, restore_buffers), _gated(model, blocks) as handle:
+    with rng, _buffers_restored(model, restore_buffers), probe_gates(model, blocks) as (handle, _):
         num_blocks = handle.num_blocks
         total = torch.zeros(num_blocks, dtype=torch.float64)
         count = 0
