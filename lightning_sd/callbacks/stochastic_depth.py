@@ -6,7 +6,7 @@ import csv
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -67,10 +67,10 @@ class StochasticDepth(Callback):
 
     def __init__(
         self,
-        mode: str = "uniform",
+        mode: Literal["uniform", "linear", "custom", "sensemode", "maxreg"] = "uniform",
         budget: float = 0.5,
-        drop: str = "batch",
-        scaling: str = "inverted",
+        drop: Literal["batch", "sample"] = "batch",
+        scaling: Literal["inverted", "expected"] = "inverted",
         blocks: str | list[str] | None = None,
         survival: list[float] | None = None,
         seed: int | None = None,
@@ -78,7 +78,7 @@ class StochasticDepth(Callback):
         sensitivity_batches: int = 8,
         recompute_every_n_epochs: int | None = None,
         sensitivity_loss: Callable[[pl.LightningModule, Any], Tensor] | None = None,
-        regularization_loss: str = "cross_entropy",
+        regularization_loss: Literal["cross_entropy", "mse"] = "cross_entropy",
         log_every_n_steps: int = 1,
     ) -> None:
         if mode not in SURVIVAL_MODES:
@@ -136,6 +136,7 @@ class StochasticDepth(Callback):
         self.sensitivities: Tensor | None = None
         self.g: Tensor | None = None
         self._measured = False
+        self._last_measured_epoch = -1
         self._pending_state: dict[str, Any] | None = None
         self._depth_sum = 0.0
         self._depth_sq_sum = 0.0
@@ -201,8 +202,6 @@ class StochasticDepth(Callback):
         if n is not None and trainer.current_epoch > 0 and trainer.current_epoch % n == 0 and self._last_measured_epoch != trainer.current_epoch:
             self._measure(trainer, pl_module)
             self._log_rates(trainer, pl_module)
-
-    _last_measured_epoch = -1
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.handle is not None
