@@ -1,0 +1,360 @@
+"""SummaryPlots: PNG figures of the survival rates, sensitivities, g_l and normality p-values at the end of fit."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+__all__ = ["SummaryPlots"]
+
+_MISSING_MATPLOTLIB = (
+    "SummaryPlots draws its figures with matplotlib, which is not installed: `pip install matplotlib` "
+    "(or `pip install lightning_sd[dev]`)"
+)
+
+#: Above this many blocks the x axis shows block numbers only, not branch names.
+_MAX_NAMED_BLOCKS = 24
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:  # pragma: no cover - exercised with matplotlib hidden
+        raise ImportError(_MISSING_MATPLOTLIB) from err
+
+
+def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Any, Any]:
+    """A matplotlib Figure on the Agg canvas (no pyplot: the user's backend and global state are untouched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: str, dpi: int) -> str:
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64).cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _block_axis(ax: Any, names: Sequence[str] | None, num_blocks: int) -> None:
+    """Block numbers 1..L on the x axis; branch names as tick labels when there are few blocks."""
+    ax.set_xlim(0.4, num_blocks + 0.6)
+    if names is not None and len(names) == num_blocks and num_blocks <= _MAX_NAMED_BLOCKS:
+        ax.set_xticks(np.arange(1, num_blocks + 1))
+        ax.set_xticklabels([f"{l}: {n}" for l, n in enumerate(names, start=1)], rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_xlabel("block l")
+
+
+class SummaryPlots(Callback):
+    r"""Write summary figures of stochastic depth as PNG files when ``fit`` ends.
+
+    The callback reads the state that the other callbacks of the ``Trainer`` hold at the end of
+    training, so it measures nothing itself and runs no collective: it works on rank zero only and
+    the other ranks return at once. Figures (each written only when its data exist):
+
+    - ``sd_rates.png`` from :class:`~lightning_sd.StochasticDepth`: survival rates ``p_l`` per block
+      with the budget line ``mean_l p_l``; with a measured mode also the sensitivities ``S_l``
+      (``"sensemode"``) and the regularization terms ``g_l`` (``"maxreg"``, else the last probe of a
+      :class:`~lightning_sd.RegularizationMonitor`) as extra panels.
+    - ``regularization.png`` from a :class:`~lightning_sd.RegularizationMonitor`: ``g_l`` over depth
+      at every probe, the penalty ``R`` per probe epoch, and each block's share ``R_l / R`` at the
+      last probe (when rates are known).
+    - ``<prefix>_pvalues.png`` from each :class:`~lightning_sd.NormalityMonitor`: the histogram of the
+      output's normality-test p-values at every probe (uniform on [0, 1] when SD acts as Gaussian
+      noise, Hayou & Ayed 2021 Fig. 5 left), the p-values per depth at the last probe when the
+      monitor runs with ``per_block=True`` (Fig. 5 right), and the median p-value and fraction above
+      ``alpha`` per probe. All p-values come from the monitor's CSV file; without it, from its last
+      probe and its ``history``.
+
+    Figures are drawn on matplotlib's Agg canvas without ``pyplot`` (no window, the global backend is
+    left alone). matplotlib is an optional dependency (the ``dev`` extra): it is imported when the
+    callback is created, and a missing install raises an ``ImportError`` that says ``pip install
+    matplotlib``.
+
+    Args:
+        out_dir: folder for the PNG files; ``None``: the log directory of the first logger (as
+            ``trainer.log_dir``, without its broadcast), else ``trainer.default_root_dir``.
+        dpi: resolution of the PNG files (>= 10).
+        prefix: file-name prefix added to every figure (``""``: none).
+
+    After ``fit``, :attr:`paths` maps each figure (``"rates"``, ``"regularization"``, the monitor's
+    prefix for p-values) to the file written.
+
+    Example::
+
+        from lightning_sd import StochasticDepth, RegularizationMonitor, NormalityMonitor
+        from lightning_sd.callbacks.summary_plots import SummaryPlots
+
+        trainer = Trainer(callbacks=[RegularizationMonitor(loss="mse"), NormalityMonitor(),
+                                     SummaryPlots(out_dir="plots"),
+                                     StochasticDepth(mode="sensemode", budget=0.5)])
+        trainer.fit(model, datamodule=dm)
+        plots.paths["rates"]  # 'plots/sd_rates.png'
+
+    In a YAML recipe (StochasticDepth stays the last callback)::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_sd.callbacks.summary_plots.SummaryPlots
+              init_args:
+                out_dir: null
+            - class_path: lightning_sd.callbacks.StochasticDepth
+              init_args: {mode: uniform, budget: 0.5}
+    """
+
+    def __init__(self, out_dir: str | None = None, dpi: int = 110, prefix: str = "") -> None:
+        _require_matplotlib()
+        if int(dpi) != dpi or dpi < 10:
+            raise ValueError(f"dpi must be an integer >= 10, got {dpi!r}")
+        self.out_dir = out_dir
+        self.dpi = int(dpi)
+        self.prefix = prefix
+        self.paths: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ hook
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        out_dir = self.out_dir or self._log_dir(trainer)
+        self.paths = self.write(trainer.callbacks, out_dir)
+        if self.paths:
+            rank_zero_info("SummaryPlots: wrote " + ", ".join(self.paths.values()))
+        else:
+            rank_zero_warn(
+                "SummaryPlots: nothing to plot (no StochasticDepth, RegularizationMonitor or NormalityMonitor with data in trainer.callbacks)"
+            )
+
+    @staticmethod
+    def _log_dir(trainer: pl.Trainer) -> str:
+        # trainer.log_dir broadcasts from rank 0, a collective this rank-0-only hook must not call.
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            path = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+            if path:
+                return str(path)
+        return str(trainer.default_root_dir)
+
+    # ------------------------------------------------------------------ figures
+    def write(self, callbacks: Sequence[Callback], out_dir: str) -> dict[str, str]:
+        """Draw every figure whose data the ``callbacks`` hold into ``out_dir``; returns ``{figure: path}``.
+
+        Usable without a Trainer, e.g. ``SummaryPlots().write(trainer.callbacks, "plots")`` after a fit.
+        """
+        _require_matplotlib()
+        from lightning_sd.callbacks.normality_monitor import NormalityMonitor
+        from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
+        from lightning_sd.callbacks.stochastic_depth import StochasticDepth
+
+        sd = next((c for c in callbacks if isinstance(c, StochasticDepth) and c.handle is not None), None)
+        reg = next((c for c in callbacks if isinstance(c, RegularizationMonitor) and c.history), None)
+        normality = [c for c in callbacks if isinstance(c, NormalityMonitor) and (c.history or c.last_pvalues is not None)]
+        paths: dict[str, str] = {}
+        if sd is None and reg is None and not normality:
+            return paths
+        os.makedirs(out_dir, exist_ok=True)
+        if sd is not None:
+            paths["rates"] = self._plot_rates(sd, reg, os.path.join(out_dir, f"{self.prefix}sd_rates.png"))
+        if reg is not None:
+            paths["regularization"] = self._plot_regularization(reg, os.path.join(out_dir, f"{self.prefix}regularization.png"))
+        for monitor in normality:
+            key = monitor.prefix if monitor.prefix not in paths else f"{monitor.prefix}_{len(paths)}"
+            paths[key] = self._plot_pvalues(monitor, os.path.join(out_dir, f"{self.prefix}{key}_pvalues.png"))
+        return paths
+
+    def _plot_rates(self, sd: Any, reg: Any, path: str) -> str:
+        p = _as_array(sd.survival)
+        L = p.size
+        names = [b.name for b in sd.handle.branches]
+        blocks = np.arange(1, L + 1)
+        panels: list[tuple[str, np.ndarray, str]] = []
+        if sd.sensitivities is not None:
+            panels.append(("sensitivity", _as_array(sd.sensitivities), "sensitivity $S_l$ (dLoss/dm_l at m = 1)"))
+        g_title = ""
+        g = None
+        if sd.g is not None:
+            g, g_title = _as_array(sd.g), "regularization term $g_l$ (measured for maxreg)"
+        elif reg is not None and len(reg.history[-1]["g"]) == L:
+            g, g_title = _as_array(reg.history[-1]["g"]), f"regularization term $g_l$ (RegularizationMonitor, epoch {reg.history[-1]['epoch']})"
+        if g is not None:
+            panels.append(("g", g, g_title))
+        fig, axes = _figure(1 + len(panels), 1, width=max(6.0, min(14.0, 0.12 * L + 5.0)), height=2.6 * (1 + len(panels)) + (1.2 if L <= _MAX_NAMED_BLOCKS else 0.0))
+        ax = axes[0, 0]
+        ax.bar(blocks, p, width=0.8, color="tab:blue")
+        mean = float(p.mean()) if L else float("nan")
+        ax.axhline(mean, color="tab:red", linestyle="--", linewidth=1)
+        ax.set_ylim(0.0, 1.05)
+        ax.set_ylabel("survival rate $p_l$")
+        ax.set_title(
+            f"StochasticDepth mode={sd.mode}, budget={sd.budget:g}, drop={sd.drop}, scaling={sd.scaling}\n"
+            f"dashed: mean p = {mean:.3f}, expected depth {p.sum():.2f} of {L} blocks",
+            fontsize=9,
+        )
+        for i, (kind, values, title) in enumerate(panels, start=1):
+            axi = axes[i, 0]
+            colors = np.where(values >= 0, "tab:green", "tab:purple") if kind == "sensitivity" else "tab:orange"
+            axi.bar(blocks, values, width=0.8, color=colors)
+            if kind == "sensitivity":
+                axi.axhline(0.0, color="black", linewidth=0.6)
+            axi.set_ylabel(kind if kind == "sensitivity" else "$g_l$")
+            axi.set_title(title, fontsize=9)
+            axi.sharex(ax)
+        for i in range(len(panels) + 1):
+            _block_axis(axes[i, 0], names if i == len(panels) else None, L)
+            if i < len(panels):
+                axes[i, 0].tick_params(labelbottom=False)
+                axes[i, 0].set_xlabel("")
+        return _save(fig, path, self.dpi)
+
+    def _plot_regularization(self, reg: Any, path: str) -> str:
+        history = reg.history
+        last = history[-1]
+        has_rates = "penalty" in last
+        ncols = 3 if has_rates else 1
+        fig, axes = _figure(1, ncols, width=5.0 * ncols, height=3.8)
+        ax = axes[0, 0]
+        cmap = _cmap("viridis")
+        for i, record in enumerate(history):
+            g = _as_array(record["g"])
+            ax.plot(np.arange(1, g.size + 1), g, marker="o", markersize=2, linewidth=1, color=cmap(i / max(len(history) - 1, 1)), label=f"epoch {record['epoch']}")
+        ax.set_xlabel("block l")
+        ax.set_ylabel("$g_l$")
+        ax.set_yscale("symlog", linthresh=_linthresh(np.concatenate([_as_array(r["g"]) for r in history])))
+        ax.set_title(f"regularization terms g_l (loss={reg.loss})", fontsize=9)
+        if len(history) <= 8:
+            ax.legend(fontsize=7)
+        if has_rates:
+            epochs = [r["epoch"] for r in history if "penalty" in r]
+            penalties = [r["penalty"] for r in history if "penalty" in r]
+            axes[0, 1].plot(epochs, penalties, marker="o", color="tab:red")
+            axes[0, 1].set_xlabel("epoch")
+            axes[0, 1].xaxis.set_major_locator(_integer_locator())
+            axes[0, 1].set_ylabel("R = 1/2 sum_l Var(m_l) g_l")
+            axes[0, 1].set_title("explicit penalty R per probe", fontsize=9)
+            share = _as_array(last["share"])
+            axes[0, 2].bar(np.arange(1, share.size + 1), share, width=0.8, color="tab:orange")
+            axes[0, 2].set_xlabel("block l")
+            axes[0, 2].set_ylabel("$R_l / R$")
+            axes[0, 2].set_title(f"share of the penalty per block (epoch {last['epoch']})", fontsize=9)
+        return _save(fig, path, self.dpi)
+
+    def _plot_pvalues(self, monitor: Any, path: str) -> str:
+        probes = _read_pvalues(monitor)
+        history = monitor.history
+        last_blocks = probes[-1][2] if probes else None
+        panels = ["hist"] + (["depth"] if last_blocks is not None and last_blocks.size else []) + (["summary"] if history else [])
+        fig, axes = _figure(1, len(panels), width=5.0 * len(panels), height=3.8)
+        bins = np.linspace(0.0, 1.0, 21)
+        cmap = _cmap("viridis")
+        for ax, panel in zip(axes[0], panels):
+            if panel == "hist":
+                for i, (label, pvalues, _) in enumerate(probes):
+                    finite = pvalues[np.isfinite(pvalues)]
+                    if finite.size:
+                        ax.hist(finite, bins=bins, density=True, histtype="step", linewidth=1.4, color=cmap(i / max(len(probes) - 1, 1)), label=label)
+                ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="uniform (Gaussian output)")
+                ax.set_xlim(0.0, 1.0)
+                ax.set_xlabel(f"{monitor.test} p-value of the output")
+                ax.set_ylabel("density over probe inputs")
+                ax.set_title(f"p-values per probe ({monitor.num_masks} masks per input)", fontsize=9)
+                if len(probes) <= 8:
+                    ax.legend(fontsize=7)
+            elif panel == "depth":
+                assert last_blocks is not None
+                columns = [col[np.isfinite(col)] for col in last_blocks.T]
+                positions = np.arange(1, len(columns) + 1)
+                keep = [i for i, c in enumerate(columns) if c.size]
+                if keep:
+                    ax.boxplot([columns[i] for i in keep], positions=positions[keep], widths=0.6, showfliers=False)
+                step = max(1, len(columns) // 12)
+                ax.set_xticks(positions[::step])
+                ax.set_xticklabels([str(int(x)) for x in positions[::step]])
+                ax.axhline(monitor.alpha, color="tab:red", linestyle="--", linewidth=1, label=f"alpha = {monitor.alpha:g}")
+                ax.set_ylim(0.0, 1.0)
+                ax.set_xlabel("depth: output of block l")
+                ax.set_ylabel("p-value")
+                ax.set_title(f"p-values per depth ({probes[-1][0]})", fontsize=9)
+                ax.legend(fontsize=7)
+            else:
+                # x = training step: a probe at the start and one after epoch 0 share the epoch
+                epochs = [r["global_step"] for r in history]
+                frac_key = next((k for k in history[-1] if k.startswith("frac_above_")), None)
+                ax.plot(epochs, [r["median_pvalue"] for r in history], marker="o", label="median p-value")
+                ax.fill_between(epochs, [r["q25_pvalue"] for r in history], [r["q75_pvalue"] for r in history], alpha=0.2, label="25-75%")
+                if frac_key is not None:
+                    ax.plot(epochs, [r[frac_key] for r in history], marker="s", label=frac_key.replace("_", " "))
+                ax.set_ylim(0.0, 1.02)
+                ax.set_xlabel("training step of the probe")
+                ax.xaxis.set_major_locator(_integer_locator())
+                ax.set_title("summary per probe", fontsize=9)
+                ax.legend(fontsize=7)
+        return _save(fig, path, self.dpi)
+
+
+def _cmap(name: str) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps[name]
+
+
+def _integer_locator() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _linthresh(values: np.ndarray) -> float:
+    finite = np.abs(values[np.isfinite(values)])
+    positive = finite[finite > 0]
+    return float(positive.min()) if positive.size else 1.0
+
+
+def _read_pvalues(monitor: Any) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """``(label, output p-values, block p-values or None)`` per probe, from the monitor's CSV or its last probe."""
+    path = getattr(monitor, "csv_path", None)
+    probes: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+    if path and os.path.isfile(path):
+        groups: dict[tuple[int, int], list[list[float]]] = {}
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            for row in reader:
+                if len(row) < 4:
+                    continue
+                key = (int(row[0]), int(row[1]))
+                groups.setdefault(key, []).append([_to_float(v) for v in row[3:]])
+        has_blocks = header is not None and len(header) > 4
+        for (epoch, step), rows in groups.items():
+            values = np.asarray(rows, dtype=np.float64)
+            probes.append((f"epoch {epoch} (step {step})", values[:, 0], values[:, 1:] if has_blocks else None))
+    if not probes and monitor.last_pvalues is not None:
+        blocks = None if monitor.last_block_pvalues is None else _as_array(monitor.last_block_pvalues)
+        label = f"epoch {monitor.history[-1]['epoch']}" if monitor.history else "last probe"
+        probes.append((label, _as_array(monitor.last_pvalues).reshape(-1), blocks))
+    return probes
+
+
+def _to_float(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
