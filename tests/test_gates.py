@@ -255,3 +255,27 @@ def test_injecting_twice_raises_and_keeps_first_injection():
         inject_stochastic_depth(model, 0.7)
     assert [n for n, _ in model.named_modules()] == modules
     assert torch.allclose(h.survival, torch.full((9,), 0.5))
+
+
+def test_masking_without_skipping_equals_skipping():
+    """The FSDP/DeepSpeed fallback (dropped branches multiplied by 0) gives the same values and gradients."""
+    torch.manual_seed(0)
+    skipping = ResidualMLP(6, 10, 8, 2)
+    masking = copy.deepcopy(skipping)
+    h1 = inject_stochastic_depth(skipping, 0.5, auto_resample=False)
+    h2 = inject_stochastic_depth(masking, 0.5, auto_resample=False)
+    h2.skip_compute = False
+    calls = []
+    masking.blocks[0].linear.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(5, 6)
+    for step in range(6):
+        k1, k2 = h1.resample(step), h2.resample(step)
+        assert torch.equal(k1, k2)
+        calls.clear()
+        out1, out2 = skipping(x), masking(x)
+        assert calls == [1]  # computed even when dropped
+        torch.testing.assert_close(out1, out2)
+        out1.sum().backward()
+        out2.sum().backward()
+    for (name, a), b in zip(skipping.named_parameters(), masking.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
