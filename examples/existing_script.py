@@ -112,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=0.5, help="expected fraction of residual blocks kept, (0, 1]")
     parser.add_argument("--no-sd", action="store_true", help="train without stochastic depth (the baseline)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-dir", default="lightning_logs/existing_script", help="Trainer default_root_dir (StochasticDepth's rate table)")
     parser.add_argument("--limit-train-batches", type=float, default=1.0, help="fraction or number of training batches (smoke tests)")
     return parser.parse_args(argv)
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> float:
         devices=1,
         callbacks=callbacks,
         logger=False,
+        default_root_dir=args.log_dir,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
