@@ -1,8 +1,9 @@
 """Training-step time with stochastic depth: batch drop (skips compute) vs per-sample drop vs no SD.
 
 For each model and budget b (uniform rates), one training step = resample masks, forward, backward,
-SGD step. The "ideal" ratio of a budget is ``(stem_head + b * blocks) / full`` where ``stem_head`` is
-the step time with every block dropped (p = 0) and ``blocks = full - stem_head``. Every timing is the
+SGD step. The "ideal" ratio is ``(stem_head + f * blocks) / full`` where ``stem_head`` is the step time
+with every block dropped (p = 0), ``blocks = full - stem_head`` and ``f`` the fraction of blocks that
+ran in the timed steps (a binomial draw around the budget b; the table shows the ideal at b too). Every timing is the
 median over ``--repeats`` repeats of the mean over ``--steps`` steps; configurations are interleaved
 within each repeat so that drift of the machine affects them alike.
 
@@ -35,22 +36,28 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
     raise ValueError(f"unknown model {name!r}; choose cifar110 or resnet50")
 
 
-def time_steps(model: nn.Module, handle: StochasticDepthHandle | None, x: torch.Tensor, y: torch.Tensor, steps: int, step0: int) -> float:
+def time_steps(
+    model: nn.Module, handle: StochasticDepthHandle | None, x: torch.Tensor, y: torch.Tensor, steps: int, step0: int
+) -> tuple[float, float]:
+    """Mean seconds per training step, and the fraction of blocks executed in the timed steps."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
+    executed = 0.0
 
-    def one(step: int) -> None:
+    def one(step: int) -> float:
+        kept = 1.0
         if handle is not None:
-            handle.resample(step)
+            kept = float(handle.resample(step, batch_size=x.shape[0]).float().mean()) if handle.drop == "batch" else 1.0
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        return kept
 
     one(step0)  # warm-up
     start = time.perf_counter()
     for s in range(steps):
-        one(step0 + 1 + s)
-    return (time.perf_counter() - start) / steps
+        executed += one(step0 + 1 + s)
+    return (time.perf_counter() - start) / steps, executed / steps
 
 
 def bench(name: str, batch_size: int, steps: int, repeats: int) -> list[dict]:
@@ -67,27 +74,36 @@ def bench(name: str, batch_size: int, steps: int, repeats: int) -> list[dict]:
     configs: list[tuple[str, float | None]] = [("none", None), ("stem_head", 0.0)]
     configs += [("batch", b) for b in BUDGETS] + [("sample", b) for b in BUDGETS]
     times: dict[tuple[str, float | None], list[float]] = {c: [] for c in configs}
+    executed: dict[tuple[str, float | None], list[float]] = {c: [] for c in configs}
     for r in range(repeats):
         for kind, b in configs:
             if kind == "none":
-                t = time_steps(plain, None, x, y, steps, 0)
+                t, f = time_steps(plain, None, x, y, steps, 0)
             elif kind in ("batch", "stem_head"):
                 batch_handle.set_survival([b] * L)
-                t = time_steps(batch_model, batch_handle, x, y, steps, 1000 * r)
+                t, f = time_steps(batch_model, batch_handle, x, y, steps, 1000 * r)
             else:
                 sample_handle.set_survival([b] * L)
-                t = time_steps(sample_model, sample_handle, x, y, steps, 1000 * r)
+                t, f = time_steps(sample_model, sample_handle, x, y, steps, 1000 * r)
             times[(kind, b)].append(t)
+            executed[(kind, b)].append(f)
     med = {c: statistics.median(v) for c, v in times.items()}
     full, stem_head = med[("none", None)], med[("stem_head", 0.0)]
     blocks = full - stem_head
-    rows = [dict(model=name, config="no SD", budget=1.0, ms=1000 * full, ratio=1.0, ideal=1.0)]
-    rows.append(dict(model=name, config="all dropped (stem+head)", budget=0.0, ms=1000 * stem_head, ratio=stem_head / full, ideal=stem_head / full))
+    rows = [dict(model=name, config="no SD", budget=1.0, executed=1.0, ms=1000 * full, ratio=1.0, ideal=1.0, ideal_b=1.0)]
+    rows.append(
+        dict(model=name, config="all dropped (stem+head)", budget=0.0, executed=0.0, ms=1000 * stem_head,
+             ratio=stem_head / full, ideal=stem_head / full, ideal_b=stem_head / full)
+    )
     for kind in ("batch", "sample"):
         for b in BUDGETS:
             t = med[(kind, b)]
-            ideal = (stem_head + b * blocks) / full if kind == "batch" else 1.0
-            rows.append(dict(model=name, config=f"{kind} drop", budget=b, ms=1000 * t, ratio=t / full, ideal=ideal))
+            f = statistics.mean(executed[(kind, b)]) if kind == "batch" else 1.0
+            # Ideal: stem and head at full cost, blocks in proportion to what ran (f, the executed fraction
+            # of the timed steps, a binomial draw around the budget) or to the budget itself (ideal_b).
+            ideal = (stem_head + f * blocks) / full if kind == "batch" else 1.0
+            ideal_b = (stem_head + b * blocks) / full if kind == "batch" else 1.0
+            rows.append(dict(model=name, config=f"{kind} drop", budget=b, executed=f, ms=1000 * t, ratio=t / full, ideal=ideal, ideal_b=ideal_b))
     return rows
 
 
@@ -101,13 +117,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats (median)")
-    print("| model | config | budget | step ms | ratio to no SD | ideal ratio | ratio / ideal |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | config | budget | executed | step ms | ratio to no SD | ideal (executed) | ratio / ideal | ideal (budget) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         for r in bench(name, args.batch_size, args.steps, args.repeats):
             print(
-                f"| {r['model']} | {r['config']} | {r['budget']:.2f} | {r['ms']:.1f} | {r['ratio']:.3f} | "
-                f"{r['ideal']:.3f} | {r['ratio'] / r['ideal']:.3f} |"
+                f"| {r['model']} | {r['config']} | {r['budget']:.2f} | {r['executed']:.3f} | {r['ms']:.1f} | "
+                f"{r['ratio']:.3f} | {r['ideal']:.3f} | {r['ratio'] / r['ideal']:.3f} | {r['ideal_b']:.3f} |"
             )
 
 
