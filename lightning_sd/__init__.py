@@ -4,7 +4,13 @@ Add one callback to a Trainer (:class:`StochasticDepth`), or use the torch-only 
 (:func:`inject_stochastic_depth`, :func:`survival_rates`, ...) from a plain PyTorch loop.
 """
 
-from lightning_sd.callbacks import LogGaussianMonitor, NormalityMonitor, RegularizationMonitor, StochasticDepth
+from lightning_sd.callbacks import (
+    LogGaussianMonitor,
+    NormalityMonitor,
+    RegularizationMonitor,
+    StochasticDepth,
+    SummaryPlots,
+)
 from lightning_sd.classifier import SDClassifier, build_backbone
 from lightning_sd.core import (
     GradientGrowth,
@@ -47,6 +53,7 @@ __all__ = [
     "SDRegressor",
     "StochasticDepth",
     "StochasticDepthHandle",
+    "SummaryPlots",
     "ToyRegressionDataModule",
     "balance_relus",
     "build_backbone",

@@ -4,5 +4,6 @@ from lightning_sd.callbacks.log_gaussian import LogGaussianMonitor
 from lightning_sd.callbacks.normality_monitor import NormalityMonitor
 from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
+from lightning_sd.callbacks.summary_plots import SummaryPlots
 
-__all__ = ["LogGaussianMonitor", "NormalityMonitor", "RegularizationMonitor", "StochasticDepth"]
+__all__ = ["LogGaussianMonitor", "NormalityMonitor", "RegularizationMonitor", "StochasticDepth", "SummaryPlots"]
