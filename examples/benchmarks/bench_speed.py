@@ -3,9 +3,10 @@
 For each model and budget b (uniform rates), one training step = resample masks, forward, backward,
 SGD step. The "ideal" ratio is ``(stem_head + f * blocks) / full`` where ``stem_head`` is the step time
 with every block dropped (p = 0), ``blocks = full - stem_head`` and ``f`` the fraction of blocks that
-ran in the timed steps (a binomial draw around the budget b; the table shows the ideal at b too). Every timing is the
+ran in the timed steps (a binomial draw around the budget b; the table shows the ideal at b too). Every step time is the
 median over ``--repeats`` repeats of the mean over ``--steps`` steps; configurations are interleaved
-within each repeat so that drift of the machine affects them alike.
+within each repeat (in alternating order), and every ratio is the median over repeats of the ratio to
+the no-SD time of the same repeat, so that drift of a shared machine cancels.
 
     python examples/benchmarks/bench_speed.py                    # CifarResNet-110 and resnet50
     python examples/benchmarks/bench_speed.py --models cifar110 --batch-size 32 --steps 3
@@ -76,7 +77,9 @@ def bench(name: str, batch_size: int, steps: int, repeats: int) -> list[dict]:
     times: dict[tuple[str, float | None], list[float]] = {c: [] for c in configs}
     executed: dict[tuple[str, float | None], list[float]] = {c: [] for c in configs}
     for r in range(repeats):
-        for kind, b in configs:
+        # Alternate the order of the configurations between repeats so that drift of a shared machine
+        # does not favour the ones measured first.
+        for kind, b in configs if r % 2 == 0 else configs[::-1]:
             if kind == "none":
                 t, f = time_steps(plain, None, x, y, steps, 0)
             elif kind in ("batch", "stem_head"):
@@ -89,11 +92,14 @@ def bench(name: str, batch_size: int, steps: int, repeats: int) -> list[dict]:
             executed[(kind, b)].append(f)
     med = {c: statistics.median(v) for c, v in times.items()}
     full, stem_head = med[("none", None)], med[("stem_head", 0.0)]
-    blocks = full - stem_head
+    # Ratios are medians over repeats of (config / no SD) within the same repeat: a slow drift of a
+    # shared machine cancels in each pair.
+    none = times[("none", None)]
+    paired = {c: statistics.median(t / n for t, n in zip(v, none)) for c, v in times.items()}
     rows = [dict(model=name, config="no SD", budget=1.0, executed=1.0, ms=1000 * full, ratio=1.0, ideal=1.0, ideal_b=1.0)]
     rows.append(
         dict(model=name, config="all dropped (stem+head)", budget=0.0, executed=0.0, ms=1000 * stem_head,
-             ratio=stem_head / full, ideal=stem_head / full, ideal_b=stem_head / full)
+             ratio=paired[("stem_head", 0.0)], ideal=paired[("stem_head", 0.0)], ideal_b=paired[("stem_head", 0.0)])
     )
     for kind in ("batch", "sample"):
         for b in BUDGETS:
@@ -101,9 +107,13 @@ def bench(name: str, batch_size: int, steps: int, repeats: int) -> list[dict]:
             f = statistics.mean(executed[(kind, b)]) if kind == "batch" else 1.0
             # Ideal: stem and head at full cost, blocks in proportion to what ran (f, the executed fraction
             # of the timed steps, a binomial draw around the budget) or to the budget itself (ideal_b).
-            ideal = (stem_head + f * blocks) / full if kind == "batch" else 1.0
-            ideal_b = (stem_head + b * blocks) / full if kind == "batch" else 1.0
-            rows.append(dict(model=name, config=f"{kind} drop", budget=b, executed=f, ms=1000 * t, ratio=t / full, ideal=ideal, ideal_b=ideal_b))
+            head = paired[("stem_head", 0.0)]
+            ideal = head + f * (1.0 - head) if kind == "batch" else 1.0
+            ideal_b = head + b * (1.0 - head) if kind == "batch" else 1.0
+            rows.append(
+                dict(model=name, config=f"{kind} drop", budget=b, executed=f, ms=1000 * t,
+                     ratio=paired[(kind, b)], ideal=ideal, ideal_b=ideal_b)
+            )
     return rows
 
 
@@ -111,8 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cifar110", "resnet50"])
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
