@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100
+
+from lightning_sd.data.split_datamodule import SplitDataModule
 
 __all__ = ["CIFARDataModule", "CIFAR_MEAN", "CIFAR_STD", "CIFAR10Unverified", "CIFAR100Unverified"]
 
@@ -48,7 +49,7 @@ class CIFAR100Unverified(CIFAR100):
 _UNVERIFIED: dict[type[CIFAR10], type[CIFAR10]] = {CIFAR10: CIFAR10Unverified, CIFAR100: CIFAR100Unverified}
 
 
-class CIFARDataModule(LightningDataModule):
+class CIFARDataModule(SplitDataModule):
     """CIFAR-10 or CIFAR-100 with random-crop / flip augmentation and a seeded validation split.
 
     Reads torchvision's on-disk format (``<data_dir>/cifar-10-batches-py`` or
@@ -204,28 +205,5 @@ class CIFARDataModule(LightningDataModule):
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._open(False, self.eval_transform())
 
-    def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("CIFARDataModule: call setup() with the right stage before asking for this dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split (``lightning-sd predict`` / ``Trainer.predict``)."""
-        return self._loader(self.test_set, False)
+    def _loader_options(self) -> dict:
+        return {"pin_memory": self.pin_memory and torch.cuda.is_available()}

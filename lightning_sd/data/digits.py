@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_sd.data.split_datamodule import SplitDataModule
 
 __all__ = ["DigitsDataModule", "DIGITS_NUM_SAMPLES"]
 
@@ -21,7 +22,7 @@ def _split_sizes(total: int, val_fraction: float, test_fraction: float) -> tuple
     return total - num_val - num_test, num_val, num_test
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """The 1,797 8x8 grey-scale digits of :func:`sklearn.datasets.load_digits` as ``1 x S x S`` images.
 
     The data ship with scikit-learn, so nothing is downloaded. A random permutation drawn from ``seed``
@@ -123,28 +124,4 @@ class DigitsDataModule(LightningDataModule):
         self.train_set = TensorDataset(images[idx_train], labels[idx_train])
         self.val_set = TensorDataset(images[idx_val], labels[idx_val])
         self.test_set = TensorDataset(images[idx_test], labels[idx_test])
-
-    def _loader(self, dataset: Optional[TensorDataset], shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("DigitsDataModule: call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split (``lightning-sd predict`` / ``Trainer.predict``)."""
-        return self._loader(self.test_set, False)
 

@@ -11,9 +11,10 @@ import math
 from typing import Optional
 
 import torch
-from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_sd.data.split_datamodule import SplitDataModule
 
 __all__ = ["ToyRegressionDataModule", "make_toy_regression"]
 
@@ -42,7 +43,7 @@ def make_toy_regression(
     return x, y
 
 
-class ToyRegressionDataModule(LightningDataModule):
+class ToyRegressionDataModule(SplitDataModule):
     """Synthetic regression ``y = sin(beta^T x) (+ noise)`` of the SD paper, generated from a seed.
 
     ``beta ~ beta_scale * N(0, I_d)`` is drawn once; train, validation and test inputs are independent
@@ -121,6 +122,7 @@ class ToyRegressionDataModule(LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.shuffle = shuffle
+        self.shuffle_train = shuffle
         self.beta: Optional[Tensor] = None
         self.train_set: Optional[TensorDataset] = None
         self.val_set: Optional[TensorDataset] = None
@@ -135,27 +137,3 @@ class ToyRegressionDataModule(LightningDataModule):
         self.train_set = TensorDataset(*make_toy_regression(self.num_train, self.beta, self.noise_std, g))
         self.val_set = TensorDataset(*make_toy_regression(self.num_val, self.beta, self.noise_std, g))
         self.test_set = TensorDataset(*make_toy_regression(self.num_test, self.beta, self.noise_std, g))
-
-    def _loader(self, dataset: Optional[TensorDataset], shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("ToyRegressionDataModule: call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.shuffle)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split (``lightning-sd predict`` / ``Trainer.predict``)."""
-        return self._loader(self.test_set, False)
