@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -14,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_sd.callbacks.tables import publish_table
 from lightning_sd.theory.probe import ProbeResult, probe_model
 
 __all__ = ["LogGaussianMonitor"]
@@ -188,16 +188,9 @@ class LogGaussianMonitor(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        os.makedirs(log_dir, exist_ok=True)
         for suffix, rows, fields in (
             ("layers", self.layer_rows, ["layer", "name", "balanced", "active_fraction", "h"]),
             ("output", self.output_rows, ["statistic", "empirical", "predicted"]),
         ):
-            with open(os.path.join(log_dir, f"{self.prefix}_{suffix}.csv"), "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
-            for logger in trainer.loggers:
-                log_table = getattr(logger, "log_table", None)
-                if callable(log_table):
-                    log_table(key=f"{self.prefix}/{suffix}", columns=fields, data=[[r[c] for c in fields] for r in rows])
+            path = os.path.join(log_dir, f"{self.prefix}_{suffix}.csv")
+            publish_table(trainer, path, rows, key=f"{self.prefix}/{suffix}", columns=fields)

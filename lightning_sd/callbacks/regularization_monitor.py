@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,9 +12,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_sd.callbacks.maxreg_measurement import default_input_fn, probe_inputs, reduce_mean_over_ranks
+from lightning_sd.callbacks.maxreg_measurement import (
+    default_input_fn,
+    probe_inputs,
+    reduce_mean_over_ranks,
+)
+from lightning_sd.callbacks.tables import publish_table
 from lightning_sd.core.gates import SCALINGS, existing_handle
-from lightning_sd.core.regularization import REGULARIZATION_ESTIMATORS, REGULARIZATION_LOSSES, gate_variance, regularization_terms
+from lightning_sd.core.regularization import (
+    REGULARIZATION_ESTIMATORS,
+    REGULARIZATION_LOSSES,
+    gate_variance,
+    regularization_terms,
+)
 
 __all__ = ["RegularizationMonitor"]
 
@@ -218,19 +227,11 @@ class RegularizationMonitor(Callback):
         return rows
 
     def _write_table(self, trainer: pl.Trainer, result: dict[str, Any], log_dir: str) -> None:
-        rows = self.table(result)
-        os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, f"regularization_epoch{trainer.current_epoch}.csv")
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        publish_table(trainer, path, self.table(result), key="reg/blocks")
         self.table_path = path
         g = result["g"]
         for logger in trainer.loggers:
-            log_table = getattr(logger, "log_table", None)
-            if callable(log_table):
-                log_table(key="reg/blocks", columns=list(rows[0]), data=[list(r.values()) for r in rows])
             experiment = getattr(logger, "experiment", None)
             if _is_summary_writer(experiment):
                 _histogram_over_depth(experiment, "reg/g_by_block", g, trainer.global_step)

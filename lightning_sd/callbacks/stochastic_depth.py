@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Callable
@@ -15,8 +14,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
-from lightning_sd.core.gates import DROP_KINDS, SCALINGS, StochasticDepthHandle, inject_stochastic_depth
 from lightning_sd.callbacks.strategy_support import skips_compute_under
+from lightning_sd.callbacks.tables import publish_table
+from lightning_sd.core.gates import (
+    DROP_KINDS,
+    SCALINGS,
+    StochasticDepthHandle,
+    inject_stochastic_depth,
+)
 from lightning_sd.core.survival import SURVIVAL_MODES, depth_moments, survival_rates
 
 __all__ = ["StochasticDepth"]
@@ -285,18 +290,9 @@ class StochasticDepth(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        rows = self.rate_table()
-        os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, f"sd_rates_epoch{trainer.current_epoch}.csv")
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        publish_table(trainer, path, self.rate_table(), key="sd/rates")
         self.table_path = path
-        for logger in trainer.loggers:
-            log_table = getattr(logger, "log_table", None)
-            if callable(log_table):
-                log_table(key="sd/rates", columns=list(rows[0]), data=[list(r.values()) for r in rows])
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
