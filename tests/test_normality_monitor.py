@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.gates import existing_handle
 from lightning_sd.core.normality import normality_pvalues
 from lightning_sd.models import ResidualMLP
+from tests.distributed import run_script
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -231,12 +230,7 @@ def _ddp_main(out: str) -> None:
 
 @pytest.mark.slow
 def test_monitor_ddp_two_processes(tmp_path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(tmp_path)], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(Path(__file__).resolve(), str(tmp_path), timeout=300)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     # each rank probes its own shard of the validation data (DistributedSampler: rank r gets r, r+2, ...)

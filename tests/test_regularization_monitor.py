@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from lightning_sd.core.gates import existing_handle
 from lightning_sd.core.regularization import explicit_penalty, regularization_terms
 from lightning_sd.core.survival import survival_rates
 from lightning_sd.models import CifarResNet, ResidualMLP
+from tests.distributed import run_script
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Classifier(pl.LightningModule):
@@ -289,12 +288,7 @@ def _ddp_main(out: str) -> None:
 
 @pytest.mark.slow
 def test_monitor_and_maxreg_ddp_two_processes(tmp_path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(tmp_path)], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(Path(__file__).resolve(), str(tmp_path), timeout=300)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["probe_first"] != r1["probe_first"]  # each rank probes its own shard (DistributedSampler)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.sensitivity import estimate_sensitivities, supervised_loss
 from lightning_sd.core.survival import sensemode_rates
 from lightning_sd.models import CifarResNet, ResidualMLP
+from tests.distributed import run_script
 
 IN_FEATURES, DEPTH = 8, 8
 
@@ -301,12 +301,7 @@ def _ddp_main(out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_processes_identical_rates(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(Path(__file__).resolve(), str(tmp_path), timeout=300)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert not torch.allclose(r0["local"], r1["local"], atol=1e-4)  # each rank saw different data
     torch.testing.assert_close(r0["sensitivities"], (r0["local"] + r1["local"]) / 2, rtol=1e-5, atol=1e-7)
