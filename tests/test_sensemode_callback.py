@@ -136,7 +136,9 @@ def test_sensemode_end_to_end(tmp_path):
     # S = dLoss/dm at m = 1 on the first 3 batches with the initial weights, as the core estimator gives it.
     assert callback.sensitivities.dtype == torch.float32
     torch.testing.assert_close(callback.sensitivities, expected_s, rtol=1e-5, atol=1e-7)
-    expected_p = sensemode_rates(DEPTH, 0.4, expected_s).float()
+    # The default floor with scaling="inverted": p_min = min(0.05, budget / 2) = 0.05.
+    expected_p = sensemode_rates(DEPTH, 0.4, expected_s, p_min=0.05).float()
+    assert float(callback.survival.min()) >= 0.05 - 1e-7
     torch.testing.assert_close(callback.survival, expected_p, rtol=1e-5, atol=1e-6)
     assert abs(float(callback.survival.double().sum()) - 0.4 * DEPTH) < 1e-5
     # The measurement consumed no training batch (4 steps, the first on the loader's first batch), its
@@ -307,7 +309,7 @@ def test_ddp_two_processes_identical_rates(tmp_path):
     torch.testing.assert_close(r0["sensitivities"], (r0["local"] + r1["local"]) / 2, rtol=1e-5, atol=1e-7)
     assert torch.equal(r0["sensitivities"], r1["sensitivities"])
     assert torch.equal(r0["survival"], r1["survival"])
-    torch.testing.assert_close(r0["survival"], sensemode_rates(DEPTH, 0.3, r0["sensitivities"]).float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(r0["survival"], sensemode_rates(DEPTH, 0.3, r0["sensitivities"], p_min=0.05).float(), rtol=1e-6, atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def measure_maxreg(
     ``g = mean over the probe examples of zeta_l^T H zeta_l`` (Hayou & Ayed 2021, Eq. (5)) with the loss
     ``callback.regularization_loss`` (``"cross_entropy"`` or ``"mse"``), over
     ``callback.sensitivity_batches`` training batches per rank, averaged over all ranks (weighted by
-    examples), then ``p_l = clip(1/2 - C/g_l, 0, 1)`` with ``sum p = budget * L`` (Lemma 2).
+    examples), then ``p_l = clip(1/2 - C/g_l, p_min, 1)`` with ``sum p = budget * L`` (Lemma 2 with the
+    callback's floor ``p_min``).
     Sets ``callback.g`` (fp32 CPU). Every rank gets identical rates.
 
     Args:
@@ -163,4 +164,4 @@ def measure_maxreg(
         count += x.shape[0]
     g = reduce_mean_over_ranks(trainer, pl_module, total, count)
     callback.g = g.to(torch.float32)
-    return survival_rates("maxreg", handle.num_blocks, callback.budget, g=g)
+    return survival_rates("maxreg", handle.num_blocks, callback.budget, g=g, p_min=float(getattr(callback, "p_min", 0.0)))

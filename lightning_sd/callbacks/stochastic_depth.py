@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -12,21 +15,45 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
-from torch import Tensor
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
 
 from lightning_sd.callbacks.strategy_support import skips_compute_under
 from lightning_sd.callbacks.tables import publish_table
+from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.gates import (
     DROP_KINDS,
     SCALINGS,
     StochasticDepthHandle,
+    existing_handle,
     inject_stochastic_depth,
 )
 from lightning_sd.core.survival import SURVIVAL_MODES, depth_moments, survival_rates
 
-__all__ = ["StochasticDepth"]
+__all__ = ["MAX_MULTIPLIER", "StochasticDepth", "default_p_min"]
 
 _MEASURED_MODES = ("sensemode", "maxreg")
+_POSITIONAL_MODES = ("linear", "custom")  # rates belong to positions 1..L, not to particular branches
+#: ``scaling="inverted"`` multiplies a kept branch by 1/p_l; above this factor the callback warns.
+MAX_MULTIPLIER = 20.0
+# Which callback drives a handle (several Trainers may use one module); weak on both sides.
+_OWNERS: weakref.WeakKeyDictionary[StochasticDepthHandle, weakref.ref[StochasticDepth]] = weakref.WeakKeyDictionary()
+
+
+def default_p_min(mode: str, budget: float, scaling: str) -> float:
+    """The floor ``p_min`` used when ``StochasticDepth(p_min=None)``: ``min(0.05, budget / 2)`` for the
+    measured modes with ``scaling="inverted"``, else 0.
+
+    Lemma 2 and SenseMode's ``p ~ |S|`` put rates at (or near) 0 for blocks with a small ``g_l``/``S_l``;
+    ``"inverted"`` divides by p, so a rate of 0 cannot run and a rate of 0.001 multiplies a kept branch
+    by 1000. A floor of 0.05 caps the multiplier at 20 (:data:`MAX_MULTIPLIER`); below a budget of 0.1
+    the floor is half the budget, so the measured quantities still decide how the other half is spread
+    (a floor equal to the budget would force uniform rates). ``"expected"`` multiplies by
+    ``delta`` in {0, 1}: rate 0 is fine there and the floor is the paper's 0.
+    """
+    if mode in _MEASURED_MODES and scaling == "inverted":
+        return min(0.05, float(budget) / 2.0)
+    return 0.0
 
 
 class StochasticDepth(Callback):
@@ -34,18 +61,32 @@ class StochasticDepth(Callback):
 
     At ``setup`` (before DDP/FSDP wrap the model) the callback finds every residual branch of the
     LightningModule (torchvision, timm, the package's models or your own, see
-    :func:`~lightning_sd.find_residual_branches`) and puts a gate on it. Each training step it draws
-    the mask ``delta_l ~ Bernoulli(p_l)`` from its own generator seeded by
+    :func:`~lightning_sd.find_residual_branches`) and puts a gate on it. A network built in
+    ``configure_model`` (FSDP, ModelParallel) gets its gates right after that hook, still before the
+    strategy wraps it. A module that already carries gates (a second ``Trainer`` on the same module, or
+    gates put by :func:`~lightning_sd.inject_stochastic_depth`) is taken over: this callback's mode,
+    rates, seed, drop and scaling replace the previous ones and the previous callback is detached
+    (its ``handle`` becomes ``None``). ``validate``/``test``/``predict`` need no gates with
+    ``scaling="inverted"`` (the plain network): on a module without gates the callback then does nothing.
+
+    Each training step it draws the mask ``delta_l ~ Bernoulli(p_l)`` from its own generator seeded by
     ``(seed, global_step, batch_idx)``, never from the global RNG, so every rank draws the same
     batch mask and a resumed run continues the same mask stream. Validation, test and prediction
     run the deterministic network (``"inverted"``: the plain network; ``"expected"``: branch l
     scaled by p_l). Hayou & Ayed (2021), Eq. (1):
     ``y_l = y_{l-1} + delta_l f_l(y_{l-1})``, budget ``sum_l p_l = budget * L``.
 
+    Blocks are numbered in the order the forward **calls** them: at the first training step the
+    callback records the order in which the gates run; when it differs from the order the modules are
+    defined in, the blocks are renumbered (a warning lists the call order), position-based rates
+    (``"linear"``, ``"custom"``) follow the call order from that very first step on, and measured rates
+    stay with the branch they were measured on.
+
     Args:
         mode: ``"uniform"`` (p_l = budget), ``"linear"`` (Huang et al., exact budget), ``"custom"``
-            (``survival=[...]``), ``"sensemode"`` (from loss sensitivities measured at fit start) or
-            ``"maxreg"`` (Lemma 2, from regularization terms measured at fit start).
+            (``survival=[...]``), ``"sensemode"`` (from loss sensitivities) or ``"maxreg"`` (Lemma 2,
+            from regularization terms); the last two measure at train start or after
+            ``measure_after_steps`` steps.
         budget: expected fraction of blocks kept, in (0, 1]. 0.5 trains about twice as fast per
             block with ``drop="batch"``.
         drop: ``"batch"``: one draw per block per step, dropped blocks are not computed.
@@ -54,14 +95,28 @@ class StochasticDepth(Callback):
             ``"expected"`` (m = delta in training, m = p in evaluation).
         blocks: ``None`` (automatic), a regex over block/branch names, or a list of module names.
         survival: explicit rates for ``mode="custom"`` (length L, each in [0, 1]).
-        seed: base seed of the mask stream (int >= 0). ``None``: drawn on rank 0 and broadcast.
-        p_min: minimum rate of ``"sensemode"``, in [0, budget].
+        seed: base seed of the mask stream (int >= 0). ``None``: ``torch.initial_seed() % 2**31`` on
+            rank 0, broadcast to every rank. That is the seed the global generator was last seeded with
+            (``seed_everything(s)`` gives ``s``): reading it consumes nothing, so the callback leaves the
+            global RNG stream (data shuffling, dropout, augmentation) exactly as it was, and two runs
+            after ``seed_everything`` draw the same masks. Without any seeding it is the process's random
+            start seed (different runs, different masks, as the unseeded global RNG).
+        p_min: smallest rate of ``"sensemode"`` and ``"maxreg"``, in [0, budget], solved together with the
+            budget. ``None``: :func:`default_p_min` (``min(0.05, budget / 2)`` with ``"inverted"``, 0 with
+            ``"expected"``). Other modes take no floor.
         sensitivity_batches: training batches used to measure sensitivities (``"sensemode"``/``"maxreg"``).
         recompute_every_n_epochs: measure again every n epochs (``"sensemode"``/``"maxreg"``).
+        measure_after_steps: measure after this many optimizer steps instead of at train start
+            (``"sensemode"``/``"maxreg"``, int >= 0); until then the rates are uniform at the budget. For
+            networks whose branches output zero at initialization (zero-initialised last BatchNorm of each
+            block): every ``S_l`` and ``g_l`` is 0 there, and SenseMode cannot rank the blocks.
         sensitivity_loss: ``(pl_module, batch) -> loss`` used for sensitivities; default: the
             module's ``training_step`` output.
         regularization_loss: loss whose Hessian defines g_l for ``"maxreg"``: ``"cross_entropy"`` or ``"mse"``.
         log_every_n_steps: how often the realized depth is logged (it is always accumulated).
+
+    With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
+    ``1/p_l > 20`` (:data:`MAX_MULTIPLIER`, ``p_l < 0.05``).
 
     Example::
 
@@ -79,9 +134,10 @@ class StochasticDepth(Callback):
         blocks: str | list[str] | None = None,
         survival: list[float] | None = None,
         seed: int | None = None,
-        p_min: float = 0.0,
+        p_min: float | None = None,
         sensitivity_batches: int = 8,
         recompute_every_n_epochs: int | None = None,
+        measure_after_steps: int = 0,
         sensitivity_loss: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         regularization_loss: Literal["cross_entropy", "mse"] = "cross_entropy",
         log_every_n_steps: int = 1,
@@ -109,8 +165,19 @@ class StochasticDepth(Callback):
             raise ValueError(f"survival= is only used with mode='custom' (got mode={mode!r}); drop it or set mode='custom'")
         if seed is not None and (int(seed) != seed or seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        if not 0.0 <= p_min <= 1.0 or (mode == "sensemode" and p_min > budget):
-            raise ValueError(f"p_min must be in [0, budget] = [0, {budget}], got {p_min}")
+        if p_min is None:
+            p_min = default_p_min(mode, budget, scaling)
+        elif mode not in _MEASURED_MODES:
+            if p_min != 0:
+                raise ValueError(
+                    f"p_min is the floor of the measured modes 'sensemode' and 'maxreg'; mode={mode!r} takes none. "
+                    "Drop p_min or use mode='sensemode'/'maxreg'."
+                )
+        elif math.isnan(p_min) or not 0.0 <= p_min <= budget:
+            raise ValueError(
+                f"p_min must be in [0, budget] = [0, {budget}], got {p_min}; the default p_min=None gives "
+                f"{default_p_min(mode, budget, scaling)} here"
+            )
         if sensitivity_batches < 1:
             raise ValueError(f"sensitivity_batches must be >= 1, got {sensitivity_batches}")
         if recompute_every_n_epochs is not None:
@@ -120,6 +187,12 @@ class StochasticDepth(Callback):
                 raise ValueError(
                     f"recompute_every_n_epochs only applies to measured modes {_MEASURED_MODES}, not mode={mode!r}"
                 )
+        if int(measure_after_steps) != measure_after_steps or measure_after_steps < 0:
+            raise ValueError(f"measure_after_steps must be an integer >= 0, got {measure_after_steps!r}")
+        if measure_after_steps > 0 and mode not in _MEASURED_MODES:
+            raise ValueError(
+                f"measure_after_steps only applies to measured modes {_MEASURED_MODES}, not mode={mode!r}; drop it"
+            )
         if regularization_loss not in ("cross_entropy", "mse"):
             raise ValueError(f"regularization_loss must be 'cross_entropy' or 'mse', got {regularization_loss!r}")
         if log_every_n_steps < 1:
@@ -131,9 +204,11 @@ class StochasticDepth(Callback):
         self.blocks = blocks
         self.custom_survival = None if survival is None else [float(x) for x in survival]
         self.seed = None if seed is None else int(seed)
+        self._seed_source = "argument" if seed is not None else None
         self.p_min = float(p_min)
         self.sensitivity_batches = int(sensitivity_batches)
         self.recompute_every_n_epochs = recompute_every_n_epochs
+        self.measure_after_steps = int(measure_after_steps)
         self.sensitivity_loss = sensitivity_loss
         self.regularization_loss = regularization_loss
         self.log_every_n_steps = int(log_every_n_steps)
@@ -141,16 +216,20 @@ class StochasticDepth(Callback):
         self.sensitivities: Tensor | None = None
         self.g: Tensor | None = None
         self._measured = False
+        self._measured_at_step: int | None = None
         self._last_measured_epoch = -1
         self._pending_state: dict[str, Any] | None = None
         self._depth_sum = 0.0
         self._depth_sq_sum = 0.0
         self._depth_count = 0
+        self._order_checked = False
+        self._order_probe: _CallOrderProbe | None = None
+        self._rates_changed = True
 
     # ------------------------------------------------------------------ properties
     @property
     def survival(self) -> Tensor | None:
-        """Survival rates p_1..p_L (float32, CPU), available after ``setup``."""
+        """Survival rates p_1..p_L (float32, CPU, call order), available after ``setup``."""
         return None if self.handle is None else self.handle.survival
 
     @property
@@ -162,54 +241,173 @@ class StochasticDepth(Callback):
         if self.mode == "custom":
             return survival_rates("custom", num_blocks, rates=self.custom_survival)
         if self.mode in _MEASURED_MODES:
-            # Placeholder until the measurement at fit start; satisfies the budget already.
+            # Placeholder until the measurement; satisfies the budget already.
             return survival_rates("uniform", num_blocks, self.budget)
         return survival_rates(self.mode, num_blocks, self.budget)
 
-    # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.handle is not None and not self.handle.removed:
-            return
-        skip, message = skips_compute_under(trainer.strategy)
-        if self.seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed() % 2**63)).item())
-            self.seed = int(trainer.strategy.broadcast(seed, src=0))
-        self.handle = inject_stochastic_depth(
-            pl_module,
-            self._initial_rates,
-            drop=self.drop,
-            scaling=self.scaling,
-            blocks=self.blocks,
-            seed=self.seed,
-            auto_resample=False,
+    def effective_settings(self) -> dict[str, Any]:
+        """What the run actually uses (after ``setup``): the values printed in the startup line.
+
+        Keys: ``num_blocks``, ``mode`` (the configured mode), ``rates`` (where the rates in force come
+        from: the mode, ``"uniform until measured"``, or ``"uniform (every measured S_l/g_l is 0)"`` when
+        a measured mode found nothing to rank), ``budget``, ``drop``, ``scaling``, ``seed``,
+        ``seed_source`` (``"argument"``, ``"checkpoint"`` or ``"torch.initial_seed()"``), ``p_min``,
+        ``max_multiplier`` (``max 1/p_l`` with ``"inverted"``, else 1), and for the measured modes
+        ``measure`` (when), ``measure_batches`` and ``measure_loss`` (what is differentiated).
+        """
+        rates = self.mode
+        if self.mode in _MEASURED_MODES:
+            measured = self.sensitivities if self.mode == "sensemode" else self.g
+            if not self._measured:
+                rates = "uniform until measured"
+            elif measured is not None and not bool(measured.any()):
+                rates = f"uniform (every measured {'S_l' if self.mode == 'sensemode' else 'g_l'} is 0)"
+        p = None if self.handle is None else self.handle.survival_float64
+        out: dict[str, Any] = {
+            "num_blocks": self.num_blocks,
+            "mode": self.mode,
+            "rates": rates,
+            "budget": self.budget,
+            "drop": self.drop,
+            "scaling": self.scaling,
+            "seed": self.seed,
+            "seed_source": self._seed_source,
+            "p_min": self.p_min,
+            "max_multiplier": _max_multiplier(p, self.scaling),
+        }
+        if self.mode in _MEASURED_MODES:
+            out["measure"] = (
+                "at train start" if self.measure_after_steps == 0 else f"after {self.measure_after_steps} training steps"
+            )
+            out["measure_batches"] = self.sensitivity_batches
+            if self.mode == "sensemode":
+                out["measure_loss"] = "sensitivity_loss" if self.sensitivity_loss is not None else "training_step loss"
+            else:
+                out["measure_loss"] = f"{self.regularization_loss} Hessian"
+        return out
+
+    def _settings_line(self) -> str:
+        s = self.effective_settings()
+        line = (
+            f"StochasticDepth: {s['num_blocks']} residual branches, mode={s['mode']}, rates={s['rates']}, "
+            f"budget={s['budget']}, drop={s['drop']}, scaling={s['scaling']}, seed={s['seed']} "
+            f"(from {s['seed_source']}), p_min={s['p_min']:g}, max multiplier 1/p={s['max_multiplier']:.3g}"
         )
+        if "measure" in s:
+            line += f", measured {s['measure']} on {s['measure_batches']} training batches ({s['measure_loss']})"
+        return line
+
+    # ------------------------------------------------------------------ attaching the gates
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        existing = existing_handle(pl_module)
+        if self.handle is not None and self.handle is existing:
+            return  # the same Trainer again (fit, then test): same gates
+        self.handle = None
+        skips_compute_under(trainer.strategy)  # unsupported strategies fail here, before anything changes
+        if self.seed is None:
+            # Reads, never draws: the global RNG stream stays exactly as without the callback.
+            self.seed = int(trainer.strategy.broadcast(torch.initial_seed() % 2**31, src=0))
+            self._seed_source = "torch.initial_seed()"
+        if existing is None and stage != "fit" and self.scaling == "inverted":
+            return  # evaluation with "inverted" is the plain network: nothing to put in
+        if existing is None and is_overridden("configure_model", pl_module) and not _has_branches(pl_module, self.blocks):
+            self._attach_after_configure_model(trainer, pl_module)
+            return
+        self._attach(trainer, pl_module)
+
+    def _attach_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The network is built in ``configure_model``: inject right after it, before the strategy wraps it.
+
+        Lightning 2.6 ``Trainer._run``: setup hooks, ``configure_model`` (inside the strategy's
+        init contexts), checkpoint restore, ``strategy.setup`` (DDP/FSDP/DeepSpeed wrapping). No callback
+        hook runs between the last two, so the module's own ``configure_model`` is wrapped once.
+        """
+        original = pl_module.configure_model
+
+        @functools.wraps(original)
+        def configure_model_then_inject() -> None:
+            try:
+                original()
+            finally:
+                pl_module.__dict__.pop("configure_model", None)
+            # configure_model runs under the strategy's init contexts (default device cuda/meta, default
+            # dtype of "*-true" precision); the gates' masks and rates are CPU float tensors.
+            dtype = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float32)
+            try:
+                with torch.device("cpu"):
+                    self._attach(trainer, pl_module)
+            finally:
+                torch.set_default_dtype(dtype)
+
+        pl_module.__dict__["configure_model"] = configure_model_then_inject
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skip, message = skips_compute_under(trainer.strategy)
+        assert self.seed is not None
+        existing = existing_handle(pl_module)
+        if existing is not None and self.blocks is not None:
+            existing.remove()  # this callback chooses its own branches
+            existing = None
+        if existing is None:
+            self.handle = inject_stochastic_depth(
+                pl_module,
+                self._initial_rates,
+                drop=self.drop,
+                scaling=self.scaling,
+                blocks=self.blocks,
+                seed=self.seed,
+                auto_resample=False,
+            )
+        else:
+            existing.reconfigure(self._initial_rates, drop=self.drop, scaling=self.scaling, seed=self.seed, auto_resample=False)
+            owner_ref = _OWNERS.get(existing)
+            owner = owner_ref() if owner_ref is not None else None
+            if owner is not None and owner is not self:
+                owner._detach()
+            self.handle = existing
+        _OWNERS[self.handle] = weakref.ref(self)
         self.handle.set_rank(trainer.global_rank)
         self.handle.skip_compute = skip
         if message is not None and self.drop == "batch":
             rank_zero_warn(message)
+        self._order_checked = False
+        self._rates_changed = True
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
-        rank_zero_info(
-            f"StochasticDepth: {self.handle.num_blocks} residual branches, mode={self.mode}, budget={self.budget}, "
-            f"drop={self.drop}, scaling={self.scaling}, seed={self.seed}"
-        )
+        rank_zero_info(self._settings_line())
+        self._warn_large_multiplier()
 
+    def _detach(self) -> None:
+        """Another StochasticDepth took over this callback's gates."""
+        if self._order_probe is not None:
+            self._order_probe.remove()
+            self._order_probe = None
+        self.handle = None
+
+    # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mode in _MEASURED_MODES and not self._measured:
+        if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
             self._measure(trainer, pl_module)
-        self._log_rates(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._depth_sum = self._depth_sq_sum = 0.0
         self._depth_count = 0
         n = self.recompute_every_n_epochs
-        if n is not None and trainer.current_epoch > 0 and trainer.current_epoch % n == 0 and self._last_measured_epoch != trainer.current_epoch:
+        if (
+            n is not None
+            and self._measured
+            and trainer.current_epoch > 0
+            and trainer.current_epoch % n == 0
+            and self._last_measured_epoch != trainer.current_epoch
+        ):
             self._measure(trainer, pl_module)
-            self._log_rates(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.handle is not None
+        if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
+            self._measure(trainer, pl_module)
         try:
             batch_size: int | None = extract_batch_size(batch)
         except Exception:  # no tensor to read it from: the gates draw at their first call
@@ -217,9 +415,13 @@ class StochasticDepth(Callback):
         # One mask per micro-batch: with gradient accumulation the micro-batches of an optimizer step
         # (same global_step, consecutive batch_idx) get independent masks, as separate steps would.
         self.handle.resample(trainer.global_step, batch_idx, batch_size=batch_size, device=pl_module.device)
+        if not self._order_checked and self._order_probe is None:
+            self._order_probe = _CallOrderProbe(self.handle, positional=self.mode in _POSITIONAL_MODES)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.handle is not None
+        if self._order_probe is not None:
+            self._finish_order_check()
         depth = self.handle.realized_depth()
         if math.isnan(depth):
             return
@@ -230,7 +432,10 @@ class StochasticDepth(Callback):
             pl_module.log("sd/realized_depth", depth, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.handle is None or self._depth_count == 0 or self.drop != "batch":
+        if self.handle is None:
+            return
+        self._log_rates(trainer, pl_module)
+        if self._depth_count == 0 or self.drop != "batch":
             return
         mean = self._depth_sum / self._depth_count
         var = max(self._depth_sq_sum / self._depth_count - mean * mean, 0.0) * self._depth_count / max(self._depth_count - 1, 1)
@@ -248,15 +453,83 @@ class StochasticDepth(Callback):
             sync_dist=True,
         )
 
+    # ------------------------------------------------------------------ call order
+    def _finish_order_check(self) -> None:
+        assert self.handle is not None and self._order_probe is not None
+        probe, self._order_probe = self._order_probe, None
+        probe.remove()
+        order = probe.order()
+        if order is None:  # no training-mode gate call in this step (e.g. all under override): try again
+            return
+        self._order_checked = True
+        if order == list(range(self.handle.num_blocks)):
+            return
+        defined = [b.name for b in self.handle.branches]
+        probe.finish_reorder()
+        if self.sensitivities is not None:
+            self.sensitivities = self.sensitivities[order].clone()
+        if self.g is not None:
+            self.g = self.g[order].clone()
+        self._rates_changed = True
+        follow = (
+            f"mode={self.mode!r} rates follow the call order (the first step already used them)"
+            if self.mode in _POSITIONAL_MODES
+            else "rates stay with their branch"
+        )
+        rank_zero_warn(
+            "StochasticDepth: the forward calls the residual branches in another order than the modules are "
+            f"defined; blocks are now numbered in call order ({follow}). Call order: "
+            f"{[b.name for b in self.handle.branches]}; definition order: {defined}."
+        )
+
     # ------------------------------------------------------------------ measured modes
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_sd.callbacks.rate_measurement import measure_rates
 
         assert self.handle is not None
-        result = measure_rates(self, trainer, pl_module)
-        self.handle.set_survival(result)
+        try:
+            result = measure_rates(self, trainer, pl_module)
+        except ValueError as err:
+            if self.mode == "sensemode" and self.sensitivities is not None and not bool(self.sensitivities.any()):
+                raise ValueError(
+                    f"StochasticDepth(mode='sensemode'): every sensitivity S_l is 0 at step {trainer.global_step}, so "
+                    "SenseMode cannot rank the blocks. The branches output zero (typically a zero-initialised last "
+                    "BatchNorm in each block). Measure once they have trained, e.g. measure_after_steps=100 "
+                    "(uniform rates until then), or use mode='uniform'."
+                ) from err
+            raise
+        rates = torch.as_tensor(result, dtype=torch.float64)
+        if self.scaling == "inverted" and bool((rates == 0).any()):
+            zero = torch.nonzero(rates == 0).flatten().tolist()
+            raise ValueError(
+                f"StochasticDepth(mode={self.mode!r}, p_min={self.p_min}) gave survival rate 0 to blocks {zero}, which "
+                "scaling='inverted' cannot use (m = delta/p). Use the default p_min=None "
+                f"(= {default_p_min(self.mode, self.budget, self.scaling)} here) or any p_min > 0, or scaling='expected'."
+            )
+        self.handle.set_survival(rates)
         self._measured = True
+        self._measured_at_step = trainer.global_step
         self._last_measured_epoch = trainer.current_epoch
+        self._rates_changed = True
+        p = self.handle.survival_float64
+        rank_zero_info(
+            f"StochasticDepth: {self.mode} rates measured at step {trainer.global_step} (rates={self.effective_settings()['rates']}): "
+            f"min {float(p.min()):.4f}, max {float(p.max()):.4f}, sum {float(p.sum()):.4f} = {self.budget} x {self.handle.num_blocks}"
+        )
+        self._warn_large_multiplier()
+
+    def _warn_large_multiplier(self) -> None:
+        if self.handle is None:
+            return
+        m = _max_multiplier(self.handle.survival_float64, self.scaling)
+        if m > MAX_MULTIPLIER:
+            l = int(torch.argmin(self.handle.survival_float64))
+            rank_zero_warn(
+                f"StochasticDepth: with scaling='inverted' block {l + 1} ({self.handle.branches[l].name}) has rate "
+                f"{1.0 / m:.4g}, so a kept branch is multiplied by 1/p = {m:.4g} (> {MAX_MULTIPLIER:g}); such rare, "
+                "large multipliers make training noisy. Raise p_min (p_min=0.05 caps the multiplier at 20), "
+                "raise the budget, or use scaling='expected'."
+            )
 
     # ------------------------------------------------------------------ logging
     def _log_rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -269,7 +542,9 @@ class StochasticDepth(Callback):
             if self.sensitivities is not None:
                 metrics[f"sd/sensitivity/{l + 1:03d}"] = float(self.sensitivities[l])
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # same on every rank
-        self._write_table(trainer)
+        if self._rates_changed:  # one table per change of the rates (or of their numbering)
+            self._write_table(trainer)
+            self._rates_changed = False
 
     def rate_table(self) -> list[dict[str, Any]]:
         """One row per block: ``block`` (1-based), ``name``, ``survival`` and, when measured, ``sensitivity``/``g``."""
@@ -296,23 +571,35 @@ class StochasticDepth(Callback):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"mode": self.mode, "budget": self.budget, "seed": self.seed, "drop": self.drop, "scaling": self.scaling}
+        state: dict[str, Any] = {
+            "mode": self.mode,
+            "budget": self.budget,
+            "seed": self.seed,
+            "drop": self.drop,
+            "scaling": self.scaling,
+            "p_min": self.p_min,
+            "measure_after_steps": self.measure_after_steps,
+        }
         if self.handle is not None:
             # float64: masks compare u < p_l and scale by 1/p_l, so a float32 round trip would change them.
             state["survival"] = self.handle.survival_float64.tolist()
-            state["branches"] = [b.name for b in self.handle.branches]
+            state["branches"] = [b.name for b in self.handle.branches]  # call order once checked
+            state["order_checked"] = self._order_checked
         if self.sensitivities is not None:
             state["sensitivities"] = self.sensitivities.tolist()
         if self.g is not None:
             state["g"] = self.g.tolist()
         state["measured"] = self._measured
+        state["measured_at_step"] = self._measured_at_step
         state["last_measured_epoch"] = self._last_measured_epoch
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed") is not None:
+            self.seed = int(state_dict["seed"])
+            self._seed_source = "checkpoint"
         if self.handle is None:
             self._pending_state = dict(state_dict)
-            self.seed = state_dict.get("seed", self.seed)
         else:
             self._apply_state(state_dict)
 
@@ -321,11 +608,17 @@ class StochasticDepth(Callback):
         for key in ("mode", "drop", "scaling"):
             if key in state and state[key] != getattr(self, key):
                 rank_zero_warn(f"StochasticDepth: checkpoint has {key}={state[key]!r}, this callback {key}={getattr(self, key)!r}; keeping the checkpoint's rates")
-        if "branches" in state and state["branches"] != [b.name for b in self.handle.branches]:
-            raise RuntimeError(
-                "StochasticDepth: the checkpoint's residual branches differ from this model's "
-                f"({len(state['branches'])} vs {self.handle.num_blocks}); resume with the same model and blocks="
-            )
+        names = [b.name for b in self.handle.branches]
+        if "branches" in state and state["branches"] != names:
+            if sorted(state["branches"]) != sorted(names) or len(set(names)) != len(names):
+                raise RuntimeError(
+                    "StochasticDepth: the checkpoint's residual branches differ from this model's "
+                    f"({len(state['branches'])} vs {self.handle.num_blocks}); resume with the same model and blocks="
+                )
+            # The checkpoint numbers the blocks in call order (checked at its first step): same numbering here.
+            self.handle.reorder([names.index(n) for n in state["branches"]])
+        if state.get("order_checked"):
+            self._order_checked = True
         if state.get("seed") is not None:
             self.seed = int(state["seed"])
             self.handle.seed = self.seed
@@ -336,10 +629,104 @@ class StochasticDepth(Callback):
         if state.get("g") is not None:
             self.g = torch.tensor(state["g"], dtype=torch.float32)
         self._measured = bool(state.get("measured", self._measured))
+        self._measured_at_step = state.get("measured_at_step", self._measured_at_step)
+        self._rates_changed = True
         self._last_measured_epoch = int(state.get("last_measured_epoch", self._last_measured_epoch))
 
     def remove(self) -> None:
         """Take the gates out of the model again (the plain model, same state_dict)."""
+        if self._order_probe is not None:
+            self._order_probe.remove()
+            self._order_probe = None
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+def _max_multiplier(p: Tensor | None, scaling: str) -> float:
+    """``max_l 1/p_l`` for ``"inverted"`` (inf for a rate 0), 1 for ``"expected"`` or before setup."""
+    if p is None or scaling != "inverted" or p.numel() == 0:
+        return 1.0
+    low = float(p.min())
+    return math.inf if low <= 0 else 1.0 / low
+
+
+def _has_branches(pl_module: pl.LightningModule, blocks: Any) -> bool:
+    """Whether discovery finds a residual branch now (quietly: the real injection reports)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bool(find_residual_branches(pl_module, blocks))
+        except ValueError:  # e.g. blocks= names modules that configure_model has not built yet
+            return False
+
+
+class _CallOrderProbe:
+    """Records the order in which the gates run during one training step (forward pre-hooks).
+
+    With ``positional=True`` (rates that belong to positions: linear, custom) the gate that runs k-th
+    uses, already in this step, the rate, batch mask and per-example masks drawn for block k, so that the
+    very first step is the one a model defined in call order would take. :meth:`finish_reorder`
+    then renumbers the handle so that block k is the k-th called gate.
+    """
+
+    def __init__(self, handle: StochasticDepthHandle, positional: bool) -> None:
+        self.handle = handle
+        self.positional = positional
+        self.calls: list[int] = []
+        self._seen: set[int] = set()
+        self._p = list(handle._p)
+        self._kept = list(handle._kept_list)
+        self._kept_tensor = handle.kept
+        self._cache: Tensor | None = None
+        self._hooks = [gate.register_forward_pre_hook(self._pre_hook) for gate in handle.gates]
+
+    def _pre_hook(self, gate: nn.Module, args: tuple[Any, ...]) -> None:
+        h = self.handle
+        if h._override is not None or not gate.training:
+            return
+        index = int(gate.index)  # type: ignore[arg-type]
+        if index in self._seen:
+            return
+        self._seen.add(index)
+        k = len(self.calls)
+        self.calls.append(index)
+        if not self.positional or k == index:
+            return
+        h._p[index] = self._p[k]
+        h._kept_list[index] = self._kept[k]
+        if h.drop == "sample":
+            first = args[0] if args and isinstance(args[0], Tensor) else None
+            if self._cache is None:
+                if h._sample_cache is None and first is not None:
+                    h._sample_cache = h._draw_sample_masks(int(first.shape[0])).to(first.device)
+                self._cache = None if h._sample_cache is None else h._sample_cache.clone()
+            if self._cache is not None:
+                cache = self._cache.clone()  # a new tensor: earlier gates' autograd graphs keep theirs
+                for j, i in enumerate(self.calls):
+                    cache[:, i] = self._cache[:, j]
+                h._sample_cache = cache
+
+    def order(self) -> list[int] | None:
+        """Gate indices in call order (gates not called this step last, in definition order), or None."""
+        if not self.calls:
+            return None
+        return self.calls + [i for i in range(self.handle.num_blocks) if i not in self._seen]
+
+    def finish_reorder(self) -> None:
+        order = self.order()
+        assert order is not None
+        h = self.handle
+        h.reorder(order)
+        if self.positional:
+            # Position k keeps the rate and masks drawn for k (what its gate used in this step).
+            h.set_survival(torch.tensor(self._p, dtype=torch.float64))
+            h._kept = self._kept_tensor.clone()
+            h._kept_list = list(self._kept)
+            if self._cache is not None:
+                h._sample_cache = self._cache
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []

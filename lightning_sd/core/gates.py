@@ -218,7 +218,8 @@ def _check_rates(p: Tensor, scaling: str) -> None:
         zero = torch.nonzero(p == 0).flatten().tolist()
         raise ValueError(
             f"survival rate 0 for blocks {zero} with scaling='inverted' would divide by zero (m = delta/p). "
-            "Use scaling='expected', a p_min > 0, or remove those blocks with blocks=."
+            "Use scaling='expected' (m = delta), rates > 0 (for mode='sensemode'/'maxreg': p_min > 0), "
+            "or leave those blocks out with blocks=."
         )
 
 
@@ -253,6 +254,8 @@ class StochasticDepthHandle:
         self.removed = False
         #: Dropped branches (batch drop, training) are skipped; False multiplies them by 0 instead.
         self.skip_compute = True
+        #: Draw new masks at every training-mode forward (set by ``inject_stochastic_depth(auto_resample=)``).
+        self.auto_resample = False
 
     @property
     def num_blocks(self) -> int:
@@ -347,8 +350,63 @@ class StochasticDepthHandle:
         finally:
             self._override = previous
 
+    def reconfigure(
+        self,
+        survival: float | Sequence[float] | Tensor | Callable[[int], Tensor],
+        *,
+        drop: str | None = None,
+        scaling: str | None = None,
+        seed: int | None = None,
+        auto_resample: bool | None = None,
+    ) -> None:
+        """Change rates, drop kind, scaling, seed and automatic resampling of live gates, all at once.
+
+        Every argument is checked before anything changes (rates against the new scaling). The masks
+        of the current step are reset (all branches kept until the next :meth:`resample`).
+        """
+        drop = self.drop if drop is None else drop
+        scaling = self.scaling if scaling is None else scaling
+        if drop not in DROP_KINDS:
+            raise ValueError(f"unknown drop={drop!r}; choose 'batch' (skip dropped blocks) or 'sample' (per-example masks)")
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling={scaling!r}; choose 'inverted' (timm/torchvision) or 'expected' (Huang et al.)")
+        if seed is not None and (int(seed) != seed or seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        p = _resolve_survival(survival, self.num_blocks)
+        _check_rates(p, scaling)
+        self.drop, self.scaling = drop, scaling
+        if seed is not None:
+            self.seed = int(seed)
+        if auto_resample is not None:
+            self.auto_resample = bool(auto_resample)
+        self._survival = p.to(torch.float32)
+        self._p = [float(x) for x in p]
+        self._kept = torch.ones(self.num_blocks, dtype=torch.bool)
+        self._kept_list = [True] * self.num_blocks
+        self._sample_cache = None
+
+    def reorder(self, order: Sequence[int]) -> None:
+        """Renumber the blocks: new block ``l`` is old block ``order[l]`` (a permutation of 0..L-1).
+
+        Rates, the current masks and the gates move with their branch; afterwards ``branches``,
+        ``gates`` and ``survival`` list the blocks in the new order (e.g. the order of the forward's calls).
+        """
+        order = [int(i) for i in order]
+        if sorted(order) != list(range(self.num_blocks)):
+            raise ValueError(f"order must be a permutation of 0..{self.num_blocks - 1}, got {order}")
+        self.branches = [self.branches[i] for i in order]
+        self.gates = [self.gates[i] for i in order]
+        for new, gate in enumerate(self.gates):
+            gate.index = new
+        self._p = [self._p[i] for i in order]
+        self._survival = self._survival[order].clone()
+        self._kept = self._kept[order].clone()
+        self._kept_list = self._kept.tolist()
+        if self._sample_cache is not None:
+            self._sample_cache = self._sample_cache[:, order].clone()
+
     def _auto_resample(self, module: nn.Module, args: Any) -> None:
-        if module.training and self._override is None:
+        if self.auto_resample and module.training and self._override is None:
             first = next((a for a in args if isinstance(a, Tensor)), None)
             batch = None if first is None or first.ndim == 0 else first.shape[0]
             self.resample(self._auto_step, batch_size=batch, device=None if first is None else first.device)
@@ -459,7 +517,7 @@ def inject_stochastic_depth(
     if existing_handle(model) is not None:
         raise RuntimeError(
             f"{type(model).__name__} already has stochastic-depth gates; call handle.remove() first "
-            "(or use the existing handle's set_survival to change rates)."
+            "(or change the existing handle with set_survival / reconfigure)."
         )
     plans, branches = _select(model, blocks)
     if not branches:
@@ -471,6 +529,7 @@ def inject_stochastic_depth(
     p = _resolve_survival(survival, len(branches))
     _check_rates(p, scaling)
     handle = StochasticDepthHandle(model, branches, p, drop, scaling, seed)
+    handle.auto_resample = auto_resample
 
     # Build everything first (tracing and code generation can fail); mutate afterwards.
     index = 0

@@ -127,28 +127,36 @@ def sensemode_rates(num_blocks: int, budget: float, sensitivities: Sequence[floa
     return _fit_budget(s.abs(), budget, float(p_min))
 
 
-def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor) -> Tensor:
-    """Lemma 2: rates maximizing the explicit penalty for fixed weights, ``p_l = clip(1/2 - C/g_l, 0, 1)``.
+def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor, p_min: float = 0.0) -> Tensor:
+    """Lemma 2: rates maximizing the explicit penalty for fixed weights, ``p_l = clip(1/2 - C/g_l, p_min, 1)``.
 
     Maximizes ``sum_l p_l (1 - p_l) g_l`` (strictly concave in the blocks with ``g_l > 0``) under
-    ``sum p = budget * L`` and ``0 <= p <= 1``. ``C`` has the sign of ``L - 2 Lbar``: below a budget of
-    1/2 the rates rise with ``g_l`` towards 1/2, above it they fall with ``g_l`` towards 1/2.
-    Blocks with ``g_l = 0`` do not enter the penalty: they get rate 0 when ``C > 0``, 1 when ``C < 0``
-    and share what the budget leaves when ``C = 0`` (every positive-g block then at 1/2, the global
-    maximum); with every ``g_l = 0`` the rates are uniform.
+    ``sum p = budget * L`` and ``p_min <= p <= 1``; the KKT conditions give the clipped form above.
+    ``C`` has the sign of ``L - 2 Lbar`` (for ``p_min <= 1/2``): below a budget of 1/2 the rates rise
+    with ``g_l`` towards 1/2, above it they fall with ``g_l`` towards 1/2. Blocks with ``g_l = 0`` do not
+    enter the penalty: they get ``p_min`` when ``C > 0``, 1 when ``C < 0`` and share what the budget
+    leaves when ``C = 0``; with every ``g_l = 0`` the rates are uniform.
+
+    ``p_min = 0`` is Lemma 2 as stated; it can return rates of exactly 0 (at low budgets the blocks with
+    the smallest ``g_l``), which ``scaling="inverted"`` cannot use (``m = delta / p``). A floor
+    ``p_min > 0`` keeps every rate usable and is solved together with the budget (not clipped afterwards).
 
     Args:
         num_blocks: L.
         budget: in (0, 1].
         g: regularization terms g_l >= 0 (length L, see :func:`lightning_sd.regularization_terms`).
+        p_min: smallest rate, in [0, budget].
 
     Returns:
-        float64 tensor of length L with ``sum p = budget * L`` (to 1e-9 up to clipping round-off).
+        float64 tensor of length L with ``sum p = budget * L`` (to 1e-9 up to clipping round-off) and
+        ``p_min <= p_l <= 1``.
 
     Example::
 
         >>> maxreg_rates(3, 0.3, [1.0, 2.0, 4.0])
         tensor([0.1571, 0.3286, 0.4143], dtype=torch.float64)
+        >>> maxreg_rates(3, 0.3, [1.0, 2.0, 4.0], p_min=0.2)
+        tensor([0.2000, 0.3000, 0.4000], dtype=torch.float64)
     """
     num_blocks = _check_num_blocks(num_blocks)
     budget = _check_budget(budget)
@@ -157,28 +165,33 @@ def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor) ->
         raise ValueError(f"g has {g.numel()} entries but the model has {num_blocks} blocks")
     if not bool(torch.isfinite(g).all()) or bool((g < 0).any()):
         raise ValueError("g must be finite and non-negative (g_l is a quadratic form of a PSD Hessian)")
+    p_min = float(p_min)
+    if math.isnan(p_min) or not 0.0 <= p_min <= budget + _BUDGET_TOL:
+        raise ValueError(
+            f"p_min must be in [0, budget] = [0, {budget}] (a floor above the budget cannot meet it), got {p_min}"
+        )
     if budget >= 1.0:
         return torch.ones(num_blocks, dtype=torch.float64)
     target = budget * num_blocks
     pos = g > 0
     n_zero = int((~pos).sum())
-    half = 0.5 * int(pos.sum())  # sum over positive-g blocks at C = 0
+    half = max(0.5, p_min) * int(pos.sum())  # sum over positive-g blocks at C = 0
     p = torch.empty(num_blocks, dtype=torch.float64)
-    if half <= target <= half + n_zero:
-        # C = 0: positive-g blocks at 1/2, zero-g blocks share the remainder equally.
-        p[pos] = 0.5
+    if half + p_min * n_zero <= target <= half + n_zero:
+        # C = 0: positive-g blocks at max(1/2, p_min), zero-g blocks share the remainder equally.
+        p[pos] = max(0.5, p_min)
         if n_zero:
             p[~pos] = (target - half) / n_zero
         return p
-    # C != 0: zero-g blocks at 0 (C > 0, target below half) or 1 (C < 0); solve over positive-g blocks.
+    # C != 0: zero-g blocks at p_min (C > 0, target below half) or 1 (C < 0); solve over positive-g blocks.
     keep_zero = target > half
-    p[~pos] = 1.0 if keep_zero else 0.0
+    p[~pos] = 1.0 if keep_zero else p_min
     gp = g[pos]
     inv = 1.0 / gp
-    goal = target - (n_zero if keep_zero else 0)
+    goal = target - n_zero * (1.0 if keep_zero else p_min)
 
     def rates(c: float) -> Tensor:
-        return torch.clamp(0.5 - c * inv, 0.0, 1.0)
+        return torch.clamp(0.5 - c * inv, p_min, 1.0)
 
     # total(c) is continuous and non-increasing in c: bracket the root, bisect, then solve the
     # piecewise-linear equation exactly on the final active set (keeps the 1/2 - C/g_l form).
@@ -197,7 +210,7 @@ def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor) ->
             hi = mid
     c = 0.5 * (lo + hi)
     q = rates(c)
-    free = (q > 0) & (q < 1)
+    free = (q > p_min) & (q < 1)
     if bool(free.any()):
         fixed = float(q[~free].sum())
         c_exact = (0.5 * int(free.sum()) + fixed - goal) / float(inv[free].sum())
@@ -227,7 +240,7 @@ def survival_rates(
       ``sum p = budget * L`` exactly; infeasible below ``(L - 1) / (2L)``.
     - ``"custom"``: ``rates`` as given (checked, the budget is ignored).
     - ``"sensemode"``: from ``sensitivities`` (section 5), see :func:`sensemode_rates`.
-    - ``"maxreg"``: from regularization terms ``g`` (Lemma 2), see :func:`maxreg_rates`.
+    - ``"maxreg"``: from regularization terms ``g`` (Lemma 2, floor ``p_min``), see :func:`maxreg_rates`.
 
     Args:
         mode: one of ``"uniform"``, ``"linear"``, ``"custom"``, ``"sensemode"``, ``"maxreg"``.
@@ -236,7 +249,7 @@ def survival_rates(
         rates: explicit rates for ``"custom"``, length L, each in [0, 1].
         sensitivities: S_l for ``"sensemode"``.
         g: g_l for ``"maxreg"``.
-        p_min: minimum rate for ``"sensemode"``.
+        p_min: minimum rate for ``"sensemode"`` and ``"maxreg"``, in [0, budget].
 
     Returns:
         float64 tensor of length L.
@@ -278,7 +291,7 @@ def survival_rates(
         return sensemode_rates(num_blocks, budget, sensitivities, p_min)
     if g is None:
         raise ValueError("mode='maxreg' needs g=[g_1, ..., g_L] (see lightning_sd.regularization_terms)")
-    return maxreg_rates(num_blocks, budget, g)
+    return maxreg_rates(num_blocks, budget, g, p_min)
 
 
 def depth_moments(survival: Sequence[float] | Tensor) -> tuple[float, float]:
