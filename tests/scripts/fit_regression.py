@@ -28,10 +28,24 @@ class MaskRecorder(pl.Callback):
         self.out = out
         self.records = []
 
+    def on_fit_start(self, trainer, pl_module):
+        # After strategy.setup: the model is wrapped (DDP) and must already carry the gates.
+        self.wrapped = type(trainer.strategy.model).__name__
+        self.gated_at_fit_start = existing_handle(pl_module) is not None
+
     def on_train_end(self, trainer, pl_module):
         h = existing_handle(pl_module)
+        info = {
+            "records": self.records,
+            "survival": h.survival.tolist(),
+            "seed": h.seed,
+            "initial_seed": torch.initial_seed(),
+            "wrapped": self.wrapped,
+            "gated_at_fit_start": self.gated_at_fit_start,
+            "configure_model_restored": "configure_model" not in pl_module.__dict__,
+        }
         with open(os.path.join(self.out, f"masks_rank{trainer.global_rank}.json"), "w") as f:
-            json.dump({"records": self.records, "survival": h.survival.tolist(), "seed": h.seed}, f)
+            json.dump(info, f)
         if trainer.is_global_zero:
             weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
             torch.save(weights, os.path.join(self.out, "weights.pt"))
@@ -62,6 +76,22 @@ class ShardedRegression(RegressionModule):
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
 
 
+class LazyShardedRegression(ShardedRegression):
+    """The network does not exist until ``configure_model`` (Lightning's pattern for FSDP/ModelParallel)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.kwargs = kwargs
+        self.net = None
+
+    def configure_model(self):
+        if self.net is not None:
+            return
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same initial weights as the eager module built under manual_seed(0)
+            self.net = RegressionModule(**self.kwargs).net
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -72,12 +102,17 @@ def main():
     parser.add_argument("--drop", default="batch")
     parser.add_argument("--mode", default="uniform")
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--lazy", action="store_true", help="build the network in configure_model")
+    parser.add_argument("--seed", default="1234", help="mask seed, or 'none': the callback's default, with the "
+                        "global RNG seeded 100 + rank before fit (rank 0's must win)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    module = ShardedRegression(in_features=8, width=16, depth=8, lr=0.01)
+    kwargs = dict(in_features=8, width=16, depth=8, lr=0.01)
+    module = LazyShardedRegression(**kwargs) if args.lazy else ShardedRegression(**kwargs)
     recorder = MaskRecorder(args.out)
-    sd = StochasticDepth(mode=args.mode, budget=args.budget, drop=args.drop, seed=1234, sensitivity_batches=2)
+    seed = None if args.seed == "none" else int(args.seed)
+    sd = StochasticDepth(mode=args.mode, budget=args.budget, drop=args.drop, seed=seed, sensitivity_batches=2)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -92,6 +127,8 @@ def main():
         use_distributed_sampler=False,
     )
     module.batch_size = args.batch_size
+    if seed is None:
+        torch.manual_seed(100 + int(os.environ.get("LOCAL_RANK", 0)))  # ranks differ; the mask seed must not
     trainer.fit(module)
 
 
