@@ -193,6 +193,30 @@ def test_network_built_in_configure_model_is_gated_before_training(tmp_path):
     assert not all(torch.equal(lazy_weights[k], plain_weights[k]) for k in plain_weights)  # blocks were dropped
 
 
+def test_gates_built_under_configure_models_init_contexts_live_on_cpu_in_float32(tmp_path):
+    # FSDP builds the network under a meta/cuda default device, "*-true" precision under its default dtype
+    # (Lightning's _call_configure_model); the gates' rates and masks must still be CPU float tensors.
+    module = LazyModule()
+    sd = StochasticDepth(mode="linear", budget=0.6, seed=3)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False))
+    sd.setup(trainer, module, "fit")
+    assert existing_handle(module) is None and "configure_model" in module.__dict__
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):
+            module.configure_model()
+    finally:
+        torch.set_default_dtype(dtype)
+    assert module.net.stem.weight.device.type == "meta"  # built where the strategy said
+    handle = existing_handle(module)
+    assert handle is sd.handle and handle.num_blocks == 6
+    assert handle.survival.dtype == torch.float32 and handle.kept.device.type == "cpu"
+    kept = handle.resample(0)
+    u = torch.rand(6, generator=mask_generator(3, 0, 0, 0), dtype=torch.float64)
+    assert kept.tolist() == (u < survival_rates("linear", 6, 0.6)).tolist()
+
+
 @pytest.mark.slow
 def test_configure_model_under_ddp_matches_one_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"

@@ -301,7 +301,11 @@ class StochasticDepth(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         existing = existing_handle(pl_module)
         if self.handle is not None and self.handle is existing:
-            return  # the same Trainer again (fit, then test): same gates
+            # Same gates (fit then test, or this callback in a new Trainer): follow this Trainer's strategy.
+            skip, _ = skips_compute_under(trainer.strategy)
+            self.handle.set_rank(trainer.global_rank)
+            self.handle.skip_compute = skip
+            return
         self.handle = None
         skips_compute_under(trainer.strategy)  # unsupported strategies fail here, before anything changes
         if self.seed is None:
