@@ -144,19 +144,28 @@ def test_maxreg_floor_above_budget_is_refused():
         maxreg_rates(4, 0.1, [1.0, 2.0, 3.0, 4.0], p_min=0.2)
 
 
-class _Classifier(pl.LightningModule):
-    def __init__(self, net):
+class _Module(pl.LightningModule):
+    def __init__(self, net, loss=F.cross_entropy):
         super().__init__()
         self.net = net
+        self.loss = loss
 
     def forward(self, x):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self.net(batch[0]), batch[1])
+        return self.loss(self.net(batch[0]), batch[1])
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _Classifier(net):
+    return _Module(net)
+
+
+def _Regression(net):
+    return _Module(net, F.mse_loss)
 
 
 @pytest.mark.parametrize("model", ["mlp", "resnet20"])
@@ -223,21 +232,6 @@ def test_default_floor_per_scaling():
 
 
 # ---------------------------------------------------------------------------------------------- item 6
-class _Regression(pl.LightningModule):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.mse_loss(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 def _regression_loader(n=32, batch_size=8):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(n, 8, generator=g)
