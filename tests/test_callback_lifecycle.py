@@ -319,3 +319,16 @@ def test_takeover_of_gates_put_by_hand_stops_their_auto_resampling(tmp_path):
     for step in range(3):  # the callback's masks, not the forward hook's
         u = torch.rand(4, generator=mask_generator(5, step, step, 0), dtype=torch.float64)
         assert kept[step] == (u < p).tolist()
+
+
+def test_takeover_with_its_own_blocks_reinjects_and_detaches(tmp_path):
+    torch.manual_seed(0)
+    module = Module(ResidualMLP(8, 16, 4, 3))
+    first = StochasticDepth(mode="uniform", budget=0.5, seed=1)
+    pl.Trainer(max_steps=1, callbacks=[first], **trainer_kwargs(tmp_path, logger=False)).fit(module, _loader())
+    old = first.handle
+    second = StochasticDepth(mode="uniform", budget=0.5, seed=2, blocks=["net.blocks.0", "net.blocks.2"])
+    pl.Trainer(max_steps=1, callbacks=[second], **trainer_kwargs(tmp_path, logger=False)).fit(module, _loader())
+    assert first.handle is None and old.removed
+    assert [b.name for b in existing_handle(module).branches] == ["net.blocks.0", "net.blocks.2"]
+    assert existing_handle(module) is second.handle and second.handle.seed == 2

@@ -350,9 +350,14 @@ class StochasticDepth(Callback):
         skip, message = skips_compute_under(trainer.strategy)
         assert self.seed is not None
         existing = existing_handle(pl_module)
-        if existing is not None and self.blocks is not None:
-            existing.remove()  # this callback chooses its own branches
-            existing = None
+        if existing is not None:
+            owner_ref = _OWNERS.get(existing)
+            owner = owner_ref() if owner_ref is not None else None
+            if owner is not None and owner is not self:
+                owner._detach()
+            if self.blocks is not None:
+                existing.remove()  # this callback chooses its own branches
+                existing = None
         if existing is None:
             self.handle = inject_stochastic_depth(
                 pl_module,
@@ -365,10 +370,6 @@ class StochasticDepth(Callback):
             )
         else:
             existing.reconfigure(self._initial_rates, drop=self.drop, scaling=self.scaling, seed=self.seed, auto_resample=False)
-            owner_ref = _OWNERS.get(existing)
-            owner = owner_ref() if owner_ref is not None else None
-            if owner is not None and owner is not self:
-                owner._detach()
             self.handle = existing
         _OWNERS[self.handle] = weakref.ref(self)
         self.handle.set_rank(trainer.global_rank)
