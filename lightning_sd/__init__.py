@@ -10,6 +10,7 @@ from lightning_sd.callbacks import (
     RegularizationMonitor,
     StochasticDepth,
     SummaryPlots,
+    default_p_min,
 )
 from lightning_sd.classifier import SDClassifier, build_backbone
 from lightning_sd.core import (
@@ -57,6 +58,7 @@ __all__ = [
     "ToyRegressionDataModule",
     "balance_relus",
     "build_backbone",
+    "default_p_min",
     "depth_moments",
     "estimate_sensitivities",
     "explicit_penalty",
