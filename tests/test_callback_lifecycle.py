@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.gates import existing_handle, inject_stochastic_depth, mask_generator
-from lightning_sd.core.survival import survival_rates
+from lightning_sd.core.sensitivity import estimate_sensitivities, supervised_loss
+from lightning_sd.core.survival import sensemode_rates, survival_rates
 from lightning_sd.models import ResidualMLP
 from lightning_sd.models.residual_mlp import ResidualMLPBlock
 from tests.distributed import run_script
@@ -119,6 +120,22 @@ def test_linear_rates_follow_the_call_order_from_the_first_step(tmp_path, drop):
     with torch.no_grad():
         expected = float(_manual_loss(initial, x, y, m))
     assert module.losses[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_measured_rates_stay_with_their_branch_when_renumbered(tmp_path):
+    torch.manual_seed(0)
+    module = Module(ReversedMLP())
+    loader = _loader()
+    # Independent: S of a plain copy, in definition order (blocks 0..3), on the first 2 batches.
+    s_defined = estimate_sensitivities(copy.deepcopy(module.net).train(), list(loader)[:2], supervised_loss(F.cross_entropy))
+    sd = StochasticDepth(mode="sensemode", budget=0.5, seed=0, sensitivity_batches=2)
+    with pytest.warns(UserWarning, match="rates stay with their branch"):
+        pl.Trainer(max_steps=1, callbacks=[sd], **trainer_kwargs(tmp_path, logger=False)).fit(module, loader)
+    # Block k is the k-th called (module 3 - k): its S and its rate are that module's.
+    torch.testing.assert_close(sd.sensitivities, s_defined[[3, 2, 1, 0]], rtol=1e-5, atol=1e-7)
+    expected = sensemode_rates(4, 0.5, s_defined, p_min=0.05)[[3, 2, 1, 0]]
+    torch.testing.assert_close(sd.handle.survival_float64, expected, rtol=1e-6, atol=1e-9)
+    assert [g.index for g in sd.handle.gates] == [0, 1, 2, 3]
 
 
 def test_definition_order_model_is_not_renumbered(tmp_path):
