@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -139,8 +140,6 @@ def test_measured_rates_stay_with_their_branch_when_renumbered(tmp_path):
 
 
 def test_definition_order_model_is_not_renumbered(tmp_path):
-    import warnings
-
     torch.manual_seed(0)
     sd = StochasticDepth(mode="linear", budget=0.75, seed=1)
     with warnings.catch_warnings(record=True) as caught:
