@@ -164,4 +164,4 @@ def measure_maxreg(
         count += x.shape[0]
     g = reduce_mean_over_ranks(trainer, pl_module, total, count)
     callback.g = g.to(torch.float32)
-    return survival_rates("maxreg", handle.num_blocks, callback.budget, g=g, p_min=float(getattr(callback, "p_min", 0.0)))
+    return survival_rates("maxreg", handle.num_blocks, callback.budget, g=g, p_min=callback.p_min)
