@@ -32,7 +32,7 @@ def single_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_find_unused_parameters_true", "ddp_spawn"])
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_find_unused_parameters_true", "ddp_spawn", "ddp_fork", "ddp_static_graph"])
 def test_ddp_batch_drop_equals_single_process(tmp_path, single_run, strategy):
     run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", strategy, "--batch-size", "8")
     weights, masks = load(tmp_path)

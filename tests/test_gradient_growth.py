@@ -77,7 +77,12 @@ def test_single_mask_ratio_equals_autograd_of_a_hand_written_network() -> None:
         norms = torch.stack([t.grad.pow(2).sum() for t in ys])
         torch.testing.assert_close(gg.empirical, norms / norms[-1], rtol=1e-10, atol=0)
         second = p.double() if scaling == "expected" else 1 / p.double()
-        torch.testing.assert_close(gg.theory, torch.cat([torch.flip(torch.cumprod(torch.flip(1 + second, [0]), 0), [0]), torch.ones(1, dtype=torch.float64)]))
+        theory = torch.cat([torch.flip(torch.cumprod(torch.flip(1 + second, [0]), 0), [0]), torch.ones(1, dtype=torch.float64)])
+        torch.testing.assert_close(gg.theory, theory)
+        # relative_error(): Table 1's comparison, per-layer rates q_l^(1/(L-l)) measured over theory, minus 1
+        span = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+        expected_rel = (norms[:-1] / norms[-1]) ** (1 / span) / theory[:-1] ** (1 / span) - 1
+        torch.testing.assert_close(gg.relative_error(), expected_rel, rtol=1e-10, atol=1e-12)
     assert existing_handle(model) is None and model.training
 
 

@@ -7,6 +7,7 @@ import math
 import os
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,8 @@ def test_monitor_logs_layers_output_and_prediction(tmp_path, balanced):
     loader = DataLoader(data, batch_size=32)
     first = next(iter(loader))[0]
     expected_fracs = _direct_fractions(net, first)  # same weights as at on_train_start
+    with torch.no_grad():  # ln ||y_out||^2 of the first batch, by a plain forward with the same weights
+        expected_ln = net(first).double().square().sum(1).log()
     trainer.fit(module, loader)
 
     res = monitor.result
@@ -133,7 +136,15 @@ def test_monitor_logs_layers_output_and_prediction(tmp_path, balanced):
     # predicted centre: ln(||x||^2/8) + 12 ln 2 + E[G] + E ln chi^2_1 (= digamma(1/2) + ln 2 = -1.27)
     r = (first.square().sum(1) / 8).log().mean().item()
     assert pm == pytest.approx(r + depth * math.log(2) + p.mean_G - 1.2704, abs=1e-3)
-    assert psd > math.sqrt(p.var_G)
+    # predicted spread: Var G + Var ln chi^2_1 (= trigamma(1/2) = pi^2/2) + the spread of ln(||x||^2/8)
+    r_var = (first.double().square().sum(1) / 8).log().var(unbiased=False).item()
+    assert psd == pytest.approx(math.sqrt(p.var_G + math.pi**2 / 2 + r_var), rel=1e-6)
+    assert m["log_gaussian/pred_ln_out_sq_std"] == pytest.approx(psd, rel=1e-5)
+    # the measured values are ln ||y_out||^2 of the first batch through the unmodified network
+    assert res.ln_out_sq.double() == pytest.approx(expected_ln, rel=1e-5, abs=1e-5)
+    assert m["log_gaussian/ln_out_sq_mean"] == pytest.approx(float(expected_ln.mean()), rel=1e-5, abs=1e-5)
+    assert m["log_gaussian/ln_out_sq_std"] == pytest.approx(float(expected_ln.std()), rel=1e-5)
+    assert m["log_gaussian/ln_out_sq_q50"] == pytest.approx(float(np.quantile(expected_ln.numpy(), 0.5)), rel=1e-5, abs=1e-5)
 
     layers_csv = os.path.join(trainer.log_dir, "log_gaussian_layers.csv")
     output_csv = os.path.join(trainer.log_dir, "log_gaussian_output.csv")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_sd.callbacks.stochastic_depth import StochasticDepth
+from lightning_sd.core.regularization import regularization_terms
 from lightning_sd.core.survival import maxreg_rates, survival_rates
+from lightning_sd.models import ResidualMLP
 
 
 def _penalty(p: np.ndarray, g: np.ndarray) -> float:
@@ -110,14 +116,6 @@ def test_maxreg_bad_input() -> None:
 
 def test_stochastic_depth_maxreg_mode_end_to_end(tmp_path) -> None:
     """StochasticDepth(mode="maxreg") measures g at fit start (via rate_measurement -> measure_maxreg)."""
-    pytest.importorskip("lightning_sd.callbacks.rate_measurement")
-    import lightning.pytorch as pl
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from lightning_sd.callbacks.stochastic_depth import StochasticDepth
-    from lightning_sd.core.regularization import regularization_terms
-    from lightning_sd.models import ResidualMLP
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -221,34 +222,75 @@ def test_blocks_subset_on_plain_model() -> None:
     torch.testing.assert_close(sub, full[[1, 4]], rtol=1e-10, atol=0.0)
 
 
-def test_penalty_matches_monte_carlo_second_order_gap() -> None:
-    """R = 1/2 sum Var(m_l) g_l against a Monte-Carlo E_delta[loss] - loss(average network) (Eq. (6))."""
+def _exact_gap_setup(branch_scale_factor: float):
+    """Stable ResidualMLP (8 blocks), MSE targets, p = 0.9 inverted: R, the exact E_delta gap, the Hessian term."""
     torch.manual_seed(3)
-    model = ResidualMLP(16, width=32, depth=8, out_features=1, stable=True).double()
+    L, p = 8, 0.9
+    model = ResidualMLP(16, width=32, depth=L, out_features=1, stable=True).double()
+    for block in model.blocks:
+        block.branch_scale *= branch_scale_factor
     x = torch.randn(64, 16, dtype=torch.float64)
     beta = torch.randn(16, dtype=torch.float64) / 4
     t = torch.sin(x @ beta).unsqueeze(1)
-    p, samples = 0.9, 400
-    g = regularization_terms(model, x, loss="mse")
-    R = explicit_penalty(g, torch.full((8,), p), "inverted")
+    R = explicit_penalty(regularization_terms(model, x, loss="mse"), torch.full((L,), p, dtype=torch.float64), "inverted")
 
     handle = inject_stochastic_depth(model, p, scaling="inverted", auto_resample=False)
     try:
         model.eval()
-        L, B = handle.num_blocks, x.shape[0]
-        ones = torch.ones(B, L, dtype=torch.float64, requires_grad=True)
-        with handle.override(ones):
-            base = ((model(x) - t) ** 2).sum(1)  # loss of the average network (E[m] = 1 when inverted)
-        (sens,) = torch.autograd.grad(base.sum(), ones)  # per-example dLoss/dm_l: a zero-mean control variate
-        gen = mask_generator(7)
-        delta = (torch.rand(samples * B, L, generator=gen, dtype=torch.float64) < p).double()
+
+        def loss_of(m: torch.Tensor) -> torch.Tensor:  # mean over examples of ||y(m) - t||^2
+            with handle.override(m.expand(x.shape[0], L)):
+                return ((model(x) - t) ** 2).sum(1).mean()
+
+        ones = torch.ones(L, dtype=torch.float64)
+        hessian = torch.autograd.functional.hessian(loss_of, ones)  # d^2 Loss / dm^2 at m = 1, Gamma included
+        # E_delta[Loss(delta / p)] exactly: all 2^L masks with their probabilities (no Monte-Carlo error).
+        # E[m] = 1, so the first-order term has zero mean and the gap is E[Loss(m)] - Loss(1).
+        masks = torch.tensor(list(itertools.product([0.0, 1.0], repeat=L)), dtype=torch.float64)
+        probs = torch.where(masks > 0, p, 1 - p).prod(1)
+        with torch.no_grad():
+            expected_loss = sum(float(w) * float(loss_of(d / p)) for w, d in zip(probs, masks))
+            gap = expected_loss - float(loss_of(ones))
+            # the Monte-Carlo estimate examples/regularization_toy.py uses: per-example masks, with the
+            # zero-mean first-order term as a control variate
+            ones_b = torch.ones(x.shape[0], L, dtype=torch.float64)
+        with torch.enable_grad():
+            ones_b.requires_grad_(True)
+            with handle.override(ones_b):
+                base = ((model(x) - t) ** 2).sum(1)
+            (sens,) = torch.autograd.grad(base.sum(), ones_b)
+        samples = 400
+        delta = (torch.rand(samples * x.shape[0], L, generator=mask_generator(7), dtype=torch.float64) < p).double()
         m = delta / p
         with torch.no_grad(), handle.override(m):
             loss_m = ((model(x.repeat(samples, 1)) - t.repeat(samples, 1)) ** 2).sum(1)
-        gap = loss_m - base.detach().repeat(samples) - ((m - 1) * sens.repeat(samples, 1)).sum(1)
-        mc = float(gap.mean())
-        stderr = float(gap.std()) / math.sqrt(gap.numel())
+        mc = loss_m - base.detach().repeat(samples) - ((m - 1) * sens.repeat(samples, 1)).sum(1)
     finally:
         handle.remove()
-    assert stderr < 0.05 * mc  # the Monte-Carlo estimate itself is precise enough for the comparison
-    assert R == pytest.approx(mc, rel=0.20)
+    var = (1 - p) / p
+    return R, gap, 0.5 * var * float(hessian.diagonal().sum()), float(mc.mean()), float(mc.std()) / math.sqrt(mc.numel())
+
+
+@pytest.mark.parametrize("branch_scale_factor, tolerance", [(1.0, 0.08), (0.03, 0.01)])
+def test_penalty_against_the_exact_expected_gap(branch_scale_factor: float, tolerance: float) -> None:
+    """R = 1/2 sum Var(m_l) g_l against the exact E_delta[loss] - loss(average network) (Eq. (6)).
+
+    The expectation is computed exactly over all 2^8 masks, so the comparison has no Monte-Carlo error,
+    and the two sources of difference are separated:
+
+    - second order: R equals 1/2 sum_l Var(m_l) d^2 Loss/dm_l^2 with the full Hessian (the non-PSD
+      term Gamma of section 4.1 included) to rounding: for a ReLU network y_out is piecewise linear
+      in each single m_l, so d^2 y_out / dm_l^2 = 0 and Gamma's diagonal vanishes;
+    - higher orders: a dropped block moves m_l by a whole unit (E[(m_l - 1)^k] = O(1 - p) for every k),
+      so the Taylor series does not shrink with 1 - p; the third- and higher-order terms (blocks
+      interacting, ReLU kinks crossed) shrink with the branch scale instead. Measured |R / gap - 1|:
+      4.9% at the Stable scale 1/sqrt(8), 0.14% at 0.03 of it; asserted below 8% and 1%.
+
+    The Monte-Carlo estimate of examples/regularization_toy.py (400 masks per example, control variate)
+    agrees with the exact gap within 4 standard errors.
+    """
+    R, gap, second_order, mc, stderr = _exact_gap_setup(branch_scale_factor)
+    assert R == pytest.approx(second_order, rel=1e-9)
+    assert abs(R / gap - 1) < tolerance
+    assert abs(mc - gap) < 4 * stderr
+    assert stderr < 0.05 * gap

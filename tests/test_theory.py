@@ -243,3 +243,18 @@ def test_out_sq_moments_match_prediction_balanced(balanced_100):
     assert m["mean_out_sq"] == pytest.approx(p.mean_out_sq, rel=0.1)
     assert m["corr_out_sq"] == pytest.approx(p.corr_out_sq, rel=0.2)
     assert np.isfinite(m["var_out_sq"])
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_pdf_G_is_the_density_of_the_predicted_G(balanced: bool) -> None:
+    """Prediction.pdf_G integrates (trapezoid rule) to 1 with the predicted mean and variance of G."""
+    p = predict(100, 100, 2**-0.5, 2**-0.5, balanced=balanced)
+    g = np.linspace(p.mean_G - 12 * p.std_G, p.mean_G + 12 * p.std_G, 20001)
+    density = p.pdf_G(g)
+    assert density.shape == g.shape
+    assert np.trapezoid(density, g) == pytest.approx(1.0, abs=1e-9)
+    assert np.trapezoid(g * density, g) == pytest.approx(p.mean_G, abs=1e-8)
+    assert np.trapezoid((g - p.mean_G) ** 2 * density, g) == pytest.approx(p.var_G, rel=1e-7)
+    assert float(p.pdf_G(p.mean_G)) == pytest.approx(1 / math.sqrt(2 * math.pi * p.var_G), rel=1e-12)
+    with pytest.raises(ValueError, match="point mass"):
+        predict_infinite_width(100, 2**-0.5, 2**-0.5).pdf_G(0.0)

@@ -91,8 +91,9 @@ class Prediction:
         """Gaussian density of ``G`` at ``g`` (a point mass at 0 has no density: raises for ``var_G == 0``)."""
         if self.var_G <= 0:
             raise ValueError("the infinite-width limit has G = 0 (a point mass): no density")
-        g = np.asarray(g, dtype=np.float64)
-        return np.exp(-0.5 * (g - self.mean_G) ** 2 / self.var_G) / math.sqrt(2 * math.pi * self.var_G)
+        from scipy.stats import norm
+
+        return norm.pdf(np.asarray(g, dtype=np.float64), loc=self.mean_G, scale=self.std_G)
 
     def ln_out_sq_moments(self, n_out: int, input_log_ratio: float = 0.0) -> tuple[float, float]:
         """Mean and variance of ``ln ||z^out||^2`` for an input with ``ln(||x||^2 / n_in) = input_log_ratio``.

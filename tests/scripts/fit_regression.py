@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth  # noqa: E402
@@ -96,7 +97,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--strategy", default="auto", help="a strategy name, or ddp_static_graph for DDPStrategy(static_graph=True)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--drop", default="batch")
@@ -116,7 +117,7 @@ def main():
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=args.strategy,
+        strategy=DDPStrategy(static_graph=True) if args.strategy == "ddp_static_graph" else args.strategy,
         max_steps=args.steps,
         callbacks=[sd, recorder],
         logger=False,
