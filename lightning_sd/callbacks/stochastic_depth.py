@@ -60,7 +60,9 @@ class StochasticDepth(Callback):
         recompute_every_n_epochs: measure again every n epochs (``"sensemode"``/``"maxreg"``).
         sensitivity_loss: ``(pl_module, batch) -> loss`` used for sensitivities; default: the
             module's ``training_step`` output.
-        regularization_loss: loss whose Hessian defines g_l for ``"maxreg"``: ``"cross_entropy"`` or ``"mse"``.
+        regularization_loss: loss whose Hessian defines g_l for ``"maxreg"``: ``"cross_entropy"``, ``"mse"`` or
+            ``"auto"`` (the module's ``regularization_loss`` attribute, else ``"mse"`` for one output per example
+            and ``"cross_entropy"`` for more; :func:`~lightning_sd.callbacks.maxreg_measurement.infer_regularization_loss`).
         log_every_n_steps: how often the realized depth is logged (it is always accumulated).
 
     Example::
@@ -83,7 +85,7 @@ class StochasticDepth(Callback):
         sensitivity_batches: int = 8,
         recompute_every_n_epochs: int | None = None,
         sensitivity_loss: Callable[[pl.LightningModule, Any], Tensor] | None = None,
-        regularization_loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+        regularization_loss: Literal["auto", "cross_entropy", "mse"] = "auto",
         log_every_n_steps: int = 1,
     ) -> None:
         if mode not in SURVIVAL_MODES:
@@ -120,8 +122,8 @@ class StochasticDepth(Callback):
                 raise ValueError(
                     f"recompute_every_n_epochs only applies to measured modes {_MEASURED_MODES}, not mode={mode!r}"
                 )
-        if regularization_loss not in ("cross_entropy", "mse"):
-            raise ValueError(f"regularization_loss must be 'cross_entropy' or 'mse', got {regularization_loss!r}")
+        if regularization_loss not in ("auto", "cross_entropy", "mse"):
+            raise ValueError(f"regularization_loss must be 'auto', 'cross_entropy' or 'mse', got {regularization_loss!r}")
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.mode = mode
