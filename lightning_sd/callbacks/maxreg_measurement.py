@@ -129,6 +129,8 @@ def measure_maxreg(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
     input_fn: Callable[[Any], Tensor] | None = None,
+    estimator: Literal["exact", "sampled", "auto"] | None = None,
+    num_samples: int = 16,
 ) -> Tensor:
     """Measure ``g_l`` on training probe batches and return Lemma 2's max-regularization rates.
 
@@ -138,14 +140,19 @@ def measure_maxreg(
     ``callback.sensitivity_batches`` probe batches per rank, averaged over all ranks (weighted by
     examples), then ``p_l = clip(1/2 - C/g_l, 0, 1)`` with ``sum p = budget * L`` (Lemma 2).
     Sets ``callback.g`` (fp32 CPU) and ``callback.regularization_loss_used``. Every rank gets
-    identical rates. Exact (one forward-mode pass per block and batch, whatever the output size).
+    identical rates. With BatchNorm in the model g is exact (one forward-mode pass per block and
+    batch); without, ``estimator`` decides (see :func:`~lightning_sd.core.regularization.regularization_terms`).
 
     Args:
         callback: the :class:`~lightning_sd.callbacks.StochasticDepth` instance (its ``handle``,
-            ``budget``, ``sensitivity_batches``, ``regularization_loss``; optional attribute ``input_fn``).
+            ``budget``, ``sensitivity_batches``, ``regularization_loss``; optional attributes ``input_fn``
+            and ``regularization_estimator``).
         trainer: the running ``Trainer`` (at ``on_train_start`` or later).
         pl_module: the LightningModule carrying the gates.
         input_fn: ``batch -> inputs``; default :func:`~lightning_sd.callbacks.probe_data.default_input_fn`.
+        estimator: ``"exact"``, ``"sampled"`` or ``"auto"`` (default: the callback's
+            ``regularization_estimator`` or ``"auto"``: exact up to ``num_samples`` outputs).
+        num_samples: probe vectors of the sampled estimator.
 
     Returns:
         float64 CPU tensor of rates, length L.
@@ -159,13 +166,14 @@ def measure_maxreg(
     if handle is None:
         raise RuntimeError("measure_maxreg needs the StochasticDepth callback's gates; it runs after the callback's setup")
     fn = input_fn or getattr(callback, "input_fn", None)
+    est = estimator or getattr(callback, "regularization_estimator", None) or "auto"
     inputs = probe_inputs(trainer, pl_module, num_batches=int(callback.sensitivity_batches), input_fn=fn, epoch=trainer.current_epoch)
     requested = getattr(callback, "regularization_loss", "auto")
     loss = infer_regularization_loss(requested, pl_module, inputs[0] if inputs else None)
     total = torch.zeros(handle.num_blocks, dtype=torch.float64)
     count = 0
     for x in inputs:
-        g = regularization_terms(pl_module, x, loss=loss, mode="train")
+        g = regularization_terms(pl_module, x, loss=loss, estimator=est, num_samples=num_samples, seed=count, mode="train")
         total += g * x.shape[0]
         count += x.shape[0]
     g = reduce_mean_over_ranks(trainer, pl_module, total, count)

@@ -23,9 +23,11 @@ Two networks (``mode``):
   ``(v * y_out).sum()`` with respect to ``m`` gives ``v_b^T zeta_l(x_b)`` for every example and block.
 - ``"train"`` (what ``StochasticDepth(mode="maxreg")`` measures, the network SenseMode differentiates
   too): the training-mode network, BatchNorm with batch statistics, one gate per block shared by the
-  batch as ``drop="batch"`` applies it. The examples are coupled through the batch statistics, so the
-  per-example trick does not hold; ``zeta_l`` of every example comes from one forward-mode
-  (Jacobian-vector) pass per block, exactly, with the same dropout draws in every pass.
+  batch as ``drop="batch"`` applies it, dropout active (one draw). Without a BatchNorm layer the
+  examples are independent and the per-example estimators above give exactly these terms. With one,
+  the examples are coupled through the batch statistics and the per-example trick does not hold:
+  ``zeta_l`` of every example then comes from one forward-mode (Jacobian-vector) pass per block, exact
+  whatever ``estimator``, with the same dropout draws in every pass (cost: L forwards per batch).
 """
 
 from __future__ import annotations
@@ -139,9 +141,9 @@ def regularization_terms(
         seed: seed of the probe vectors (``"sampled"``); they come from a dedicated generator, the global
             RNG is not touched.
         reduction: ``"mean"`` (g over the batch, length L) or ``"none"`` (per example, ``(B, L)``).
-        mode: ``"eval"`` (per-example gates on the evaluation network) or ``"train"`` (the training
-            network: BatchNorm batch statistics, one gate per block for the batch; exact whatever
-            ``estimator``, at the cost of L forward-mode passes).
+        mode: ``"eval"`` (the evaluation network) or ``"train"`` (the training network: BatchNorm batch
+            statistics and one gate per block for the batch; with BatchNorm exact whatever ``estimator``,
+            at the cost of L forward-mode passes). See the module docstring.
 
     Returns:
         float64 CPU tensor: ``g`` of length L (forward order), or ``(B, L)`` with ``reduction="none"``.
@@ -160,9 +162,10 @@ def regularization_terms(
         raise ValueError("inputs must be a tensor of shape (B, ...) with B >= 1 (one probe batch)")
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' (running statistics) or 'train' (the training network), got {mode!r}")
-    with probe_gates(model, blocks) as (handle, _), restored_state(model, mode):
-        if mode == "train":
-            g = _terms_train(model, handle, inputs, loss)
+    rng_devices = [inputs.device] if inputs.device.type == "cuda" else []
+    with probe_gates(model, blocks) as (handle, _), restored_state(model, mode), torch.random.fork_rng(devices=rng_devices):
+        if mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            g = _terms_shared_gates(model, handle, inputs, loss)
         else:
             g = _terms(model, handle, inputs, loss, estimator, int(num_samples), int(seed))
     return g.mean(dim=0) if reduction == "mean" else g
@@ -203,7 +206,7 @@ def _quadratic_form(y: Tensor, zeta: Tensor, loss: str) -> Tensor:
     return g.clamp_min(0.0)  # PSD form; removes -1e-17 round-off
 
 
-def _terms_train(model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss: str) -> Tensor:
+def _terms_shared_gates(model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss: str) -> Tensor:
     """``(B, L)`` terms on the training network: one Jacobian-vector product per block, gates shared by the batch."""
     dtype = _model_dtype(model)
     if inputs.is_floating_point() and inputs.dtype != dtype:

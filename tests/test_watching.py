@@ -1,0 +1,146 @@
+"""Watching never changes the run (issue 12, DESIGN.md "Observing never perturbs").
+
+A run with every monitor (RegularizationMonitor, NormalityMonitor, LogGaussianMonitor) and SummaryPlots
+attached must end with weights and buffers bit-identical to the run without them, with a shuffled loader,
+with persistent workers, in one process and under 2-process DDP; a measured mode (sensemode, maxreg)
+must draw the same training batches as the run given the same rates as mode="custom".
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+
+from lightning_sd.callbacks.probe_data import default_input_fn, probe_loader, resolve_input_fn
+from lightning_sd.core.probing import restored_state
+from tests.distributed import run_script
+from tests.scripts.fit_watched import IndexedData, fit
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"parameters/buffers differ: {differ}"
+
+
+def test_the_scenario_is_sensitive_to_a_probe_that_is_not_isolated(tmp_path) -> None:
+    """Control: one extra draw from the global RNG (what an un-isolated DataLoader iter() does) changes the weights."""
+
+    class Perturb(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            torch.empty(()).random_()  # DataLoader.__iter__ draws its base seed exactly like this
+
+    import tests.scripts.fit_watched as script
+
+    base = fit(str(tmp_path / "base"), watch=False)
+    original = script.monitors
+    script.monitors = lambda out: [Perturb()]
+    try:
+        perturbed = fit(str(tmp_path / "perturbed"), watch=True)
+    finally:
+        script.monitors = original
+    assert perturbed["batches"][:6] == base["batches"][:6]  # epoch 0 is before the draw
+    assert perturbed["batches"][6:] != base["batches"][6:]  # the next epoch's shuffle moved
+    assert any(not torch.equal(base["state"][k], perturbed["state"][k]) for k in base["state"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_monitors_leave_the_run_bit_identical(tmp_path, workers) -> None:
+    """Shuffled loader (and persistent workers): every monitor + SummaryPlots, same weights, buffers and batches."""
+    without = fit(str(tmp_path / "without"), watch=False, workers=workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        watched = fit(str(tmp_path / "with"), watch=True, workers=workers)
+    assert watched["batches"] == without["batches"]
+    assert len(without["batches"]) == 12  # 2 epochs x 6 batches of 16
+    _assert_same_state(watched["state"], without["state"])
+    # the monitors did run and wrote their figures
+    assert sorted(p.name for p in (tmp_path / "with" / "plots").iterdir()) == [
+        "normality_pvalues.png", "regularization.png", "sd_rates.png",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_monitors_leave_the_run_bit_identical_ddp(tmp_path, workers) -> None:
+    """The same under 2-process DDP (gloo): rank 0's weights and every rank's batches are unchanged by watching."""
+    runs = {}
+    for watch in (0, 1):
+        out = tmp_path / f"watch{watch}"
+        run_script("fit_watched.py", "--out", str(out), "--watch", str(watch), "--workers", str(workers), "--devices", "2")
+        batches = [json.loads((out / f"batches_rank{r}.json").read_text())["batches"] for r in (0, 1)]
+        runs[watch] = (torch.load(out / "weights.pt"), batches)
+    assert runs[1][1] == runs[0][1]
+    # the two ranks read disjoint halves of every epoch (DistributedSampler), 2 epochs x 3 batches of 16 each
+    for epoch in range(2):
+        seen = [i for r in (0, 1) for b in runs[0][1][r][3 * epoch : 3 * epoch + 3] for i in b]
+        assert sorted(seen) == list(range(96))
+    _assert_same_state(runs[1][0], runs[0][0])
+
+
+@pytest.mark.parametrize("mode", ["sensemode", "maxreg"])
+def test_measured_mode_draws_the_same_batches_as_custom_rates(tmp_path, mode) -> None:
+    """A measured mode, then mode="custom" with the rates it measured: same batches, same weights and buffers."""
+    measured = fit(str(tmp_path / mode), watch=False, mode=mode)
+    assert len(set(measured["rates"])) > 1  # really measured (not the uniform placeholder)
+    assert sum(measured["rates"]) == pytest.approx(0.6 * 4, abs=1e-6)
+    custom = fit(str(tmp_path / "custom"), watch=False, mode="custom", survival=measured["rates"])
+    assert custom["rates"] == measured["rates"]
+    assert measured["batches"] == custom["batches"]
+    _assert_same_state(measured["state"], custom["state"])
+
+
+# ------------------------------------------------------------------------------------------ the helpers
+def test_probe_loader_is_private_and_follows_the_loader_order() -> None:
+    data = IndexedData(n=10)
+    shuffled = DataLoader(data, batch_size=4, shuffle=True, num_workers=0)
+    sequential = DataLoader(data, batch_size=4)
+    state = torch.get_rng_state()
+    a = probe_loader(shuffled)
+    assert a is not shuffled and a.num_workers == 0 and a.batch_size == 4
+    # a shuffled loader: torch.randperm of a generator seeded 0 (seed + epoch), the same every time
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+    assert list(a.sampler) == expected and list(probe_loader(shuffled).sampler) == expected
+    assert list(probe_loader(shuffled, epoch=1).sampler) == torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()
+    # a sequential one: dataset order; rank r of 2 takes r, r + 2, ... (padded to equal length)
+    assert isinstance(sequential.sampler, SequentialSampler)
+    assert list(probe_loader(sequential).sampler) == list(range(10))
+    assert list(probe_loader(sequential, rank=1, world_size=2).sampler) == [1, 3, 5, 7, 9]
+    assert torch.equal(torch.get_rng_state(), state)  # building it draws nothing
+
+
+def test_one_input_convention_and_the_deprecated_input_key() -> None:
+    x = torch.ones(2, 3)
+    assert default_input_fn(x) is x
+    assert default_input_fn((x, torch.zeros(2))) is x
+    assert default_input_fn({"label": torch.zeros(2), "pixel_values": x}) is x
+    with pytest.raises(TypeError, match="input_fn"):
+        default_input_fn({"features": x})
+    assert resolve_input_fn("M", None, None) is None
+    with pytest.warns(DeprecationWarning, match="input_fn"):
+        fn = resolve_input_fn("M", None, "features")
+    assert fn({"features": x}) is x
+    with pytest.raises(KeyError):
+        fn({"other": x})
+    with pytest.raises(ValueError, match="not both"):
+        resolve_input_fn("M", default_input_fn, 0)
+
+
+def test_restored_state_puts_back_every_mode_and_buffer() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Sequential(torch.nn.Dropout()))
+    net.train()
+    net[2].eval()  # a mixed-mode model: only restoring the root flag would lose this
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    buffer = net[1].running_mean
+    with restored_state(net, "train"):
+        assert all(m.training for m in net.modules())
+        net(torch.randn(8, 4) * 5 + 3)  # updates the running statistics
+        assert not torch.equal(net[1].running_mean, before["1.running_mean"])
+    assert [m.training for m in net.modules()] == [True, True, True, False, False]
+    _assert_same_state(dict(net.state_dict()), before)
+    assert net[1].running_mean is buffer  # restored in place
