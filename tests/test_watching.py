@@ -14,7 +14,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from lightning_sd.callbacks.probe_data import default_input_fn, probe_loader, resolve_input_fn
 from lightning_sd.core.probing import restored_state
@@ -107,10 +107,15 @@ def test_probe_loader_is_private_and_follows_the_loader_order() -> None:
     expected = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
     assert list(a.sampler) == expected and list(probe_loader(shuffled).sampler) == expected
     assert list(probe_loader(shuffled, epoch=1).sampler) == torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()
-    # a sequential one: dataset order; rank r of 2 takes r, r + 2, ... (padded to equal length)
+    # a sequential one: dataset order
     assert isinstance(sequential.sampler, SequentialSampler)
     assert list(probe_loader(sequential).sampler) == list(range(10))
-    assert list(probe_loader(sequential, rank=1, world_size=2).sampler) == [1, 3, 5, 7, 9]
+    # sharded as the loader is: rank 1 of 3 of a non-shuffling DistributedSampler takes 1, 4, 7, then pads
+    sharded = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=3, rank=1, shuffle=False))
+    assert list(probe_loader(sharded).sampler) == [1, 4, 7, 0]
+    # rank 0 of 2 of a shuffling one: every other example of the seeded permutation
+    shuffled_shard = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=5))
+    assert list(probe_loader(shuffled_shard).sampler) == expected[0::2]
     assert torch.equal(torch.get_rng_state(), state)  # building it draws nothing
 
 
@@ -144,3 +149,55 @@ def test_restored_state_puts_back_every_mode_and_buffer() -> None:
     assert [m.training for m in net.modules()] == [True, True, True, False, False]
     _assert_same_state(dict(net.state_dict()), before)
     assert net[1].running_mean is buffer  # restored in place
+
+
+def test_probe_batches_of_several_loaders_and_an_iterable_dataset(tmp_path) -> None:
+    """A dict of loaders is combined as the fit loop combines it; an IterableDataset is read again from its start."""
+    from torch import nn
+    from torch.utils.data import IterableDataset, TensorDataset
+
+    from lightning_sd.callbacks.probe_data import probe_batches
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for i in range(20):
+                yield torch.tensor([float(i)])
+
+    seen: dict = {}
+
+    class Grab(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["combined"] = probe_batches(trainer, pl_module, 2, combined=True)
+            seen["first"] = probe_batches(trainer, pl_module, 3)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("trained", []).append(batch)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.lin(batch["b"]).sum() + self.lin(batch["a"][0].float().unsqueeze(1)).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    loaders = {
+        "a": DataLoader(TensorDataset(torch.arange(8)), batch_size=4),
+        "b": DataLoader(Stream(), batch_size=5),
+    }
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Grab()], default_root_dir=str(tmp_path))
+    trainer.fit(Module(), loaders)
+    combined = seen["combined"]
+    assert len(combined) == 2
+    for k, batch in enumerate(combined):
+        assert torch.equal(batch["a"][0], torch.arange(4 * k, 4 * k + 4))
+        assert torch.equal(batch["b"], torch.arange(5 * k, 5 * k + 5, dtype=torch.float32).unsqueeze(1))
+    # without combined=True the first loader is read; it has 2 batches only
+    assert [b[0].tolist() for b in seen["first"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # the fit loop saw the same combined batches (the probe did not consume its iterators)
+    assert [t["a"][0].tolist() for t in seen["trained"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [t["b"][:, 0].tolist() for t in seen["trained"]] == [[0.0, 1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0, 9.0]]

@@ -14,10 +14,13 @@ Every callback of the package that needs data outside the training step (SenseMo
   ``SequentialSampler`` or a non-shuffling ``DistributedSampler`` (validation data, ``shuffle=False``)
   the probe reads the dataset in order; otherwise (a shuffling loader, any other sampler) it reads a
   fixed pseudo-random permutation, the same in every run (``torch.randperm`` of a ``torch.Generator``
-  seeded with ``seed + epoch``; default seed 0), because many datasets are stored sorted by class. The
-  probe sampler is a :class:`~torch.utils.data.DistributedSampler` with its own generator: under DDP
-  rank ``r`` of ``W`` takes every W-th example of that order (its own shard, equal sizes on all
-  ranks); in one process, all of it.
+  seeded with ``seed + epoch``; default seed 0), because many datasets are stored sorted by class.
+  The probe sampler is a :class:`~torch.utils.data.DistributedSampler` with its own generator. It
+  shards as the loader does: when the loader's sampler is a ``DistributedSampler`` (Lightning
+  inserts one under DDP) the probe takes the same rank's share of the same size (every
+  ``num_replicas``-th example of the order, starting at ``rank``); otherwise the whole dataset (a
+  loader that is not sharded by a sampler reads all of its data on every rank, or its own per-rank
+  dataset).
 - **An IterableDataset** has no indices: its ``__iter__`` is called again from the start, in the main
   process (it shards itself under DDP, if it does). A stream that cannot be restarted must be given
   to the monitors as ``probe=`` tensors.
@@ -134,12 +137,11 @@ def resolve_input_fn(owner: str, input_fn: Callable[[Any], Tensor] | None, input
     return _ItemGetter(input_key)
 
 
-def probe_loader(loader: Any, *, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0) -> Any:
+def probe_loader(loader: Any, *, seed: int = 0, epoch: int = 0) -> Any:
     """A private, main-process loader over the data of ``loader`` (see the module docstring for the rules).
 
     Args:
         loader: a ``torch.utils.data.DataLoader`` (or any re-iterable, returned as is).
-        rank, world_size: this process's shard of the probe permutation.
         seed, epoch: the permutation of a shuffling ``loader`` (``DistributedSampler(seed=seed)`` after
             ``set_epoch(epoch)``); unused for a sequential one.
 
@@ -166,7 +168,10 @@ def probe_loader(loader: Any, *, rank: int = 0, world_size: int = 1, seed: int =
                 "attribute, so a probe cannot form batches of the training size; give the monitor probe= tensors, "
                 "or give the batch sampler a batch_size attribute"
             )
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=_shuffles(loader), seed=seed, drop_last=False)
+    rank, replicas = 0, 1
+    if isinstance(loader.sampler, DistributedSampler):
+        rank, replicas = loader.sampler.rank, loader.sampler.num_replicas
+    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=_shuffles(loader), seed=seed, drop_last=False)
     sampler.set_epoch(epoch)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=loader.collate_fn, num_workers=0)
 
@@ -207,7 +212,7 @@ def _device_batches(trainer: pl.Trainer, loaders: Any, combined: bool, seed: int
         loaders = loaders.iterables
 
     def fresh(loader: Any) -> Any:
-        return probe_loader(loader, rank=trainer.global_rank, world_size=trainer.world_size, seed=seed, epoch=epoch)
+        return probe_loader(loader, seed=seed, epoch=epoch)
 
     if combined and isinstance(loaders, (list, tuple, Mapping)):
         fit_combined = getattr(trainer.fit_loop, "_combined_loader", None)
