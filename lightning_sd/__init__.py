@@ -10,6 +10,8 @@ from lightning_sd.callbacks import (
     RegularizationMonitor,
     StochasticDepth,
     SummaryPlots,
+    probe_batches,
+    probe_inputs,
 )
 from lightning_sd.classifier import SDClassifier, build_backbone
 from lightning_sd.core import (
@@ -28,6 +30,7 @@ from lightning_sd.core import (
     maxreg_rates,
     normality_pvalues,
     regularization_terms,
+    restored_state,
     sensemode_rates,
     survival_rates,
 )
@@ -67,7 +70,10 @@ __all__ = [
     "linear_min_budget",
     "maxreg_rates",
     "normality_pvalues",
+    "probe_batches",
+    "probe_inputs",
     "regularization_terms",
+    "restored_state",
     "sensemode_rates",
     "survival_rates",
 ]

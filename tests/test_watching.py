@@ -66,9 +66,10 @@ def test_monitors_leave_the_run_bit_identical(tmp_path, workers) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_monitors_leave_the_run_bit_identical_ddp(tmp_path, workers) -> None:
-    """The same under 2-process DDP (gloo): rank 0's weights and every rank's batches are unchanged by watching."""
+def test_monitors_leave_the_run_bit_identical_ddp(tmp_path) -> None:
+    """The same under 2-process DDP (gloo), shuffled, 2 persistent workers per rank: rank 0's weights and
+    every rank's batches are unchanged by watching."""
+    workers = 2
     runs = {}
     for watch in (0, 1):
         out = tmp_path / f"watch{watch}"
@@ -201,3 +202,17 @@ def test_probe_batches_of_several_loaders_and_an_iterable_dataset(tmp_path) -> N
     # the fit loop saw the same combined batches (the probe did not consume its iterators)
     assert [t["a"][0].tolist() for t in seen["trained"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert [t["b"][:, 0].tolist() for t in seen["trained"]] == [[0.0, 1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0, 9.0]]
+
+
+def test_balance_relus_example_input_restores_every_submodule_mode() -> None:
+    """balance_relus(example_input=...) ran its pass in eval mode and restored only the root's flag."""
+    from lightning_sd.models import balance_relus
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Dropout())
+    net.train()
+    net[3].eval()  # a frozen dropout inside a training model
+    running = net[1].running_mean.clone()
+    balance_relus(net, seed=0, example_input=torch.randn(6, 4) + 2)
+    assert [m.training for m in net.modules()] == [True, True, True, True, False]
+    assert torch.equal(net[1].running_mean, running)  # the pass ran in eval mode: statistics untouched
+    assert net[2].signs.numel() == 4  # and drew the signs

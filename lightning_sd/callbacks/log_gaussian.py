@@ -29,11 +29,12 @@ class LogGaussianMonitor(Callback):
     At ``on_train_start`` the callback runs the LightningModule once on probe inputs (one training
     batch read through :mod:`lightning_sd.callbacks.probe_data`, a private loader that leaves the run's
     data order, workers and random stream alone; or ``probe``), in eval mode, without gradients and
-    under ``isolate_rng``, restoring every submodule's mode and buffers afterwards. For every ``nn.ReLU`` / :class:`~lightning_sd.models.BalancedReLU`
-    call it measures the fraction of active units and the average hypoactivation of Li, Nica & Roy
-    (2021), Eq. (2), ``h_l = ||phi(z_l / ||z_l||)||^2 - 1/2`` (averaged over the probe inputs): vanilla
-    ReLU ResNets fire slightly fewer than half their units (``h_l < 0``, ``O(1/n)`` per layer, ``O(d/n)``
-    in total), balanced ones exactly half on average. It also records ``ln ||y_out||^2`` per input and,
+    under ``isolate_rng``, restoring every submodule's mode and buffers afterwards. For every
+    ``nn.ReLU`` / :class:`~lightning_sd.models.BalancedReLU` call it measures the fraction of active
+    units and the average hypoactivation of Li, Nica & Roy (2021), Eq. (2),
+    ``h_l = ||phi(z_l / ||z_l||)||^2 - 1/2`` (averaged over the probe inputs): vanilla ReLU ResNets
+    fire slightly fewer than half their units (``h_l < 0``, ``O(1/n)`` per layer, ``O(d/n)`` in total),
+    balanced ones exactly half on average. It also records ``ln ||y_out||^2`` per input and,
     when the module contains one :class:`~lightning_sd.models.ResidualMLP` (the paper's Eq. (1) with
     ``alpha = 1``, ``lam = branch_scale``), the log-Gaussian prediction beside it (Theorem 1 / 4):
     ``ln ||y_out||^2 = ln(||x||^2/n_in) + d ln(1 + lam^2) + G + ln chi^2_{n_out}``, ``G ~ N(mean_G, var_G)``.

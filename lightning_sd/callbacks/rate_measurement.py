@@ -9,9 +9,9 @@ loss, the precision context and the ranks.
 Choices, for the record:
 
 - **Batches**: ``sensitivity_batches`` batches of the private probe loader of
-  :mod:`lightning_sd.callbacks.probe_data` (a fixed pseudo-random subset of the training set, a
-  different one at each re-measurement epoch, combined as the fit loop combines several training
-  dataloaders), moved to the device through the LightningModule's batch-transfer hooks. The fit
+  :mod:`lightning_sd.callbacks.probe_data` (the training loader's order without its randomness:
+  dataset order for a sequential loader, else a fixed permutation, another one at each
+  re-measurement epoch; several training dataloaders combined as the fit loop combines them), moved to the device through the LightningModule's batch-transfer hooks. The fit
   loop's iterator, sampler and workers are not touched and no global random number is consumed, so
   the run sees the same data order as without the measurement.
 - **Loss**: the module's ``training_step`` output (a tensor, or a dict with ``"loss"``), with
@@ -66,7 +66,7 @@ def measure_rates(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningMod
         callback: the :class:`~lightning_sd.callbacks.stochastic_depth.StochasticDepth` instance
             (after ``setup``: its ``handle`` carries the gates).
         trainer: the running trainer (``trainer.train_dataloader`` must exist: call from
-            ``on_train_start`` or later).
+            ``on_train_start`` or later; it is only read, never iterated).
         pl_module: the LightningModule that carries the gates.
 
     Returns:
@@ -84,7 +84,7 @@ def measure_rates(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningMod
 
 
 def measure_sensitivities(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
-    """``S_l = dLoss/dm_l`` at ``m = 1`` on the first ``callback.sensitivity_batches`` training batches, averaged over ranks.
+    """``S_l = dLoss/dm_l`` at ``m = 1`` on ``callback.sensitivity_batches`` probe batches, averaged over ranks.
 
     Uses ``callback.sensitivity_loss`` (``(pl_module, batch) -> loss``) if set, else the module's
     ``training_step``. See the module docstring for the batches, mode, precision and DDP choices.
