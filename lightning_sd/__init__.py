@@ -11,6 +11,8 @@ from lightning_sd.callbacks import (
     StochasticDepth,
     SummaryPlots,
     default_p_min,
+    probe_batches,
+    probe_inputs,
 )
 from lightning_sd.classifier import SDClassifier, build_backbone
 from lightning_sd.core import (
@@ -29,6 +31,7 @@ from lightning_sd.core import (
     maxreg_rates,
     normality_pvalues,
     regularization_terms,
+    restored_state,
     sensemode_rates,
     survival_rates,
 )
@@ -69,7 +72,10 @@ __all__ = [
     "linear_min_budget",
     "maxreg_rates",
     "normality_pvalues",
+    "probe_batches",
+    "probe_inputs",
     "regularization_terms",
+    "restored_state",
     "sensemode_rates",
     "survival_rates",
 ]

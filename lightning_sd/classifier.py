@@ -251,6 +251,9 @@ class SDClassifier(LightningModule):
         torch.Size([2, 100])
     """
 
+    #: the loss whose Hessian defines g_l for ``StochasticDepth(mode="maxreg")`` and ``RegularizationMonitor``
+    regularization_loss = "cross_entropy"
+
     def __init__(
         self,
         backbone: Union[str, nn.Module] = "CifarResNet-20",

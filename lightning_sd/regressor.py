@@ -53,6 +53,9 @@ class SDRegressor(LightningModule):
         torch.Size([4, 1])
     """
 
+    #: the loss whose Hessian defines g_l for ``StochasticDepth(mode="maxreg")`` and ``RegularizationMonitor``
+    regularization_loss = "mse"
+
     def __init__(
         self,
         backbone: Optional[nn.Module] = None,

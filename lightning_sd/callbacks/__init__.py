@@ -2,8 +2,18 @@
 
 from lightning_sd.callbacks.log_gaussian import LogGaussianMonitor
 from lightning_sd.callbacks.normality_monitor import NormalityMonitor
+from lightning_sd.callbacks.probe_data import probe_batches, probe_inputs
 from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth, default_p_min
 from lightning_sd.callbacks.summary_plots import SummaryPlots
 
-__all__ = ["LogGaussianMonitor", "NormalityMonitor", "RegularizationMonitor", "StochasticDepth", "SummaryPlots", "default_p_min"]
+__all__ = [
+    "LogGaussianMonitor",
+    "NormalityMonitor",
+    "RegularizationMonitor",
+    "StochasticDepth",
+    "SummaryPlots",
+    "default_p_min",
+    "probe_batches",
+    "probe_inputs",
+]

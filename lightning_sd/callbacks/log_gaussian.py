@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
+from lightning_sd.callbacks.probe_data import default_input_fn, probe_inputs, resolve_input_fn
 from lightning_sd.callbacks.tables import publish_table
 from lightning_sd.theory.probe import ProbeResult, probe_model
 
@@ -24,13 +26,15 @@ _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 class LogGaussianMonitor(Callback):
     r"""Log hypoactivation and the distribution of ``ln ||y_out||^2`` of the model when training starts.
 
-    At ``on_train_start`` the callback runs the LightningModule once on probe inputs (the first batch of
-    the training dataloader, or ``probe``), in eval mode and without gradients, restoring every
-    submodule's mode afterwards. For every ``nn.ReLU`` / :class:`~lightning_sd.models.BalancedReLU`
-    call it measures the fraction of active units and the average hypoactivation of Li, Nica & Roy
-    (2021), Eq. (2), ``h_l = ||phi(z_l / ||z_l||)||^2 - 1/2`` (averaged over the probe inputs): vanilla
-    ReLU ResNets fire slightly fewer than half their units (``h_l < 0``, ``O(1/n)`` per layer, ``O(d/n)``
-    in total), balanced ones exactly half on average. It also records ``ln ||y_out||^2`` per input and,
+    At ``on_train_start`` the callback runs the LightningModule once on probe inputs (one training
+    batch read through :mod:`lightning_sd.callbacks.probe_data`, a private loader that leaves the run's
+    data order, workers and random stream alone; or ``probe``), in eval mode, without gradients and
+    under ``isolate_rng``, restoring every submodule's mode and buffers afterwards. For every
+    ``nn.ReLU`` / :class:`~lightning_sd.models.BalancedReLU` call it measures the fraction of active
+    units and the average hypoactivation of Li, Nica & Roy (2021), Eq. (2),
+    ``h_l = ||phi(z_l / ||z_l||)||^2 - 1/2`` (averaged over the probe inputs): vanilla ReLU ResNets
+    fire slightly fewer than half their units (``h_l < 0``, ``O(1/n)`` per layer, ``O(d/n)`` in total),
+    balanced ones exactly half on average. It also records ``ln ||y_out||^2`` per input and,
     when the module contains one :class:`~lightning_sd.models.ResidualMLP` (the paper's Eq. (1) with
     ``alpha = 1``, ``lam = branch_scale``), the log-Gaussian prediction beside it (Theorem 1 / 4):
     ``ln ||y_out||^2 = ln(||x||^2/n_in) + d ln(1 + lam^2) + G + ln chi^2_{n_out}``, ``G ~ N(mean_G, var_G)``.
@@ -49,10 +53,12 @@ class LogGaussianMonitor(Callback):
     stochastic depth (the eval network scales branches by ``p_l``), or to ``F.relu`` calls (not seen).
 
     Args:
-        probe: explicit probe inputs (batch first); default: the first training batch.
+        probe: explicit probe inputs (batch first); default: one training batch of the probe loader.
         num_probe: use at most this many probe inputs (``None``: all of the batch), ``>= 1``.
-        input_key: where the inputs are in a batch: index for tuple/list batches (default 0), key
-            for dict batches. A tensor batch is used as is.
+        input_fn: ``batch -> input tensor``; default
+            :func:`~lightning_sd.callbacks.probe_data.default_input_fn` (``batch[0]`` of tuples, the keys
+            ``"x"``, ``"input"``, ``"inputs"``, ``"image"``, ``"images"``, ``"pixel_values"`` of dicts).
+        input_key: deprecated (``DeprecationWarning``): ``input_fn=lambda batch: batch[input_key]``.
         forward: optional ``callable(pl_module, x) -> output``; default ``pl_module(x)``.
         log_per_layer: log the two per-layer scalars of every ReLU call (``2 x`` number of ReLUs keys).
         prefix: metric key and file-name prefix.
@@ -68,7 +74,8 @@ class LogGaussianMonitor(Callback):
         self,
         probe: Tensor | None = None,
         num_probe: int | None = None,
-        input_key: int | str = 0,
+        input_fn: Callable[[Any], Tensor] | None = None,
+        input_key: int | str | None = None,
         forward: Callable[[pl.LightningModule, Tensor], Any] | None = None,
         log_per_layer: bool = True,
         prefix: str = "log_gaussian",
@@ -82,7 +89,7 @@ class LogGaussianMonitor(Callback):
             raise ValueError("prefix must be a non-empty string")
         self.probe = probe
         self.num_probe = num_probe
-        self.input_key = input_key
+        self.input_fn = resolve_input_fn("LogGaussianMonitor", input_fn, input_key)
         self.forward = forward
         self.log_per_layer = log_per_layer
         self.prefix = prefix
@@ -92,42 +99,26 @@ class LogGaussianMonitor(Callback):
 
     # ------------------------------------------------------------------------------------ probe inputs
     def _extract(self, batch: Any) -> Tensor:
-        if isinstance(batch, Tensor):
-            return batch
-        if isinstance(batch, Mapping):
-            if self.input_key not in batch:
-                raise KeyError(f"LogGaussianMonitor: batch has no key {self.input_key!r}; set input_key")
-            return batch[self.input_key]
-        if isinstance(batch, (list, tuple)):
-            if not isinstance(self.input_key, int):
-                raise TypeError(f"LogGaussianMonitor: tuple batch needs an integer input_key, got {self.input_key!r}")
-            return batch[self.input_key]
-        raise TypeError(f"LogGaussianMonitor: cannot find the inputs in a batch of type {type(batch).__name__}")
+        return (self.input_fn or default_input_fn)(batch)
 
-    def _probe_inputs(self, trainer: pl.Trainer) -> Tensor:
+    def _probe_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         if self.probe is not None:
             x = self.probe
         else:
-            loader = trainer.train_dataloader
-            if isinstance(loader, Mapping):
-                loader = next(iter(loader.values()))
-            elif isinstance(loader, (list, tuple)):
-                loader = loader[0]
-            if loader is None:
-                raise RuntimeError("LogGaussianMonitor: no training dataloader; pass probe=...")
-            x = self._extract(next(iter(loader)))
-        if not isinstance(x, Tensor):
-            raise TypeError(f"LogGaussianMonitor: probe inputs must be a tensor, got {type(x).__name__}")
+            batches = probe_inputs(trainer, pl_module, num_batches=1, input_fn=self.input_fn)
+            if not batches:
+                raise RuntimeError("LogGaussianMonitor: the training dataloader yielded no batch; pass probe=...")
+            x = batches[0]
         if self.num_probe is not None:
             x = x[: self.num_probe]
         return x
 
     # ------------------------------------------------------------------------------------------ hook
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        x = self._probe_inputs(trainer).to(pl_module.device)
+        x = self._probe_inputs(trainer, pl_module).to(pl_module.device)
         precision = trainer.precision_plugin
         x = precision.convert_input(x)
-        with precision.forward_context():
+        with isolate_rng(), precision.forward_context():
             result = probe_model(pl_module, x, forward=self.forward)
         self.result = result
         self._log(trainer, pl_module, result)

@@ -6,15 +6,17 @@ import csv
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
+from lightning_sd.callbacks.probe_data import probe_inputs, resolve_input_fn
 from lightning_sd.core.gates import existing_handle
 from lightning_sd.core.normality import NORMALITY_TESTS, _check_test, normality_pvalues, summarize
 
@@ -25,8 +27,10 @@ class NormalityMonitor(Callback):
     r"""Log the distribution of normality-test p-values of the model's output under stochastic-depth masks.
 
     Every ``every_n_epochs`` training epochs (and at the start of training with ``probe_at_start``),
-    the callback takes fixed probe inputs (the first ``num_inputs`` examples of the validation data, or
-    of the training data when there is no validation), draws ``num_masks`` masks
+    the callback takes fixed probe inputs (``num_inputs`` examples of the validation data, or of the
+    training data when there is no validation, read once through :mod:`lightning_sd.callbacks.probe_data`:
+    a fixed pseudo-random subset from a private loader, so the run's data order, workers and random
+    stream are untouched; the probe itself runs under ``isolate_rng``), draws ``num_masks`` masks
     ``delta ~ Bernoulli(p)`` per input with the rates of the :class:`~lightning_sd.StochasticDepth`
     callback, records one fixed output neuron for each mask and runs a normality test per input
     (:func:`~lightning_sd.core.normality.normality_pvalues`; model in eval mode, no grad, masked passes
@@ -61,7 +65,10 @@ class NormalityMonitor(Callback):
         block_neuron: index into each flattened block output (default ``neuron``).
         alpha: significance level of the ``frac_above`` metrics, in (0, 1).
         seed: seed of the masks; the probe of epoch e on rank r uses :meth:`probe_seed` ``(e, r)``.
-        input_key: where the inputs are in a batch: index for tuple/list batches, key for dicts.
+        input_fn: ``batch -> input tensor``; default
+            :func:`~lightning_sd.callbacks.probe_data.default_input_fn` (``batch[0]`` of tuples, the keys
+            ``"x"``, ``"input"``, ``"inputs"``, ``"image"``, ``"images"``, ``"pixel_values"`` of dicts).
+        input_key: deprecated (``DeprecationWarning``): ``input_fn=lambda batch: batch[input_key]``.
         probe: explicit probe inputs (batch first) instead of data from the dataloaders.
         probe_at_start: also probe at ``on_train_start`` (the network at initialization or on resume).
         chunk_size: (input, mask) rows per forward pass, bounds memory.
@@ -87,7 +94,8 @@ class NormalityMonitor(Callback):
         block_neuron: int | None = None,
         alpha: float = 0.05,
         seed: int = 0,
-        input_key: int | str = 0,
+        input_fn: Callable[[Any], Tensor] | None = None,
+        input_key: int | str | None = None,
         probe: Tensor | None = None,
         probe_at_start: bool = False,
         chunk_size: int = 4096,
@@ -123,7 +131,7 @@ class NormalityMonitor(Callback):
         self.block_neuron = block_neuron
         self.alpha = float(alpha)
         self.seed = int(seed)
-        self.input_key = input_key
+        self.input_fn = resolve_input_fn("NormalityMonitor", input_fn, input_key)
         self.probe = probe
         self.probe_at_start = bool(probe_at_start)
         self.chunk_size = int(chunk_size)
@@ -158,52 +166,17 @@ class NormalityMonitor(Callback):
         return self.survival, (handle.scaling if handle is not None else "expected")
 
     # ------------------------------------------------------------------------------------ probe inputs
-    def _extract(self, batch: Any) -> Tensor:
-        if isinstance(batch, Tensor):
-            return batch
-        if isinstance(batch, Mapping):
-            if self.input_key not in batch:
-                raise KeyError(f"NormalityMonitor: batch has no key {self.input_key!r}; set input_key")
-            return batch[self.input_key]
-        if isinstance(batch, (list, tuple)):
-            if not isinstance(self.input_key, int):
-                raise TypeError(f"NormalityMonitor: tuple batch needs an integer input_key, got {self.input_key!r}")
-            return batch[self.input_key]
-        raise TypeError(f"NormalityMonitor: cannot find the inputs in a batch of type {type(batch).__name__}; pass probe=")
-
-    @staticmethod
-    def _first_loader(loaders: Any) -> Any:
-        if isinstance(loaders, Mapping):
-            return next(iter(loaders.values()), None)
-        if isinstance(loaders, (list, tuple)):
-            return loaders[0] if loaders else None
-        return loaders
-
-    def _collect(self, trainer: pl.Trainer) -> Tensor:
+    def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         if self.probe is not None:
             return self.probe[: self.num_inputs]
-        loader = self._first_loader(trainer.val_dataloaders)
-        if loader is None:
-            loader = self._first_loader(trainer.train_dataloader)
-        if loader is None:
-            raise RuntimeError("NormalityMonitor: no validation or training dataloader to take probe inputs from; pass probe=")
-        parts: list[Tensor] = []
-        count = 0
-        for batch in loader:
-            x = self._extract(batch)
-            if not isinstance(x, Tensor):
-                raise TypeError(f"NormalityMonitor: probe inputs must be tensors, got {type(x).__name__}")
-            parts.append(x[: self.num_inputs - count].detach().cpu())
-            count += parts[-1].shape[0]
-            if count >= self.num_inputs:
-                break
-        if count == 0:
-            raise RuntimeError("NormalityMonitor: the dataloader yielded no examples")
-        return torch.cat(parts)
+        parts = probe_inputs(trainer, pl_module, max_examples=self.num_inputs, source="val_or_train", input_fn=self.input_fn)
+        if not parts:
+            raise RuntimeError("NormalityMonitor: the dataloader yielded no examples; pass probe=")
+        return torch.cat([x.cpu() for x in parts])
 
-    def _probe_inputs(self, trainer: pl.Trainer) -> Tensor:
+    def _probe_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         if self._inputs is None:
-            x = self._collect(trainer)
+            x = self._collect(trainer, pl_module)
             # every rank must probe the same number of inputs for the all-gather
             n = torch.tensor([x.shape[0]], dtype=torch.float64, device=trainer.strategy.root_device)
             counts = trainer.strategy.all_gather(n)
@@ -212,7 +185,7 @@ class NormalityMonitor(Callback):
 
     # ------------------------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._probe_inputs(trainer)  # fix the probe now: the same inputs at every epoch
+        self._probe_inputs(trainer, pl_module)  # fix the probe now: the same inputs at every epoch
         if self.probe_at_start:
             self._run(trainer, pl_module)
 
@@ -226,21 +199,22 @@ class NormalityMonitor(Callback):
         return int(np.random.SeedSequence([self.seed, int(epoch), int(rank)]).generate_state(1)[0])
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        x = self._probe_inputs(trainer).to(pl_module.device)
+        x = self._probe_inputs(trainer, pl_module).to(pl_module.device)
         survival, scaling = self._rates(pl_module)
-        res = normality_pvalues(
-            pl_module,
-            x,
-            survival,
-            num_masks=self.num_masks,
-            test=self.test,
-            neuron=self.neuron,
-            per_block=self.per_block,
-            block_neuron=self.block_neuron,
-            scaling=scaling,
-            seed=self.probe_seed(trainer.current_epoch, trainer.global_rank),
-            chunk_size=self.chunk_size,
-        )
+        with isolate_rng():
+            res = normality_pvalues(
+                pl_module,
+                x,
+                survival,
+                num_masks=self.num_masks,
+                test=self.test,
+                neuron=self.neuron,
+                per_block=self.per_block,
+                block_neuron=self.block_neuron,
+                scaling=scaling,
+                seed=self.probe_seed(trainer.current_epoch, trainer.global_rank),
+                chunk_size=self.chunk_size,
+            )
         pvalues = self._gather(trainer, res.pvalues)
         blocks = self._gather(trainer, res.block_pvalues) if res.block_pvalues is not None else None
         self.last_pvalues, self.last_block_pvalues = pvalues, blocks

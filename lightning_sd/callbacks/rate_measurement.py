@@ -8,19 +8,23 @@ loss, the precision context and the ranks.
 
 Choices, for the record:
 
-- **Batches**: the first ``sensitivity_batches`` batches of a *fresh* iterator over the trainer's
-  training dataloader(s), moved to the device through the LightningModule's batch-transfer hooks. The
-  epoch's own iterator is not touched, so no training batch is consumed; the global RNG (torch,
-  numpy, python) is restored afterwards, so a shuffled sampler or dropout inside the measurement
-  does not shift the training run's random stream.
+- **Batches**: ``sensitivity_batches`` batches of the private probe loader of
+  :mod:`lightning_sd.callbacks.probe_data` (the training loader's order without its randomness:
+  dataset order for a sequential loader, else a fixed permutation, another one at each
+  re-measurement epoch; several training dataloaders combined as the fit loop combines them), moved to the device through the LightningModule's batch-transfer hooks. The fit
+  loop's iterator, sampler and workers are not touched and no global random number is consumed, so
+  the run sees the same data order as without the measurement.
 - **Loss**: the module's ``training_step`` output (a tensor, or a dict with ``"loss"``), with
   ``self.log``/``self.log_dict`` turned into no-ops during the measurement and torchmetrics states
   restored afterwards; ``callback.sensitivity_loss(pl_module, batch)`` replaces it.
 - **Mode**: training mode, i.e. the loss exactly as the training step sees it (BatchNorm normalizes
   with batch statistics; at initialization its running statistics are not yet meaningful, so
-  evaluation mode would measure a different network). BatchNorm running statistics and every other
-  buffer are saved and restored, so the measurement leaves no trace in the model. All branches are
-  computed with ``m = 1`` (``handle.override``), whatever the current rates.
+  evaluation mode would measure a different network). ``mode="maxreg"`` measures its ``g_l`` on the
+  same training-mode network (:mod:`lightning_sd.callbacks.maxreg_measurement`). Module modes and
+  every buffer (BatchNorm running statistics) are restored (:func:`lightning_sd.core.probing.restored_state`),
+  the global RNG too (dropout inside the measurement does not shift the run's random stream), so
+  the measurement leaves no trace in the model. All branches are computed with ``m = 1``
+  (``handle.override``), whatever the current rates.
 - **Precision**: the forward runs in ``trainer.precision_plugin.train_step_context()`` (autocast as
   in training); the multipliers, their gradient and the returned sensitivities are float32.
 - **DDP**: each rank measures on its own batches and ``S`` is averaged over ranks with
@@ -37,16 +41,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_sd.callbacks.probe_data import probe_batches
 from lightning_sd.core.gates import existing_handle
+from lightning_sd.core.probing import restored_state
 from lightning_sd.core.sensitivity import estimate_sensitivities
 from lightning_sd.core.survival import survival_rates
 
-__all__ = ["measure_rates", "measure_sensitivities", "measurement_batches", "silenced_training_step"]
+__all__ = ["measure_rates", "measure_sensitivities", "silenced_training_step"]
 
 
 def measure_rates(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
@@ -62,7 +66,7 @@ def measure_rates(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningMod
         callback: the :class:`~lightning_sd.callbacks.stochastic_depth.StochasticDepth` instance
             (after ``setup``: its ``handle`` carries the gates).
         trainer: the running trainer (``trainer.train_dataloader`` must exist: call from
-            ``on_train_start`` or later).
+            ``on_train_start`` or later; it is only read, never iterated).
         pl_module: the LightningModule that carries the gates.
 
     Returns:
@@ -80,7 +84,7 @@ def measure_rates(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningMod
 
 
 def measure_sensitivities(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
-    """``S_l = dLoss/dm_l`` at ``m = 1`` on the first ``callback.sensitivity_batches`` training batches, averaged over ranks.
+    """``S_l = dLoss/dm_l`` at ``m = 1`` on ``callback.sensitivity_batches`` probe batches, averaged over ranks.
 
     Uses ``callback.sensitivity_loss`` (``(pl_module, batch) -> loss``) if set, else the module's
     ``training_step``. See the module docstring for the batches, mode, precision and DDP choices.
@@ -96,8 +100,8 @@ def measure_sensitivities(callback: Any, trainer: pl.Trainer, pl_module: pl.Ligh
         )
     loss_of = _loss_function(callback, pl_module)
     num = int(callback.sensitivity_batches)
-    with isolate_rng(), _train_mode(pl_module), _metric_states_restored(pl_module):
-        batches = list(measurement_batches(trainer, pl_module, num))
+    batches = probe_batches(trainer, pl_module, num, combined=True, epoch=trainer.current_epoch)
+    with isolate_rng(), restored_state(pl_module, "train"), _metric_states_restored(pl_module):
         if not batches:
             raise RuntimeError(
                 "the training dataloader yielded no batch to measure sensitivities on; check the training data "
@@ -109,58 +113,12 @@ def measure_sensitivities(callback: Any, trainer: pl.Trainer, pl_module: pl.Ligh
             loss_of,
             method="gradient",
             autocast=_step_context(trainer),
-            restore_buffers=True,
+            restore_buffers=False,  # restored_state above restores every buffer
             fork_rng=False,  # isolate_rng above covers torch, numpy and python RNGs
         )
     device = trainer.strategy.root_device
     reduced = trainer.strategy.reduce(sensitivities.to(device), reduce_op="mean")
     return torch.as_tensor(reduced).detach().to(device="cpu", dtype=torch.float32)
-
-
-def measurement_batches(trainer: pl.Trainer, pl_module: pl.LightningModule, num_batches: int) -> Iterator[Any]:
-    """The first ``num_batches`` batches of a fresh pass over the training data, on the module's device.
-
-    The epoch's own iterator is left alone. With several training dataloaders (a list or dict) the
-    batches are combined as the fit loop combines them. A DataLoader with persistent workers is
-    re-read in the main process (a second ``iter()`` would reset the fit loop's worker iterator).
-    """
-    iterables = trainer.train_dataloader
-    if iterables is None:
-        raise RuntimeError(
-            "trainer.train_dataloader does not exist yet; sensitivities are measured from on_train_start on "
-            "(the training dataloader is built just before that hook)"
-        )
-    if isinstance(iterables, (list, tuple, dict)):
-        combined = trainer.fit_loop._combined_loader
-        mode = combined._mode if combined is not None else "max_size_cycle"
-        source: Any = CombinedLoader(_map(iterables, _fresh), mode=mode)
-        unpack = True
-    else:
-        source = _fresh(iterables)
-        unpack = False
-    if num_batches < 1:
-        return
-    for i, item in enumerate(source):
-        batch = item[0] if unpack else item
-        yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
-        if i + 1 >= num_batches:
-            break
-
-
-def _map(iterables: Any, fn: Any) -> Any:
-    if isinstance(iterables, dict):
-        return {k: fn(v) for k, v in iterables.items()}
-    return type(iterables)(fn(v) for v in iterables)
-
-
-def _fresh(loader: Any) -> Any:
-    if not (isinstance(loader, DataLoader) and loader.num_workers > 0 and loader.persistent_workers):
-        return loader
-    if isinstance(loader.dataset, IterableDataset):
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, collate_fn=loader.collate_fn)
-    if loader.batch_sampler is not None:
-        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
-    return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, collate_fn=loader.collate_fn)
 
 
 def _step_context(trainer: pl.Trainer) -> Any:
@@ -229,17 +187,6 @@ def silenced_training_step(pl_module: pl.LightningModule) -> Iterator[None]:
                 pl_module.__dict__[name] = saved[name]
             else:
                 pl_module.__dict__.pop(name, None)
-
-
-@contextlib.contextmanager
-def _train_mode(module: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in module.modules()]
-    module.train()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextlib.contextmanager

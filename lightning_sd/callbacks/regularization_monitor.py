@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -12,11 +12,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_sd.callbacks.maxreg_measurement import (
-    default_input_fn,
-    probe_inputs,
-    reduce_mean_over_ranks,
-)
+from lightning.pytorch.utilities.seed import isolate_rng
+
+from lightning_sd.callbacks.maxreg_measurement import infer_regularization_loss, reduce_mean_over_ranks
+from lightning_sd.callbacks.probe_data import probe_inputs
 from lightning_sd.callbacks.tables import publish_table
 from lightning_sd.core.gates import SCALINGS, existing_handle
 from lightning_sd.core.regularization import (
@@ -39,9 +38,11 @@ class RegularizationMonitor(Callback):
 
     with ``zeta_l = d y_out / d m_l`` the "information discrepancy" of block l and ``H`` the Hessian of the
     loss w.r.t. the output (``diag(pi) - pi pi^T`` for cross-entropy, ``2 I`` for squared error).
-    Every ``every_n_epochs`` training epochs the monitor computes ``g`` on a fixed probe batch (the first
-    ``probe_size`` examples of the validation data, else of the training data, taken once per process),
-    averages it over processes, and logs:
+    Every ``every_n_epochs`` training epochs the monitor computes ``g`` on a fixed probe batch
+    (``probe_size`` examples of the validation data, else of the training data, taken once per process
+    through :mod:`lightning_sd.callbacks.probe_data`: a fixed pseudo-random subset read by a private
+    loader, so the run's data order, workers and random stream are untouched), averages it over
+    processes, and logs:
 
     - ``reg/g/{l:03d}`` for every block, ``reg/penalty`` (R), ``reg/share/{l:03d}`` (``R_l / R``),
       ``reg/g_mean``;
@@ -52,15 +53,20 @@ class RegularizationMonitor(Callback):
 
     Rates come from the :class:`~lightning_sd.callbacks.StochasticDepth` callback in
     ``trainer.callbacks`` (its current rates and scaling); without one, from ``survival``; without both,
-    only g is logged. The probe runs in evaluation mode (BatchNorm running statistics) in fp32 (fp64
-    statistics), outside autocast; module modes and parameter gradients are left as they were. Under DDP
+    only g is logged. The probe runs in evaluation mode (BatchNorm running statistics: the network after
+    training; ``StochasticDepth(mode="maxreg")`` measures the training-mode network instead, see
+    :mod:`lightning_sd.callbacks.maxreg_measurement`) in fp32 (fp64 statistics), outside autocast, under
+    ``isolate_rng``; module modes, buffers and parameter gradients are left as they were. Under DDP
     every process probes its own share of the data and the same reduction is called on every rank.
 
     Args:
         every_n_epochs: probe after every n-th training epoch (>= 1).
         probe_size: examples in the probe batch per process (>= 1); g's relative Monte-Carlo error over
             inputs falls like ``1/sqrt(probe_size)``.
-        loss: ``"cross_entropy"`` (logits) or ``"mse"`` (the paper's ``||y - t||^2``).
+        loss: ``"cross_entropy"`` (logits), ``"mse"`` (the paper's ``||y - t||^2``) or ``"auto"`` (the
+            module's ``regularization_loss`` attribute, else ``"mse"`` for one output coordinate per
+            example and ``"cross_entropy"`` for more; see
+            :func:`~lightning_sd.callbacks.maxreg_measurement.infer_regularization_loss`).
         estimator: ``"exact"`` (one backward per output coordinate), ``"sampled"`` (``num_samples``
             backwards, unbiased) or ``"auto"`` (exact when the output has <= ``num_samples`` coordinates).
         num_samples: probe vectors of the sampled estimator (>= 1).
@@ -69,7 +75,7 @@ class RegularizationMonitor(Callback):
             StochasticDepth callback, whose scaling is used).
         blocks: residual branches to probe on a model without gates (see ``find_residual_branches``).
         input_fn: ``batch -> inputs``; default ``batch[0]`` for ``(x, y)`` batches (see
-            :func:`~lightning_sd.callbacks.maxreg_measurement.default_input_fn`).
+            :func:`~lightning_sd.callbacks.probe_data.default_input_fn`).
         seed: seed of the sampled estimator's probe vectors.
 
     Example::
@@ -84,8 +90,8 @@ class RegularizationMonitor(Callback):
         self,
         every_n_epochs: int = 1,
         probe_size: int = 128,
-        loss: str = "cross_entropy",
-        estimator: str = "auto",
+        loss: Literal["auto", "cross_entropy", "mse"] = "auto",
+        estimator: Literal["exact", "sampled", "auto"] = "auto",
         num_samples: int = 16,
         survival: float | Sequence[float] | None = None,
         scaling: str = "inverted",
@@ -97,8 +103,10 @@ class RegularizationMonitor(Callback):
             raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
         if int(probe_size) != probe_size or probe_size < 1:
             raise ValueError(f"probe_size must be a positive integer (examples per process), got {probe_size!r}")
-        if loss not in REGULARIZATION_LOSSES:
-            raise ValueError(f"unknown loss={loss!r}; choose 'cross_entropy' (classification logits) or 'mse' (squared error)")
+        if loss != "auto" and loss not in REGULARIZATION_LOSSES:
+            raise ValueError(
+                f"unknown loss={loss!r}; choose 'auto' (inferred), 'cross_entropy' (classification logits) or 'mse' (squared error)"
+            )
         if estimator not in REGULARIZATION_ESTIMATORS:
             raise ValueError(f"unknown estimator={estimator!r}; choose one of {', '.join(REGULARIZATION_ESTIMATORS)}")
         if int(num_samples) != num_samples or num_samples < 1:
@@ -124,18 +132,11 @@ class RegularizationMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self.table_path: str | None = None
         self._probe: list[Tensor] | None = None
+        self._loss: str | None = None
 
     # ------------------------------------------------------------------ probe data
     def _collect_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Tensor]:
-        loader = None
-        val = getattr(trainer, "val_dataloaders", None)
-        if val is not None and (not isinstance(val, (list, tuple, dict)) or len(val) > 0):
-            loader = val
-        if loader is None:
-            loader = trainer.train_dataloader
-        fn = self.input_fn or default_input_fn
-        # Enough batches to gather probe_size examples whatever the batch size.
-        return [x.detach() for x in probe_inputs(trainer, pl_module, loader, self.probe_size, fn, max_examples=self.probe_size)]
+        return probe_inputs(trainer, pl_module, max_examples=self.probe_size, source="val_or_train", input_fn=self.input_fn)
 
     # ------------------------------------------------------------------ rates
     def _rates(self, trainer: pl.Trainer, num_blocks: int) -> tuple[Tensor | None, str]:
@@ -158,17 +159,20 @@ class RegularizationMonitor(Callback):
         """Probe now: g (mean over the probe, all processes), rates, R and shares. Called by every rank."""
         if self._probe is None:
             self._probe = self._collect_probe(trainer, pl_module)
+        if self._loss is None:
+            self._loss = infer_regularization_loss(self.loss, pl_module, self._probe[0] if self._probe else None, owner="RegularizationMonitor")
         handle = existing_handle(pl_module)
         names: list[str] | None = [b.name for b in handle.branches] if handle is not None else None
         blocks = None if handle is not None else self.blocks
         total: Tensor | None = None
         count = 0
-        for i, x in enumerate(self._probe):
-            g = regularization_terms(
-                pl_module, x, loss=self.loss, estimator=self.estimator, num_samples=self.num_samples, blocks=blocks, seed=self.seed + i
-            )
-            total = g * x.shape[0] if total is None else total + g * x.shape[0]
-            count += x.shape[0]
+        with isolate_rng():
+            for i, x in enumerate(self._probe):
+                g = regularization_terms(
+                    pl_module, x, loss=self._loss, estimator=self.estimator, num_samples=self.num_samples, blocks=blocks, seed=self.seed + i
+                )
+                total = g * x.shape[0] if total is None else total + g * x.shape[0]
+                count += x.shape[0]
         if total is None:
             # This process has no probe data: still take part in the reduction with zeros.
             from lightning_sd.core.discovery import find_residual_branches
@@ -181,7 +185,7 @@ class RegularizationMonitor(Callback):
 
             names = [b.name for b in find_residual_branches(pl_module, self.blocks)]
         p, scaling = self._rates(trainer, g.numel())
-        result: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step, "names": names, "g": g}
+        result: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step, "names": names, "g": g, "loss": self._loss}
         if p is not None:
             var = gate_variance(p, scaling)
             terms = 0.5 * var * g

@@ -112,7 +112,9 @@ class StochasticDepth(Callback):
             block): every ``S_l`` and ``g_l`` is 0 there, and SenseMode cannot rank the blocks.
         sensitivity_loss: ``(pl_module, batch) -> loss`` used for sensitivities; default: the
             module's ``training_step`` output.
-        regularization_loss: loss whose Hessian defines g_l for ``"maxreg"``: ``"cross_entropy"`` or ``"mse"``.
+        regularization_loss: loss whose Hessian defines g_l for ``"maxreg"``: ``"cross_entropy"``, ``"mse"`` or
+            ``"auto"`` (the module's ``regularization_loss`` attribute, else ``"mse"`` for one output per example
+            and ``"cross_entropy"`` for more; :func:`~lightning_sd.callbacks.maxreg_measurement.infer_regularization_loss`).
         log_every_n_steps: how often the realized depth is logged (it is always accumulated).
 
     With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
@@ -139,7 +141,7 @@ class StochasticDepth(Callback):
         recompute_every_n_epochs: int | None = None,
         measure_after_steps: int = 0,
         sensitivity_loss: Callable[[pl.LightningModule, Any], Tensor] | None = None,
-        regularization_loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+        regularization_loss: Literal["auto", "cross_entropy", "mse"] = "auto",
         log_every_n_steps: int = 1,
     ) -> None:
         if mode not in SURVIVAL_MODES:
@@ -193,8 +195,8 @@ class StochasticDepth(Callback):
             raise ValueError(
                 f"measure_after_steps only applies to measured modes {_MEASURED_MODES}, not mode={mode!r}; drop it"
             )
-        if regularization_loss not in ("cross_entropy", "mse"):
-            raise ValueError(f"regularization_loss must be 'cross_entropy' or 'mse', got {regularization_loss!r}")
+        if regularization_loss not in ("auto", "cross_entropy", "mse"):
+            raise ValueError(f"regularization_loss must be 'auto', 'cross_entropy' or 'mse', got {regularization_loss!r}")
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.mode = mode
@@ -211,6 +213,7 @@ class StochasticDepth(Callback):
         self.measure_after_steps = int(measure_after_steps)
         self.sensitivity_loss = sensitivity_loss
         self.regularization_loss = regularization_loss
+        self.regularization_loss_used: str | None = None  # what "auto" resolved to, set by the maxreg measurement
         self.log_every_n_steps = int(log_every_n_steps)
         self.handle: StochasticDepthHandle | None = None
         self.sensitivities: Tensor | None = None
@@ -283,7 +286,8 @@ class StochasticDepth(Callback):
             if self.mode == "sensemode":
                 out["measure_loss"] = "sensitivity_loss" if self.sensitivity_loss is not None else "training_step loss"
             else:
-                out["measure_loss"] = f"{self.regularization_loss} Hessian"
+                loss = self.regularization_loss_used or self.regularization_loss
+                out["measure_loss"] = f"{loss} Hessian"
         return out
 
     def _settings_line(self) -> str:

@@ -239,7 +239,7 @@ class SummaryPlots(Callback):
         ax.set_xlabel("block l")
         ax.set_ylabel("$g_l$")
         ax.set_yscale("symlog", linthresh=_linthresh(np.concatenate([_as_array(r["g"]) for r in history])))
-        ax.set_title(f"regularization terms g_l (loss={reg.loss})", fontsize=9)
+        ax.set_title(f"regularization terms g_l (loss={last.get('loss') or reg.loss})", fontsize=9)
         if len(history) <= 8:
             ax.legend(fontsize=7)
         if has_rates:

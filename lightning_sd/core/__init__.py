@@ -11,6 +11,7 @@ from lightning_sd.core.normality import (
     normality_test,
     sample_multipliers,
 )
+from lightning_sd.core.probing import restored_state
 from lightning_sd.core.regularization import explicit_penalty, gate_variance, penalty_terms, regularization_terms
 from lightning_sd.core.sensitivity import estimate_sensitivities, supervised_loss
 from lightning_sd.core.survival import (
@@ -46,6 +47,7 @@ __all__ = [
     "normality_test",
     "penalty_terms",
     "regularization_terms",
+    "restored_state",
     "sample_multipliers",
     "sensemode_rates",
     "supervised_loss",

@@ -27,6 +27,7 @@ from lightning_sd.core.gates import (
     probe_gates,
 )
 from lightning_sd.core.normality import sample_multipliers
+from lightning_sd.core.probing import restored_state
 from lightning_sd.core.survival import gradient_growth_theory
 
 __all__ = ["GradientGrowth", "gradient_growth", "gradient_growth_rates"]
@@ -92,10 +93,8 @@ def _per_mask_growth(
             states[l + 1] = output
 
         hooks.append(gate.register_forward_hook(hook))
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.enable_grad(), handle.override(masks.to(device=inputs.device, dtype=inputs.dtype)):
+        with restored_state(model, "eval"), torch.enable_grad(), handle.override(masks.to(device=inputs.device, dtype=inputs.dtype)):
             out = model(inputs)
             if loss_fn is None:
                 z = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
@@ -108,8 +107,6 @@ def _per_mask_growth(
     finally:
         for h in hooks:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     sq = torch.stack([g.detach().double().reshape(g.shape[0], -1).pow(2).sum(1) for g in grads], dim=1)
     return sq / sq[:, -1:]
 

@@ -36,6 +36,7 @@ from lightning_sd.core.gates import (
     mask_generator,
     probe_gates,
 )
+from lightning_sd.core.probing import restored_state
 
 __all__ = [
     "NORMALITY_TESTS",
@@ -189,15 +190,9 @@ def sample_multipliers(
 
 @contextlib.contextmanager
 def _probe_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluation mode (BatchNorm running statistics, no dropout) and no grad; training flags restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    """Evaluation mode (BatchNorm running statistics, no dropout) and no grad; modes and buffers restored."""
+    with restored_state(model, "eval"), torch.no_grad():
+        yield
 
 
 def _block_output_modules(handle: StochasticDepthHandle, model: nn.Module) -> list[nn.Module]:

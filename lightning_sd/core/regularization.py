@@ -14,21 +14,34 @@ the output's size) and ``H`` the Hessian of the per-example loss with respect to
 ``||y - t||^2``). Neither needs the targets. ``Var(m_l) = p_l (1 - p_l)`` with ``scaling="expected"``
 (``m = delta``) and ``(1 - p_l) / p_l`` with ``scaling="inverted"`` (``m = delta / p``).
 
-Both estimators use per-example gates ``m`` of shape ``(B, L)`` through
-:meth:`~lightning_sd.core.gates.StochasticDepthHandle.override`: with the model in evaluation mode
-example b's output depends on ``m[b, :]`` only, so one vector-Jacobian product of ``(v * y_out).sum()``
-with respect to ``m`` gives ``v_b^T zeta_l(x_b)`` for every example and every block at once.
+Two networks (``mode``):
+
+- ``"eval"`` (the default of :func:`regularization_terms` and of the monitor): BatchNorm uses its
+  running statistics, so example b's output depends on its own gates only. The estimators use
+  per-example gates ``m`` of shape ``(B, L)`` through
+  :meth:`~lightning_sd.core.gates.StochasticDepthHandle.override`: one vector-Jacobian product of
+  ``(v * y_out).sum()`` with respect to ``m`` gives ``v_b^T zeta_l(x_b)`` for every example and block.
+- ``"train"`` (what ``StochasticDepth(mode="maxreg")`` measures, the network SenseMode differentiates
+  too): the training-mode network, BatchNorm with batch statistics, one gate per block shared by the
+  batch as ``drop="batch"`` applies it, dropout active (one draw). Without a BatchNorm layer the
+  examples are independent and the per-example estimators above give exactly these terms. With one,
+  the examples are coupled through the batch statistics and the per-example trick does not hold:
+  ``zeta_l`` of every example then comes from one forward-mode (Jacobian-vector) pass per block, exact
+  whatever ``estimator``, with the same dropout draws in every pass (cost: L forwards per batch).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from lightning_sd.core.gates import SCALINGS, StochasticDepthHandle, mask_generator, probe_gates
+from lightning_sd.core.probing import restored_state
 
 __all__ = [
     "REGULARIZATION_ESTIMATORS",
@@ -86,14 +99,18 @@ def regularization_terms(
     blocks: str | Sequence[str] | None = None,
     seed: int = 0,
     reduction: str = "mean",
+    mode: Literal["eval", "train"] = "eval",
 ) -> Tensor:
     """Regularization terms ``g_l = mean_x zeta_l(x)^T H(x) zeta_l(x)`` of every residual block (Eq. (5)).
 
     Works on a plain model (gates are injected with ``survival=1.0`` for the probe and removed
     afterwards) or on a model that already carries stochastic-depth gates (its handle is used; the
     rates play no role: ``zeta`` is taken at ``m = 1``). During the probe the whole model is in
-    evaluation mode (BatchNorm uses its running statistics, dropout is off); the train/eval flag of every
-    module is restored afterwards. Only ``d/dm`` is computed, so parameter ``.grad`` are left untouched.
+    evaluation mode (``mode="eval"``: BatchNorm uses its running statistics, dropout is off) or in
+    training mode (``mode="train"``: batch statistics, gates shared by the batch, see the module
+    docstring); the train/eval flag of every module and every buffer are restored afterwards
+    (:func:`~lightning_sd.core.probing.restored_state`) and the global RNG is not consumed. Only
+    ``d/dm`` is computed, so parameter ``.grad`` are left untouched.
 
     Estimators:
 
@@ -124,6 +141,9 @@ def regularization_terms(
         seed: seed of the probe vectors (``"sampled"``); they come from a dedicated generator, the global
             RNG is not touched.
         reduction: ``"mean"`` (g over the batch, length L) or ``"none"`` (per example, ``(B, L)``).
+        mode: ``"eval"`` (the evaluation network) or ``"train"`` (the training network: BatchNorm batch
+            statistics and one gate per block for the batch; with BatchNorm exact whatever ``estimator``,
+            at the cost of L forward-mode passes). See the module docstring.
 
     Returns:
         float64 CPU tensor: ``g`` of length L (forward order), or ``(B, L)`` with ``reduction="none"``.
@@ -140,14 +160,14 @@ def regularization_terms(
         raise ValueError(f"reduction must be 'mean' (g over the batch) or 'none' (per example), got {reduction!r}")
     if not isinstance(inputs, Tensor) or inputs.ndim < 1 or inputs.shape[0] < 1:
         raise ValueError("inputs must be a tensor of shape (B, ...) with B >= 1 (one probe batch)")
-    with probe_gates(model, blocks) as (handle, _):
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            model.eval()
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' (running statistics) or 'train' (the training network), got {mode!r}")
+    rng_devices = [inputs.device] if inputs.device.type == "cuda" else []
+    with probe_gates(model, blocks) as (handle, _), restored_state(model, mode), torch.random.fork_rng(devices=rng_devices):
+        if mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            g = _terms_shared_gates(model, handle, inputs, loss)
+        else:
             g = _terms(model, handle, inputs, loss, estimator, int(num_samples), int(seed))
-        finally:
-            for module, training in modes:
-                module.training = training
     return g.mean(dim=0) if reduction == "mean" else g
 
 
@@ -156,10 +176,7 @@ def _terms(model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss
     if inputs.is_floating_point() and inputs.dtype != dtype:
         inputs = inputs.to(dtype)
     batch, num_blocks = inputs.shape[0], handle.num_blocks
-    # Gates in the model's precision when it is lower than fp32 (an fp32 multiplier would promote the
-    # residual stream and break the next bf16/fp16 layer), else fp32 or fp64; statistics are fp64.
-    m_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
-    m = torch.ones(batch, num_blocks, dtype=m_dtype, device=inputs.device, requires_grad=True)
+    m = torch.ones(batch, num_blocks, dtype=_gate_dtype(dtype), device=inputs.device, requires_grad=True)
     # Detached parameters (swapped in for this call only): the backwards then run w.r.t. m alone and skip
     # every weight gradient (about a third of the cost on a CNN), without touching requires_grad flags.
     detached = {name: p.detach() for name, p in model.named_parameters()}
@@ -168,24 +185,60 @@ def _terms(model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss
         y = _flat_output(out, batch)
         math_dtype = torch.promote_types(y.dtype, torch.float32)
         if estimator == "exact" or (estimator == "auto" and y.shape[1] <= num_samples):
-            return _exact(y, m, loss, math_dtype)
+            return _exact(y, m, loss)
         return _sampled(y, m, loss, math_dtype, num_samples, seed)
 
 
-def _exact(y: Tensor, m: Tensor, loss: str, math_dtype: torch.dtype) -> Tensor:
+def _gate_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Gates in the model's precision when it is lower than fp32 (an fp32 multiplier would promote the
+    # residual stream and break the next bf16/fp16 layer), else fp32 or fp64; statistics are fp64.
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
+
+
+def _quadratic_form(y: Tensor, zeta: Tensor, loss: str) -> Tensor:
+    """``zeta_b^T H_b zeta_b`` per example for outputs ``y`` (B, o) and discrepancies ``zeta`` (B, ..., o), fp64."""
+    zeta = zeta.to(torch.float64)
+    if loss == "mse":
+        return 2.0 * zeta.square().sum(dim=-1)
+    pi = torch.softmax(y.detach().to(torch.promote_types(y.dtype, torch.float32)), dim=1).to(torch.float64)
+    pi = pi.reshape(pi.shape[0], *([1] * (zeta.ndim - 2)), pi.shape[1])
+    g = (pi * zeta.square()).sum(dim=-1) - (pi * zeta).sum(dim=-1).square()
+    return g.clamp_min(0.0)  # PSD form; removes -1e-17 round-off
+
+
+def _terms_shared_gates(model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss: str) -> Tensor:
+    """``(B, L)`` terms on the training network: one Jacobian-vector product per block, gates shared by the batch."""
+    dtype = _model_dtype(model)
+    if inputs.is_floating_point() and inputs.dtype != dtype:
+        inputs = inputs.to(dtype)
+    batch, num_blocks = inputs.shape[0], handle.num_blocks
+    ones = torch.ones(num_blocks, dtype=_gate_dtype(dtype), device=inputs.device)
+    rng_devices = [inputs.device] if inputs.device.type == "cuda" else []
+    g = torch.zeros(batch, num_blocks, dtype=torch.float64)
+    with torch.no_grad():
+        for l in range(num_blocks):
+            tangent = torch.zeros_like(ones)
+            tangent[l] = 1.0
+            # every pass starts from the same random state: the same dropout draws, one network
+            with torch.random.fork_rng(devices=rng_devices), fwAD.dual_level():
+                with handle.override(fwAD.make_dual(ones, tangent)):
+                    out = model(inputs)
+                if not isinstance(out, Tensor):
+                    _flat_output(out, batch)  # raises the usual message
+                y, zeta = fwAD.unpack_dual(out)
+            y = _flat_output(y, batch)
+            if zeta is not None:  # None: the output does not depend on this block
+                g[:, l] = _quadratic_form(y, zeta.reshape(batch, -1), loss).cpu()
+    return g
+
+
+def _exact(y: Tensor, m: Tensor, loss: str) -> Tensor:
     outputs = y.shape[1]
     zeta = torch.empty(y.shape[0], m.shape[1], outputs, dtype=torch.float64, device=y.device)
     for c in range(outputs):
         (grad,) = torch.autograd.grad(y[:, c].sum(), m, retain_graph=c < outputs - 1, allow_unused=True)
         zeta[:, :, c] = 0.0 if grad is None else grad.to(torch.float64)
-    if loss == "mse":
-        g = 2.0 * zeta.square().sum(dim=2)
-    else:
-        pi = torch.softmax(y.detach().to(math_dtype), dim=1).to(torch.float64)  # (B, o)
-        pi_b = pi.unsqueeze(1)  # (B, 1, o)
-        g = (pi_b * zeta.square()).sum(dim=2) - (pi_b * zeta).sum(dim=2).square()
-        g = g.clamp_min(0.0)  # PSD form; removes -1e-17 round-off
-    return g.cpu()
+    return _quadratic_form(y, zeta, loss).cpu()
 
 
 def _sampled(y: Tensor, m: Tensor, loss: str, math_dtype: torch.dtype, num_samples: int, seed: int) -> Tensor:

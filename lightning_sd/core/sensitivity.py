@@ -17,13 +17,14 @@ Both average over the batches. Torch only: usable from a plain PyTorch loop.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ContextManager
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sd.core.gates import StochasticDepthHandle, probe_gates
+from lightning_sd.core.probing import restored_state
 
 __all__ = ["SENSITIVITY_METHODS", "estimate_sensitivities", "supervised_loss"]
 
@@ -71,21 +72,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _buffers_restored(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Save every buffer (BatchNorm running statistics, counters) and put it back afterwards."""
-    if not enabled:
-        yield
-        return
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, copy in saved:
-                buf.copy_(copy)
 
 
 def estimate_sensitivities(
@@ -164,7 +150,7 @@ def estimate_sensitivities(
     rng_devices = [device] if device.type == "cuda" else []
 
     rng = torch.random.fork_rng(devices=rng_devices) if fork_rng else contextlib.nullcontext()
-    with rng, _buffers_restored(model, restore_buffers), probe_gates(model, blocks) as (handle, _):
+    with rng, restored_state(model, buffers=restore_buffers), probe_gates(model, blocks) as (handle, _):
         num_blocks = handle.num_blocks
         total = torch.zeros(num_blocks, dtype=torch.float64)
         count = 0

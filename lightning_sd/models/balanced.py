@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sd.core.probing import restored_state
+
 __all__ = ["BalancedReLU", "balance_relus"]
 
 _GRANULARITIES = ("channel", "neuron")
@@ -203,11 +205,8 @@ def balance_relus(
     for parent, name, child in sites:
         setattr(parent, name, replacement[id(child)])
     if example_input is not None:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(example_input)
-        finally:
-            model.train(was_training)
+        # every submodule's mode is restored (not only the root's) and BatchNorm statistics are kept;
+        # the drawn signs are the point of this pass, so BalancedReLU buffers are not rolled back
+        with restored_state(model, "eval", buffers=False), torch.no_grad():
+            model(example_input)
     return model

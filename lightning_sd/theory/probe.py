@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_sd.core.probing import restored_state
 from lightning_sd.models.balanced import BalancedReLU
 from lightning_sd.models.residual_mlp import ResidualMLP
 from lightning_sd.theory.predict import Prediction, predict
@@ -198,7 +199,6 @@ def probe_model(
         captured["y"] = out.detach()
 
     handles = []
-    modes = {m: m.training for m in model.modules()}
     try:
         for m in model.modules():
             if isinstance(m, (nn.ReLU, BalancedReLU)):
@@ -206,14 +206,11 @@ def probe_model(
                 handles.append(m.register_forward_hook(post_hook))
         if target is not None:
             handles.append(target[1].register_forward_hook(mlp_hook))
-        model.eval()
-        with torch.no_grad():
+        with restored_state(model, "eval"), torch.no_grad():
             out = forward(model, x) if forward is not None else model(x)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, Tensor):
