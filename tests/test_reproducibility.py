@@ -256,7 +256,7 @@ def test_startup_line_prints_the_settings_in_force(tmp_path, caplog):
 def test_measured_mode_that_finds_nothing_reports_uniform(tmp_path):
     # Cross-entropy on a single output: the softmax Hessian of one logit is 0, so every g_l = 0.
     torch.manual_seed(0)
-    sd = StochasticDepth(mode="maxreg", budget=0.5, sensitivity_batches=2, seed=0)
+    sd = StochasticDepth(mode="maxreg", budget=0.5, sensitivity_batches=2, seed=0, regularization_loss="cross_entropy")
     trainer = pl.Trainer(max_steps=1, callbacks=[sd], **trainer_kwargs(tmp_path, logger=False))
     trainer.fit(_Regression(ResidualMLP(8, 16, 4, 1, stable=True)), _regression_loader())
     assert float(sd.g.abs().max()) == 0.0
