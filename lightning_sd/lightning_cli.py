@@ -13,7 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that jsonargparse resolves the short names (``--model SDClassifier``, ``StochasticDepth``).
-import lightning_sd.callbacks  # noqa: F401
+from lightning_sd.callbacks import StochasticDepth
 from lightning_sd.classifier import SDClassifier  # noqa: F401
 from lightning_sd.cli import cpu_num_threads, quickstart_config, uses_quickstart
 from lightning_sd.data import CIFARDataModule, DigitsDataModule, ToyRegressionDataModule  # noqa: F401
@@ -28,9 +28,10 @@ NO_LOGGER_DIR = os.path.join("lightning_logs", "no_logger")
 
 def _instantiation_error(err: BaseException) -> str:
     """One line for a class that refused its configured arguments: the innermost error, with its class."""
-    inner = err
-    while inner.__cause__ is not None or inner.__context__ is not None:
-        inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+    inner, seen = err, {id(err)}
+    while (nxt := inner.__cause__ or inner.__context__) is not None and id(nxt) not in seen:
+        inner = nxt
+        seen.add(id(inner))
     tb = inner.__traceback__
     owner = ""
     while tb is not None:
@@ -110,7 +111,7 @@ class SDLightningCLI(LightningCLI):
             return
         lines = []
         if self.quickstart and self.subcommand == "fit":
-            sd = next((c for c in self.trainer.callbacks if type(c).__name__ == "StochasticDepth"), None)
+            sd = next((c for c in self.trainer.callbacks if isinstance(c, StochasticDepth)), None)
             settings = f", StochasticDepth mode={sd.mode} budget={sd.budget:g}" if sd is not None else ""
             lines.append(
                 "lightning-sd: no --config/--model/--data class given: running the quickstart recipe "

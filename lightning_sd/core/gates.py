@@ -28,7 +28,7 @@ import functools
 import linecache
 import pickle
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -419,7 +419,9 @@ class _Undo:
     """One step of :meth:`StochasticDepthHandle.remove`, as data (not a closure) so that it pickles and
     ``copy.deepcopy`` re-targets it to the copied modules (a closure would undo the original model)."""
 
-    def __init__(self, kind: str, module: nn.Module, name: str, old: Any = None, had: bool = True) -> None:
+    def __init__(
+        self, kind: Literal["module", "gate", "forward"], module: nn.Module, name: str, old: Any = None, had: bool = True
+    ) -> None:
         self.kind, self.module, self.name, self.old, self.had = kind, module, name, old, had
 
     def __call__(self) -> None:
