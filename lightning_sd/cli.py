@@ -2,36 +2,42 @@
 
 ``lightning-sd fit`` with no model, data or config runs the embedded quickstart recipe (the SD paper's
 toy regression with a Stable residual MLP and SenseMode stochastic depth at budget 0.5; the same text
-as ``configs/quickstart.yaml``). Any LightningModule / LightningDataModule can be chosen in subclass
-mode (``--model SDClassifier --data DigitsDataModule``, short names for the package's classes, import
-paths for others) and callbacks come from YAML as ``class_path``/``init_args``::
+as ``configs/quickstart.yaml``); ``--model.*`` / ``--data.*`` / ``--trainer.*`` flags change it. Any
+LightningModule / LightningDataModule can be chosen in subclass mode (``--model SDClassifier --data
+DigitsDataModule``, short names for the package's classes, import paths for others) and callbacks come
+from YAML as ``class_path``/``init_args``::
 
     lightning-sd fit                                         # quickstart, ~2 minutes on a CPU
-    lightning-sd fit --trainer.max_epochs 3                  # quickstart, shorter
+    lightning-sd fit --trainer.max_epochs 3 --model.lr 0.003 # quickstart, shorter, another learning rate
     lightning-sd fit --config configs/cifar10_stable_resnet110.yaml --data.data_dir ~/data
     lightning-sd fit --model SDClassifier --model.in_channels 1 --data DigitsDataModule \\
         --trainer.callbacks+=StochasticDepth --trainer.callbacks.mode uniform --trainer.callbacks.budget 0.5
     lightning-sd fit --config configs/digits.yaml --print_config
+
+This module imports neither torch nor lightning: ``lightning-sd --help`` answers at once, and
+:class:`~lightning_sd.lightning_cli.SDLightningCLI` (the LightningCLI subclass) is imported only to run a
+subcommand.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
-import yaml
-from lightning import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+if TYPE_CHECKING:
+    from lightning_sd.lightning_cli import SDLightningCLI
 
-# Imported so that jsonargparse resolves the short names (``--model SDClassifier``, ``StochasticDepth``).
-import lightning_sd.callbacks  # noqa: F401
-from lightning_sd.classifier import SDClassifier  # noqa: F401
-from lightning_sd.data import CIFARDataModule, DigitsDataModule, ToyRegressionDataModule  # noqa: F401
-from lightning_sd.regressor import SDRegressor  # noqa: F401
-
-__all__ = ["SDLightningCLI", "main", "QUICKSTART_YAML", "quickstart_config", "uses_quickstart"]
+__all__ = [
+    "QUICKSTART_YAML",
+    "SDLightningCLI",
+    "cpu_num_threads",
+    "main",
+    "quickstart_config",
+    "top_level_help",
+    "uses_quickstart",
+]
 
 #: The recipe ``lightning-sd fit`` runs when no ``--config``, ``--model`` or ``--data`` is given.
 #: ``configs/quickstart.yaml`` holds the same text (a test keeps them identical).
@@ -102,80 +108,111 @@ data:
     seed: 0
 """
 
-_CHOICE_FLAGS = ("--model", "--data", "--config", "-c")
-_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Flags that choose a model/data class or a config file: any of them means "not the quickstart".
+# ``--model.lr`` and other ``--model.*`` / ``--data.*`` arguments change the quickstart's classes instead.
+_CHOICE_FLAGS = ("--model", "--data", "--config", "-c", "--model.class_path", "--data.class_path")
+_SUBCOMMANDS = {
+    "fit": "train (and validate) a model: `lightning-sd fit` alone runs the quickstart recipe",
+    "validate": "one evaluation epoch over the validation set",
+    "test": "one evaluation epoch over the test set",
+    "predict": "run inference on the predict set",
+}
 
 
 def quickstart_config() -> dict[str, Any]:
     """The quickstart recipe as a dict (parsed :data:`QUICKSTART_YAML`)."""
+    import yaml
+
     return yaml.safe_load(QUICKSTART_YAML)
 
 
 def uses_quickstart(args: Sequence[str]) -> bool:
-    """Whether ``args`` (without the program name) run a subcommand with no model, data or config chosen."""
+    """Whether ``args`` (without the program name) run a subcommand with no model class, data class or config chosen.
+
+    ``--model SDClassifier``, ``--data=...``, ``--model.class_path ...``, ``--config``/``-c`` choose; other
+    ``--model.*`` / ``--data.*`` flags (``--model.lr 0.01``) apply on top of the quickstart.
+    """
     if not args or args[0] not in _SUBCOMMANDS:
         return False
-    return not any(a == flag or a.startswith(flag + "=") or a.startswith(flag + ".") for a in args for flag in _CHOICE_FLAGS)
+    return not any(a == flag or a.startswith(flag + "=") for a in args for flag in _CHOICE_FLAGS)
 
 
-class SDLightningCLI(LightningCLI):
-    """LightningCLI in subclass mode for models and datamodules, with the quickstart as fallback defaults.
+def cpu_num_threads(
+    accelerator: Any, num_threads: Optional[int], environ: Mapping[str, str], gpu_available: bool
+) -> tuple[Optional[int], str]:
+    """How many torch intra-op threads a ``lightning-sd`` run uses, and why (for the startup banner).
 
     Args:
-        args: command-line arguments without the program name (``None``: ``sys.argv[1:]``).
-        **kwargs: forwarded to :class:`~lightning.pytorch.cli.LightningCLI`.
+        accelerator: the Trainer's ``accelerator`` argument (``"cpu"``, ``"auto"``, ``"gpu"``, ...; a
+            ``class_path`` dict/namespace for an Accelerator object).
+        num_threads: the ``--num_threads`` flag (``None``: not given).
+        environ: the process environment (``os.environ``).
+        gpu_available: whether an accelerator other than the CPU would be chosen by ``"auto"``.
 
-    When :func:`uses_quickstart` holds for ``args``, the parser's defaults are :data:`QUICKSTART_YAML`
-    (explicit ``--trainer.*`` / ``--seed_everything`` flags still override them). Once a model, data or
-    config is given the quickstart is not used at all, so none of its model or data arguments leak into
-    the chosen classes. After ``fit`` the log directory, metrics file and checkpoint are printed.
+    Returns:
+        ``(threads, reason)``: the number to pass to ``torch.set_num_threads`` (``None``: leave torch's
+        default) and a phrase saying why. ``--num_threads`` wins; then ``OMP_NUM_THREADS`` (torch already
+        honours it); a CPU run without either gets 1 thread: on a small or shared CPU, torch's default of
+        one thread per core fights other processes (the digits recipe took 2 min 43 s with the default
+        and 12 s with one thread on a shared 2-core machine; README, "Command line").
     """
+    if num_threads is not None:
+        return int(num_threads), "--num_threads"
+    if environ.get("OMP_NUM_THREADS"):
+        return None, "OMP_NUM_THREADS"
+    name = accelerator
+    if isinstance(accelerator, Mapping) or hasattr(accelerator, "class_path"):
+        path = accelerator["class_path"] if isinstance(accelerator, Mapping) else accelerator.class_path
+        name = "cpu" if str(path).rsplit(".", 1)[-1] == "CPUAccelerator" else "other"
+    cpu = name == "cpu" or (name in (None, "auto") and not gpu_available)
+    if not cpu:
+        return None, "not a CPU run"
+    return 1, "CPU run default; --num_threads N or OMP_NUM_THREADS=N to change"
 
-    def __init__(self, args: Optional[list[str]] = None, **kwargs: Any) -> None:
-        argv = list(sys.argv[1:] if args is None else args)
-        self.quickstart = uses_quickstart(argv)
-        kwargs.setdefault("model_class", LightningModule)
-        kwargs.setdefault("datamodule_class", LightningDataModule)
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(args=args, **kwargs)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        if self.quickstart:
-            parser.set_defaults(quickstart_config())
+def top_level_help() -> str:
+    """The text of ``lightning-sd --help`` (built without importing torch or lightning)."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-sd",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Stochastic depth for PyTorch Lightning: a LightningCLI over lightning_sd.\n\n"
+            "  lightning-sd fit                          run the quickstart recipe: the SD paper's toy\n"
+            "                                            regression, Stable residual MLP (100 blocks),\n"
+            "                                            SenseMode rates at budget 0.5, ~1-2 min on a CPU\n"
+            "  lightning-sd fit --trainer.max_epochs 3   the quickstart, shorter (any --model.*, --data.*,\n"
+            "                                            --trainer.* flag changes it)\n"
+            "  lightning-sd fit --print_config           show the quickstart's full config\n"
+            "  lightning-sd fit --config configs/digits.yaml\n"
+            "  lightning-sd fit --model SDClassifier --data DigitsDataModule ..."
+        ),
+        epilog=(
+            "All options of a subcommand: lightning-sd fit --help (slower: it imports lightning).\n"
+            "CPU runs use 1 torch thread unless --num_threads N or OMP_NUM_THREADS is given."
+        ),
+    )
+    sub = parser.add_subparsers(title="subcommands", metavar="{" + ",".join(_SUBCOMMANDS) + "}")
+    for name, text in _SUBCOMMANDS.items():
+        sub.add_parser(name, help=text)
+    return parser.format_help()
 
-    def before_fit(self) -> None:
-        if self.quickstart and self.trainer.is_global_zero:
-            print(
-                "lightning-sd: no --config/--model/--data given: running the quickstart recipe "
-                "(toy regression, Stable residual MLP, StochasticDepth mode=sensemode budget=0.5; "
-                "see `lightning-sd fit --print_config`)",
-                flush=True,
-            )
 
-    def after_fit(self) -> None:
-        trainer = self.trainer
-        if not trainer.is_global_zero:
-            return
-        lines = []
-        log_dir = trainer.log_dir
-        if log_dir:
-            lines.append(f"lightning-sd: logs in {os.path.abspath(log_dir)}")
-            for name in ("metrics.csv", "config.yaml"):
-                path = os.path.join(log_dir, name)
-                if os.path.isfile(path):
-                    lines.append(f"  {name}: {os.path.abspath(path)}")
-        ckpt = trainer.checkpoint_callback
-        best = getattr(ckpt, "best_model_path", "") or getattr(ckpt, "last_model_path", "")
-        if best:
-            lines.append(f"  checkpoint: {os.path.abspath(best)}")
-        if lines:
-            print("\n".join(lines), flush=True)
+def __getattr__(name: str) -> Any:
+    if name == "SDLightningCLI":  # lazy: importing it imports lightning
+        from lightning_sd.lightning_cli import SDLightningCLI
+
+        return SDLightningCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(args: Optional[list[str]] = None) -> None:
     """Console-script entry point of ``lightning-sd`` (``args``: the arguments after the program name)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv in ([], ["-h"], ["--help"]):  # answered without importing torch or lightning
+        print(top_level_help(), end="", file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    from lightning_sd.lightning_cli import SDLightningCLI
+
     SDLightningCLI(args=args)
 
 
