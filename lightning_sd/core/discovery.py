@@ -392,6 +392,9 @@ class _BlockAnalyser:
         self.nodes = list(graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.placeholders = {n for n in self.nodes if n.op == "placeholder"}
+        # Forward arguments that default to None: the trace assumed they are passed.
+        self.optional = {n for n in self.placeholders if n.args and n.args[0] is None}
+        self.uncovered: list[tuple[str, str]] = []
         self.cache: dict[fx.Node, frozenset[fx.Node]] = {}
         self.direct_slots, nones = _slot_attrs(module)
         self.none_slots = set(nones)
@@ -516,12 +519,21 @@ class _BlockAnalyser:
             else:
                 reason = self._structural_reason(a, b, excl)
                 if reason is not None:
-                    if reason:
+                    if reason.startswith("!"):
+                        self.uncovered.append(("@" + where, reason[1:]))
+                    elif reason:
                         passed.append((where, reason))
                     continue
                 sc, br, kind = self._structural_choice
                 plan = self._plan(node, sc, br, excl[br], kind, None)
             if plan is None:
+                continue
+            optional = [n.target for n in self.optional if n is plan.shortcut or n in _data_ancestors(plan.shortcut, self.cache)]
+            if optional and not explicit:
+                self.uncovered.append(("@" + where, (
+                    f"the shortcut is the forward argument '{optional[0]}' (default None): the block adds a tensor "
+                    "its caller passes, and the traced form would fail when it is left out; not gated"
+                )))
                 continue
             adds.append(plan)
             self.accepted_adds.add(node)
@@ -546,7 +558,7 @@ class _BlockAnalyser:
             # Within one forward, an add nested inside another add's branch belongs to the outer one.
             inner = {p.add for p in adds for q in adds if p is not q and p.add in q.nodes}
             adds = [p for p in adds if p.add not in inner]
-        return _Analysis(self.graph, adds, slot_only, passed, [], ())
+        return _Analysis(self.graph, adds, slot_only, passed, list(self.uncovered), ())
 
     _structural_choice: tuple[fx.Node, fx.Node, str]
 
@@ -569,6 +581,13 @@ class _BlockAnalyser:
         if ia or ib:
             sc, br = (a, b) if ia else (b, a)
             if not (wb if ia else wa):
+                anc = _data_ancestors(br, self.cache)
+                if any(self.weighted(n) for n in anc - _data_ancestors(sc, self.cache)):
+                    return (
+                        "!the branch's output is also used outside the add (a slice residual x[:, :C] + shortcut "
+                        "or a dual-path block), so the add cannot take a gate; put a timm DropPath or torchvision "
+                        "StochasticDepth on the branch output and it is gated through that slot"
+                    )
                 return ""
             kind = "residual" if sc in self.accepted_adds or any(n in self.accepted_adds for n in _data_ancestors(sc, self.cache)) else "identity"
             self._structural_choice = (sc, br, kind)
@@ -673,10 +692,12 @@ def _analyse_module(module: nn.Module, slot_mode: bool, unclaimed: dict[str, tup
                 nested = tuple(left) + tuple(
                     f"{k}.{s}" for k, v in unclaimed.items() for s in v if f"{k}.{s}" not in covered
                 )
-                result = _Analysis(result.graph, result.adds, result.slot_only, result.passed, [], nested)
+                result = _Analysis(result.graph, result.adds, result.slot_only, result.passed, result.uncovered, nested)
             else:
                 reason = "drop-path slot applied to something that is not added to a shortcut: left alone"
-                result = _Analysis(result.graph, result.adds, result.slot_only, result.passed, [(s, reason) for s in left], ())
+                result = _Analysis(
+                    result.graph, result.adds, result.slot_only, result.passed, result.uncovered + [(s, reason) for s in left], ()
+                )
     if key is not None:
         _CACHE[key] = result
         if len(_CACHE) > 4096:
@@ -727,8 +748,11 @@ def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnal
             passed.append(PassedOver(f"{label} ({type(module).__name__}, add '{where}')", reason))
             if reason.startswith(_NO_SLOT) and name not in candidates:
                 candidates.append(name)
-        for slot, reason in res.uncovered:
-            uncovered.append(PassedOver(prefix + slot, reason))
+        for where, reason in res.uncovered:
+            if where.startswith("@"):  # an add node
+                uncovered.append(PassedOver(f"{label} ({type(module).__name__}, add '{where[1:]}')", reason))
+            else:  # a slot
+                uncovered.append(PassedOver(prefix + where, reason))
         if res.slot_only:
             plans.append(_BlockPlan(name, module, None, slot_names=list(res.slot_only),
                                     none_slots=[s for s in nones if s in res.slot_only]))
