@@ -355,6 +355,7 @@ class _Analysis:
     uncovered: list[tuple[str, str]]
     unclaimed: tuple[str, ...]  # relative nested slots left for an ancestor (Sequential owners only)
     untraceable: bool = False
+    slots_called: bool = False
 
 
 def _simple(v: Any) -> bool:
@@ -454,12 +455,16 @@ class _BlockAnalyser:
         return self.ident.get(n, False)
 
     def is_proj(self, root: fx.Node, excl: set[fx.Node]) -> bool:
-        """One 1x1 projection/normalisation call on the block input, with weight-free transforms around it."""
+        """One projection (a single conv/linear layer, with its norm and pooling) of the block input."""
         calls = [n for n in excl if self.weighted(n)]
-        if len(calls) != 1 or calls[0].op != "call_module" or not self.info(str(calls[0].target))[1]:
+        if len(calls) != 1 or calls[0].op != "call_module" or self.info(str(calls[0].target))[2] > 1:
             return False
         data = [a for a in calls[0].all_input_nodes if not _is_meta(a)]
         return bool(data) and all(self.is_ident(a) for a in data)
+
+    def reads_input(self, excl: set[fx.Node]) -> bool:
+        """The branch is computed from the block input (not from an intermediate shared with other paths)."""
+        return any(self.is_ident(i) for n in excl for i in n.all_input_nodes if i not in excl and not _is_meta(i))
 
     def depth(self, excl: set[fx.Node]) -> int:
         total = 0
@@ -582,20 +587,26 @@ class _BlockAnalyser:
             sc, br = (a, b) if ia else (b, a)
             if not (wb if ia else wa):
                 anc = _data_ancestors(br, self.cache)
-                if any(self.weighted(n) for n in anc - _data_ancestors(sc, self.cache)):
+                sliced = br.op in ("call_function", "call_method") and (
+                    br.target in (operator.getitem, "narrow", torch.narrow) or br.target == "__getitem__"
+                )
+                if sliced and any(self.weighted(n) for n in anc - _data_ancestors(sc, self.cache)):
                     return (
                         "!the branch's output is also used outside the add (a slice residual x[:, :C] + shortcut "
                         "or a dual-path block), so the add cannot take a gate; put a timm DropPath or torchvision "
                         "StochasticDepth on the branch output and it is gated through that slot"
                     )
                 return ""
+            if not self.reads_input(excl[br]):
+                return "the branch is computed from an intermediate shared with other paths, not from the block input"
             kind = "residual" if sc in self.accepted_adds or any(n in self.accepted_adds for n in _data_ancestors(sc, self.cache)) else "identity"
             self._structural_choice = (sc, br, kind)
             return None
         pa, pb = self.is_proj(a, excl[a]), self.is_proj(b, excl[b])
         if pa != pb:
             sc, br = (a, b) if pa else (b, a)
-            if self.depth(excl[br]) >= 2:
+            entries = {n for n in excl[br] if self.weighted(n) and any(self.is_ident(i) for i in n.all_input_nodes)}
+            if self.depth(excl[br]) >= 2 and len(entries) == 1:
                 self._structural_choice = (sc, br, "projection")
                 return None
         if not (wa or wb):
@@ -668,6 +679,7 @@ class _ModelAnalysis:
     uncovered: list[PassedOver]
     slot_mode: bool
     candidates: list[str]  # modules with slot-less residual adds passed over in slot mode (regex blocks= may name them)
+    slots_called: bool = False  # some traced forward calls a drop-path slot
 
 
 def _analyse_module(module: nn.Module, slot_mode: bool, unclaimed: dict[str, tuple[str, ...]], explicit: bool) -> _Analysis:
@@ -686,17 +698,20 @@ def _analyse_module(module: nn.Module, slot_mode: bool, unclaimed: dict[str, tup
         result = _BlockAnalyser(module, graph, slot_mode, unclaimed).run(explicit)
         if slot_mode:
             used = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+            result.slots_called = bool(used & set(slots + nones)) or bool(result.slot_only)
             covered = set(result.slot_only) | {s for p in result.adds for s in p.slots}
             left = [s for s in slots + nones if s in used and s not in covered]
             if type(module).forward is nn.Sequential.forward:
                 nested = tuple(left) + tuple(
                     f"{k}.{s}" for k, v in unclaimed.items() for s in v if f"{k}.{s}" not in covered
                 )
-                result = _Analysis(result.graph, result.adds, result.slot_only, result.passed, result.uncovered, nested)
+                result = _Analysis(result.graph, result.adds, result.slot_only, result.passed, result.uncovered, nested,
+                                   slots_called=result.slots_called)
             else:
                 reason = "drop-path slot applied to something that is not added to a shortcut: left alone"
                 result = _Analysis(
-                    result.graph, result.adds, result.slot_only, result.passed, result.uncovered + [(s, reason) for s in left], ()
+                    result.graph, result.adds, result.slot_only, result.passed, result.uncovered + [(s, reason) for s in left], (),
+                    slots_called=result.slots_called,
                 )
     if key is not None:
         _CACHE[key] = result
@@ -707,7 +722,16 @@ def _analyse_module(module: nn.Module, slot_mode: bool, unclaimed: dict[str, tup
 
 def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnalysis:
     """Plans for every module of ``model`` (or only ``names``) that computes residual adds."""
-    slot_mode = _model_has_slots(model)
+    if _model_has_slots(model):
+        result = _analyse_mode(model, names, True)
+        # Slots that no forward calls (timm's ConvBnAct without skip in an otherwise slot-less model)
+        # do not make the slots the complete list.
+        if result.plans or result.uncovered or result.slots_called:
+            return result
+    return _analyse_mode(model, names, False)
+
+
+def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool) -> _ModelAnalysis:
     wanted = None if names is None else set(names)
     modules = list(model.named_modules(remove_duplicate=False))
     seen: set[int] = set()
@@ -733,6 +757,7 @@ def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnal
     passed: list[PassedOver] = []
     uncovered: list[PassedOver] = []
     candidates: list[str] = []
+    called = any(r.slots_called for r in results.values())
     for name, module in ordered:
         res = results.get(name)
         if res is None:
@@ -759,7 +784,7 @@ def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnal
         elif res.adds:
             plans.append(_BlockPlan(name, module, res.graph, list(res.adds), none_slots=list(nones)))
     if wanted is not None:
-        return _ModelAnalysis([p for p in plans if p.name in wanted], passed, uncovered, slot_mode, candidates)
+        return _ModelAnalysis([p for p in plans if p.name in wanted], passed, uncovered, slot_mode, candidates, called)
     # Structural mode: a block whose branch contains another found block is an outer wrapper; the
     # innermost blocks win. (With slots, each slot names its own branch and nesting is the model's.)
     if not slot_mode:
@@ -777,6 +802,27 @@ def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnal
                 kept.append(plan)
         plans = kept
     gated = {p.name for p in plans}
+    # A projection shortcut (downsample) is trusted in a class whose other instances add the identity
+    # (ResNet, RegNet, SENet); alone it is a sum of two weighted paths (a NAS cell, a re-parameterised conv).
+    if not slot_mode:
+        with_identity = {type(p.module) for p in plans if any(a.kind != "projection" for a in p.adds)}
+        kept = []
+        for plan in plans:
+            if type(plan.module) in with_identity or (wanted is not None and plan.name in wanted):
+                kept.append(plan)
+                continue
+            adds = [a for a in plan.adds if a.kind != "projection"]
+            for a in plan.adds:
+                if a.kind == "projection":
+                    passed.append(PassedOver(
+                        f"{plan.name or '<root>'} ({type(plan.module).__name__}, add '{a.add.name}')",
+                        "projection shortcut in a class that never adds its input unchanged: a sum of two weighted "
+                        "paths (NAS cell or re-parameterised conv); name it in blocks= if it is a residual block",
+                    ))
+            if adds:
+                kept.append(_BlockPlan(plan.name, plan.module, plan.graph, adds, none_slots=plan.none_slots))
+        plans = kept
+        gated = {p.name for p in plans}
     # Untraceable modules that look residual and are covered by no gate.
     if not slot_mode:
         for name, module in ordered:
@@ -789,7 +835,7 @@ def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnal
                 uncovered.append(PassedOver(
                     name, f"{type(module).__name__}.forward cannot be traced by torch.fx and seems to add its input"
                 ))
-    return _ModelAnalysis(plans, passed, uncovered, slot_mode, candidates)
+    return _ModelAnalysis(plans, passed, uncovered, slot_mode, candidates, called)
 
 
 def _branch_modules(block_name: str, plan: _AddPlan) -> tuple[str, ...]:
