@@ -462,6 +462,18 @@ class _BlockAnalyser:
         data = [a for a in calls[0].all_input_nodes if not _is_meta(a)]
         return bool(data) and all(self.is_ident(a) for a in data)
 
+    def thin_sources(self, node: fx.Node) -> set[fx.Node]:
+        """Nodes that ``node`` is computed from through weight-free operations (itself included)."""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in seen or _is_meta(n):
+                continue
+            seen.add(n)
+            if not self.weighted(n) and n not in self.accepted_adds:
+                stack.extend(n.all_input_nodes)
+        return seen
+
     def reads_input(self, excl: set[fx.Node]) -> bool:
         """The branch is computed from the block input (not from an intermediate shared with other paths)."""
         return any(self.is_ident(i) for n in excl for i in n.all_input_nodes if i not in excl and not _is_meta(i))
@@ -533,7 +545,7 @@ class _BlockAnalyser:
                 plan = self._plan(node, sc, br, excl[br], kind, None)
             if plan is None:
                 continue
-            optional = [n.target for n in self.optional if n is plan.shortcut or n in _data_ancestors(plan.shortcut, self.cache)]
+            optional = [n.target for n in self.optional if n in self.thin_sources(plan.shortcut)]
             if optional and not explicit:
                 self.uncovered.append(("@" + where, (
                     f"the shortcut is the forward argument '{optional[0]}' (default None): the block adds a tensor "
