@@ -13,11 +13,13 @@ from lightning_sd.callbacks import (
 )
 from lightning_sd.classifier import SDClassifier, build_backbone
 from lightning_sd.core import (
+    DiscoveryReport,
     GradientGrowth,
     NormalityResult,
     ResidualBranch,
     StochasticDepthHandle,
     depth_moments,
+    describe_branches,
     estimate_sensitivities,
     explicit_penalty,
     find_residual_branches,
@@ -42,6 +44,7 @@ __all__ = [
     "CIFARDataModule",
     "CifarResNet",
     "DigitsDataModule",
+    "DiscoveryReport",
     "GradientGrowth",
     "LogGaussianMonitor",
     "NormalityMonitor",
@@ -58,6 +61,7 @@ __all__ = [
     "balance_relus",
     "build_backbone",
     "depth_moments",
+    "describe_branches",
     "estimate_sensitivities",
     "explicit_penalty",
     "find_residual_branches",

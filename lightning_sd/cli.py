@@ -176,6 +176,11 @@ class SDLightningCLI(LightningCLI):
 
 def main(args: Optional[list[str]] = None) -> None:
     """Console-script entry point of ``lightning-sd`` (``args``: the arguments after the program name)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["inspect"]:  # ``lightning-sd inspect timm:NAME``: see lightning_sd.inspection
+        from lightning_sd.inspection import inspect_main
+
+        raise SystemExit(inspect_main(argv[1:]))
     SDLightningCLI(args=args)
 
 

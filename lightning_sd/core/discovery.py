@@ -152,6 +152,8 @@ class PassedOver:
 
     where: str
     reason: str
+    cls: str = ""  # class of the module (for grouping repeated blocks in the printout)
+    node: str = ""  # the add's node name in that class's forward, if an add
 
 
 @dataclass
@@ -192,12 +194,20 @@ class DiscoveryReport:
             widths = [max(len(r[k]) for r in rows) for k in range(5)]
             for r in rows:
                 lines.append("  " + "  ".join(r[k].ljust(widths[k]) for k in range(5)) + "  " + r[5])
-        if self.passed_over:
-            lines.append(f"passed over ({len(self.passed_over)}):")
-            lines.extend(f"  {p.where}: {p.reason}" for p in self.passed_over)
-        if self.uncovered:
-            lines.append(f"not covered ({len(self.uncovered)}):")
-            lines.extend(f"  {p.where}: {p.reason}" for p in self.uncovered)
+        for title, items in (("passed over", self.passed_over), ("not covered", self.uncovered)):
+            if not items:
+                continue
+            lines.append(f"{title} ({len(items)}):")
+            groups: dict[tuple[str, str, str], list[str]] = {}
+            for p in items:
+                key = (p.cls, p.node, p.reason) if p.cls else (p.where, "", p.reason)
+                groups.setdefault(key, []).append(p.where.split(" (")[0])
+            for (cls, node, reason), wheres in groups.items():
+                if len(wheres) == 1:
+                    where = next(p.where for p in items if p.where.split(" (")[0] == wheres[0])
+                    lines.append(f"  {where}: {reason}")
+                else:
+                    lines.append(f"  {cls} add '{node}' in {len(wheres)} modules ({wheres[0]}, ..., {wheres[-1]}): {reason}")
         return "\n".join(lines)
 
 
@@ -782,12 +792,12 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
                 plans.append(_BlockPlan(name, module, None, slot_names=list(res.slot_only), none_slots=[s for s in nones if s in res.slot_only]))
             continue
         for where, reason in res.passed:
-            passed.append(PassedOver(f"{label} ({type(module).__name__}, add '{where}')", reason))
+            passed.append(PassedOver(f"{label} ({type(module).__name__}, add '{where}')", reason, type(module).__name__, where))
             if reason.startswith(_NO_SLOT) and name not in candidates:
                 candidates.append(name)
         for where, reason in res.uncovered:
             if where.startswith("@"):  # an add node
-                uncovered.append(PassedOver(f"{label} ({type(module).__name__}, add '{where[1:]}')", reason))
+                uncovered.append(PassedOver(f"{label} ({type(module).__name__}, add '{where[1:]}')", reason, type(module).__name__, where[1:]))
             else:  # a slot
                 uncovered.append(PassedOver(prefix + where, reason))
         if res.slot_only:
@@ -828,7 +838,9 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
                 if a.kind == "projection":
                     passed.append(PassedOver(
                         f"{plan.name or '<root>'} ({type(plan.module).__name__}, add '{a.add.name}')",
-                        "projection shortcut in a class that never adds its input unchanged: a sum of two weighted "
+                        cls=type(plan.module).__name__,
+                        node=a.add.name,
+                        reason="projection shortcut in a class that never adds its input unchanged: a sum of two weighted "
                         "paths (NAS cell or re-parameterised conv); name it in blocks= if it is a residual block",
                     ))
             if adds:
