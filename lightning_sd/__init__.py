@@ -22,11 +22,13 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
     )
     from lightning_sd.classifier import SDClassifier, build_backbone
     from lightning_sd.core import (
+        DiscoveryReport,
         GradientGrowth,
         NormalityResult,
         ResidualBranch,
         StochasticDepthHandle,
         depth_moments,
+        describe_branches,
         estimate_sensitivities,
         explicit_penalty,
         find_residual_branches,
@@ -60,11 +62,13 @@ _SOURCES = {
     ),
     "lightning_sd.classifier": ("SDClassifier", "build_backbone"),
     "lightning_sd.core": (
+        "DiscoveryReport",
         "GradientGrowth",
         "NormalityResult",
         "ResidualBranch",
         "StochasticDepthHandle",
         "depth_moments",
+        "describe_branches",
         "estimate_sensitivities",
         "explicit_penalty",
         "find_residual_branches",

@@ -191,8 +191,9 @@ def top_level_help() -> str:
             "CPU runs use 1 torch thread unless --num_threads N or OMP_NUM_THREADS is given."
         ),
     )
-    sub = parser.add_subparsers(title="subcommands", metavar="{" + ",".join(_SUBCOMMANDS) + "}")
-    for name, text in _SUBCOMMANDS.items():
+    commands = {**_SUBCOMMANDS, "inspect": "what stochastic depth would gate in a model: lightning-sd inspect timm:resnet50"}
+    sub = parser.add_subparsers(title="subcommands", metavar="{" + ",".join(commands) + "}")
+    for name, text in commands.items():
         sub.add_parser(name, help=text)
     return parser.format_help()
 
@@ -208,6 +209,10 @@ def __getattr__(name: str) -> Any:
 def main(args: Optional[list[str]] = None) -> None:
     """Console-script entry point of ``lightning-sd`` (``args``: the arguments after the program name)."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["inspect"]:  # ``lightning-sd inspect timm:NAME``: see lightning_sd.inspection
+        from lightning_sd.inspection import inspect_main
+
+        raise SystemExit(inspect_main(argv[1:]))
     if argv in ([], ["-h"], ["--help"]):  # answered without importing torch or lightning
         print(top_level_help(), end="", file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)

@@ -1,6 +1,6 @@
 """Torch-only core of lightning_sd: usable from a plain PyTorch loop, never imports lightning."""
 
-from lightning_sd.core.discovery import ResidualBranch, find_residual_branches
+from lightning_sd.core.discovery import DiscoveryReport, ResidualBranch, describe_branches, find_residual_branches
 from lightning_sd.core.gates import StochasticDepthHandle, existing_handle, inject_stochastic_depth, mask_generator
 from lightning_sd.core.gradient_growth import GradientGrowth, gradient_growth, gradient_growth_rates
 from lightning_sd.core.normality import (
@@ -25,11 +25,13 @@ from lightning_sd.core.survival import (
 
 __all__ = [
     "NORMALITY_TESTS",
+    "DiscoveryReport",
     "GradientGrowth",
     "NormalityResult",
     "ResidualBranch",
     "StochasticDepthHandle",
     "depth_moments",
+    "describe_branches",
     "estimate_sensitivities",
     "existing_handle",
     "explicit_penalty",

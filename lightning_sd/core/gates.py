@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from lightning_sd.core.discovery import ResidualBranch, _BlockPlan, _select, is_drop_path_slot
+from lightning_sd.core.discovery import ResidualBranch, _BlockPlan, _lookup, _select
 
 __all__ = [
     "DROP_KINDS",
@@ -220,30 +220,38 @@ def _compile_graph(graph: fx.Graph, label: str) -> _GeneratedFunction:
 
 
 def _rewrite(plan: _BlockPlan, gate_names: list[str]) -> tuple[Callable[..., Any], list[Callable[..., Any]]]:
-    """New forward of the block (adds replaced by gate calls) and one function per branch."""
+    """New forward of the block (adds replaced by gate calls) and one function per branch.
+
+    A residual add inside another branch of the same forward (timm's edgenext: the attention residual
+    inside the block's outer residual) becomes a gate call inside the outer branch's function.
+    """
     assert plan.graph is not None
     skip = {n for a in plan.adds for n in a.nodes}
     by_add = {a.add: (i, a) for i, a in enumerate(plan.adds)}
+
+    def gate_call(graph: fx.Graph, env: dict[fx.Node, fx.Node], node: fx.Node) -> fx.Node:
+        i, a = by_add[node]
+        return graph.call_module(gate_names[i], (env[a.shortcut], *[env[e] for e in a.externals]))
+
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in plan.graph.nodes:
         if node in skip:
             continue
-        if node in by_add:
-            i, a = by_add[node]
-            args = (env[a.shortcut], *[env[e] for e in a.externals])
-            env[node] = new.call_module(gate_names[i], args)
-        else:
-            env[node] = new.node_copy(node, lambda n: env[n])
+        env[node] = gate_call(new, env, node) if node in by_add else new.node_copy(node, lambda n: env[n])
     forward = _compile_graph(new, f"{plan.name or 'root'}.forward")
     branches = []
     for i, a in enumerate(plan.adds):
+        members = set(a.nodes)
+        nested = {n for b in plan.adds if b is not a and b.add in members for n in b.nodes}
         bg = fx.Graph()
         benv: dict[fx.Node, fx.Node] = {}
         for k, e in enumerate(a.externals):
             benv[e] = bg.placeholder(f"input_{k}")
         for n in a.nodes:
-            benv[n] = bg.node_copy(n, lambda x: benv[x])
+            if n in nested:
+                continue
+            benv[n] = gate_call(bg, benv, n) if n in by_add else bg.node_copy(n, lambda x: benv[x])
         bg.output(benv[a.branch])
         branches.append(_compile_graph(bg, f"{plan.name or 'root'}.branch{i}"))
     return forward, branches
@@ -478,13 +486,16 @@ class _Undo:
     ``copy.deepcopy`` re-targets it to the copied modules (a closure would undo the original model)."""
 
     def __init__(
-        self, kind: Literal["module", "gate", "forward"], module: nn.Module, name: str, old: Any = None, had: bool = True
+        self, kind: Literal["module", "attribute", "gate", "forward"], module: nn.Module, name: str, old: Any = None, had: bool = True
     ) -> None:
         self.kind, self.module, self.name, self.old, self.had = kind, module, name, old, had
 
     def __call__(self) -> None:
         if self.kind == "module":  # put the original submodule (drop-path slot) back
             self.module._modules[self.name] = self.old
+        elif self.kind == "attribute":  # a ``None`` drop-path slot: back to a plain attribute
+            self.module._modules.pop(self.name, None)
+            self.module.__dict__[self.name] = self.old
         elif self.kind == "gate":  # take the gate out of its block
             self.module._modules.pop(self.name, None)
         elif self.had:  # "forward": the block's own instance forward, if it had one
@@ -494,11 +505,16 @@ class _Undo:
 
 
 def _set_module(root: nn.Module, qualname: str, new: nn.Module) -> Callable[[], None]:
+    """Put ``new`` at ``qualname`` (a module or a ``None`` attribute); returns the undo."""
     parent_name, _, child = qualname.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    old = parent._modules[child]
+    if child in parent._modules:
+        old = parent._modules[child]
+        parent._modules[child] = new
+        return _Undo("module", parent, child, old)
+    old_attr = parent.__dict__.pop(child)  # a ``None`` slot attribute
     parent._modules[child] = new
-    return _Undo("module", parent, child, old)
+    return _Undo("attribute", parent, child, old_attr)
 
 
 def existing_handle(model: nn.Module) -> StochasticDepthHandle | None:
@@ -549,6 +565,7 @@ def inject_stochastic_depth(
     blocks: str | Sequence[str] | None = None,
     seed: int = 0,
     auto_resample: bool = True,
+    strict: bool = False,
 ) -> StochasticDepthHandle:
     """Put a stochastic-depth gate on every residual branch of ``model``, in place.
 
@@ -568,6 +585,8 @@ def inject_stochastic_depth(
         seed: base seed of the mask stream; masks of step s come from ``(seed, s, micro_batch)``.
         auto_resample: draw new masks at every training-mode forward of ``model`` (plain PyTorch
             loops). The Lightning callback turns this off and draws per step itself.
+        strict: raise (instead of warning) when discovery leaves drop-path slots or residual-looking
+            untraceable modules without a gate (see :func:`~lightning_sd.describe_branches`).
 
     Returns:
         a :class:`StochasticDepthHandle`.
@@ -589,7 +608,7 @@ def inject_stochastic_depth(
             f"{type(model).__name__} already has stochastic-depth gates; call handle.remove() first "
             "(or change the existing handle with set_survival / reconfigure)."
         )
-    plans, branches = _select(model, blocks)
+    plans, branches = _select(model, blocks, strict)
     if not branches:
         raise ValueError(
             f"found no residual branch (a forward computing x + f(x)) in {type(model).__name__}. "
@@ -605,18 +624,22 @@ def inject_stochastic_depth(
     index = 0
     actions: list[Callable[[], Callable[[], None]]] = []
     for plan in plans:
+        prefix = f"{plan.name}." if plan.name else ""
         if plan.graph is None:
             for slot in plan.slot_names:
                 gate = SlotGate(index, handle)
                 gate.train(plan.module.training)
                 handle.gates.append(gate)
-                qual = f"{plan.name}.{slot}" if plan.name else slot
-                actions.append(functools.partial(_set_module, model, qual, gate))
+                actions.append(functools.partial(_set_module, model, prefix + slot, gate))
                 index += 1
             continue
         gate_names = [f"{_GATE_PREFIX}{i}" for i in range(len(plan.adds))]
         forward, branch_fns = _rewrite(plan, gate_names)
         block = plan.module
+        # A ``None`` slot was traced as Identity: the rewritten forward calls it.
+        neutral = list(dict.fromkeys([*plan.none_slots, *(s for a in plan.adds for s in a.slots)]))
+        for slot in neutral:
+            actions.append(functools.partial(_set_module, model, prefix + slot, nn.Identity()))
         for gname, a, fn in zip(gate_names, plan.adds, branch_fns):
             mods = [str(n.target) for n in a.nodes if n.op == "call_module"]
             attrs = [str(n.target) for n in a.nodes if n.op == "get_attr" and isinstance(_lookup(block, str(n.target)), nn.Parameter)]
@@ -624,10 +647,6 @@ def inject_stochastic_depth(
             gate.train(block.training)
             handle.gates.append(gate)
             actions.append(functools.partial(_add_gate, block, gname, gate))
-            for mod in dict.fromkeys(mods):
-                if is_drop_path_slot(block.get_submodule(mod)):
-                    qual = f"{plan.name}.{mod}" if plan.name else mod
-                    actions.append(functools.partial(_set_module, model, qual, nn.Identity()))
             index += 1
         actions.append(functools.partial(_set_forward, block, functools.partial(forward, block)))
 
@@ -645,13 +664,6 @@ def inject_stochastic_depth(
     handle._undo = done
     model.__dict__["_lightning_sd_handle"] = handle
     return handle
-
-
-def _lookup(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _add_gate(block: nn.Module, name: str, gate: nn.Module) -> Callable[[], None]:
