@@ -17,26 +17,28 @@ processes, default 1), ``--timeout S`` (seconds per model, default 300).
 
 What is measured, per model (nothing is downloaded: models are built on the meta device):
 
-* timm: built with ``drop_path_rate=0.1`` (models that refuse the argument are recorded as
-  ``no drop_path_rate`` and built without it) and again with ``drop_path_rate=0``.
-  torchvision: built with its defaults (its stochastic-depth models have rates > 0 by default).
+* timm: built with ``drop_path_rate=0.1`` given to EVERY block (timm's schedules start at rate 0, and a
+  block at rate 0 gets ``nn.Identity``/``None`` instead of ``DropPath``; ``_EveryBlockRate`` makes the
+  schedule constant), and again with ``drop_path_rate=0``. Models that refuse the argument are recorded
+  as ``no drop_path_rate`` and built without it. torchvision: built with its defaults (its
+  stochastic-depth models have rates > 0 by default).
 * The oracle is the library itself: one training-mode forward pass (meta input of the model's
   default input size from its ``pretrained_cfg``, batch 2) with forward hooks records which drop-path
-  slots are actually CALLED: timm ``DropPath`` / torchvision ``StochasticDepth`` modules; the
-  ``nn.Identity`` that timm puts in a ``*drop_path*`` attribute where a block's rate is 0 (the first
-  block of timm's linear rate rule); a ``drop_path*`` attribute that is ``None`` on a called module
-  (timm's resnet-style blocks at rate 0; one residual of that block); and, for torchvision models without
-  stochastic depth, the residual blocks torchvision defines (ResNet BasicBlock/Bottleneck, RegNet
-  ResBottleneckBlock, MobileNetV2/V3 InvertedResidual and MNASNet _InvertedResidual when their
-  ``use_res_connect``/``apply_residual`` is set, ViT EncoderBlock: two residuals).
+  modules are actually CALLED, and how often: timm ``DropPath``, torchvision ``StochasticDepth`` (and
+  the ``nn.Identity`` torchvision's MaxViT puts in its first block's ``stochastic_depth`` slot); for
+  torchvision models without stochastic depth, the residual blocks torchvision defines (ResNet
+  BasicBlock/Bottleneck, RegNet ResBottleneckBlock, MobileNetV2/V3 InvertedResidual and MNASNet
+  _InvertedResidual when their ``use_res_connect``/``apply_residual`` is set, ViT EncoderBlock: two).
+  Slots a timm model keeps at rate 0 whatever ``drop_path_rate`` is (CaiT's class-attention blocks)
+  are not drop paths: a gate there counts as extra. They are listed in ``zero_rate_slots``.
 * A slot whose output does not flow into an add with the block's input (checked with a shallow
   ``torch.fx`` trace of the slot's parent, climbing to the grandparent when the slot's output is the
   parent's output) is "not residual (timm quirk)": no gate is expected there, none must be put there.
   A parent whose forward cannot be traced counts the slot as residual.
 * ``lightning_sd.find_residual_branches(model)``: a gate covers a slot when the slot is the gate's
-  ``slot`` or one of its ``modules`` (for the virtual slots above: the gate's ``block`` is the slot's
-  module). Exact = every residual slot covered by exactly one gate and every gate covering exactly one
-  slot. Misses = residual slots in no gate; extra = gates covering no residual slot; merged = gates
+  ``slot`` or one of its ``modules`` (for torchvision's blocks: the gate's ``block`` is the block).
+  Exact = every residual slot covered by as many gates as it was called, and every gate covering
+  exactly one slot. Misses = residual slots in no gate; extra = gates covering no residual slot; merged = gates
   covering several slots; split = slots covered by several gates. Warnings emitted by discovery are
   recorded, and its wall time.
 * ``same@0``: whether the branch names at ``drop_path_rate=0`` equal those at 0.1.
@@ -150,6 +152,48 @@ def _build(fn, *args, **kwargs) -> tuple[nn.Module, str]:
         return fn(*args, **kwargs), "empty_init"
 
 
+class _EveryBlockRate(float):
+    """A ``drop_path_rate`` that gives every block the same rate > 0, whatever timm's schedule.
+
+    timm's schedules (``torch.linspace(0, rate, n)``, ``calculate_drop_path_rates``, ``rate * i / (n - 1)``)
+    start at 0, and a block at rate 0 gets ``nn.Identity``/``None`` instead of ``DropPath``: the oracle
+    would not see it. Products and quotients of this float are itself, and :func:`_every_block_rate`
+    makes ``torch.linspace``/``numpy.linspace`` ending at it constant. Rates a model fixes to 0 (CaiT's
+    class-attention blocks) stay 0: timm never drops those.
+    """
+
+    def __mul__(self, other):
+        return self
+
+    __rmul__ = __truediv__ = __rtruediv__ = __mul__
+
+    def __reduce__(self):
+        return (float, (float(self),))
+
+
+@contextlib.contextmanager
+def _every_block_rate():
+    import numpy as np
+
+    torch_linspace, np_linspace = torch.linspace, np.linspace
+
+    def t_linspace(start, end, steps, *args, **kwargs):
+        if isinstance(end, _EveryBlockRate):
+            return torch.full((int(steps),), float(end), dtype=kwargs.get("dtype"), device=kwargs.get("device"))
+        return torch_linspace(start, end, steps, *args, **kwargs)
+
+    def n_linspace(start, stop, num=50, *args, **kwargs):
+        if isinstance(stop, _EveryBlockRate):
+            return np.full(int(num), float(stop))
+        return np_linspace(start, stop, num, *args, **kwargs)
+
+    torch.linspace, np.linspace = t_linspace, n_linspace
+    try:
+        yield
+    finally:
+        torch.linspace, np.linspace = torch_linspace, np_linspace
+
+
 # ----------------------------------------------------------------------------------------- oracle
 
 
@@ -160,32 +204,36 @@ def _is_library_drop_path(m: nn.Module) -> bool:
     )
 
 
-def _candidate_slots(model: nn.Module) -> tuple[dict[str, str], dict[str, tuple[int | str, str]]]:
-    """Module slots ``{qualname: kind}`` and virtual slots ``{block qualname: (count or attr, kind)}``."""
-    slots: dict[str, str] = {}
-    virtual: dict[str, tuple[int | str, str]] = {}
+def _zero_rate_slots(model: nn.Module) -> list[str]:
+    """Slot attributes that hold ``nn.Identity`` or ``None`` (a block built at rate 0)."""
+    found = []
     for name, m in model.named_modules():
-        attr = name.rpartition(".")[2]
-        if _is_library_drop_path(m):
-            slots[name] = "drop_path"
-        elif type(m) is nn.Identity and _SLOT_ATTR.search(attr):
-            slots[name] = "identity_slot"
-        key = (type(m).__module__, type(m).__qualname__)
-        if key in _TV_RESIDUAL_BLOCKS:
-            virtual[name] = (_TV_RESIDUAL_BLOCKS[key], "torchvision_block")
-        elif any("drop_path" in k and v is None for k, v in vars(m).items() if not k.startswith("_")):
-            virtual[name] = (1, "none_slot")
-    return slots, virtual
+        prefix = f"{name}." if name else ""
+        for attr, child in m._modules.items():
+            if _SLOT_ATTR.search(attr) and (child is None or type(child) is nn.Identity):
+                found.append(prefix + attr)
+        found += [prefix + k for k, v in vars(m).items() if v is None and _SLOT_ATTR.search(k)]
+    return found
 
 
-def _called_slots(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
+def _called_slots(model: nn.Module, x: torch.Tensor, identity_slots: bool) -> tuple[dict[str, int], dict[str, int]]:
     """Run one training-mode forward; return the called module slots and virtual slots, each name -> count.
 
-    A module slot's count is how often it was called (torchvision's MaxViT calls one StochasticDepth for
-    both residuals of a layer); a virtual slot's count is its block's number of residuals.
+    Module slots: library drop-path modules and, with ``identity_slots``, ``nn.Identity`` under a slot
+    attribute; a module slot's count is how often it was called (torchvision's MaxViT calls one
+    StochasticDepth for both residuals of a layer). Virtual slots: torchvision's residual blocks
+    without stochastic depth, counted by their number of residuals.
     """
-    slots, virtual = _candidate_slots(model)
-    modules = dict(model.named_modules())
+    slots, virtual = {}, {}
+    for name, m in model.named_modules():
+        if _is_library_drop_path(m) or (identity_slots and type(m) is nn.Identity and _SLOT_ATTR.search(name.rpartition(".")[2])):
+            slots[name] = m
+        else:
+            spec = _TV_RESIDUAL_BLOCKS.get((type(m).__module__, type(m).__qualname__))
+            if spec is not None:
+                count = spec if isinstance(spec, int) else int(bool(getattr(m, spec)))
+                if count:
+                    virtual[name] = (m, count)
     called: dict[str, int] = {}
     handles = []
 
@@ -195,8 +243,8 @@ def _called_slots(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], di
 
         return hook
 
-    for qual in list(slots) + [v for v in virtual if v not in slots]:
-        handles.append(modules[qual].register_forward_hook(hook_for(qual)))
+    for qual, m in [*slots.items(), *((q, m) for q, (m, _) in virtual.items())]:
+        handles.append(m.register_forward_hook(hook_for(qual)))
     try:
         model.train()
         with torch.no_grad():
@@ -204,24 +252,7 @@ def _called_slots(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], di
     finally:
         for h in handles:
             h.remove()
-    called_slots = {q: c for q, c in called.items() if q in slots}
-    called_virtual: dict[str, int] = {}
-    for q in called:
-        if q not in virtual or q in slots:
-            continue
-        spec, kind = virtual[q]
-        if isinstance(spec, str):
-            count = 1 if getattr(modules[q], spec) else 0
-        else:
-            count = spec
-        if kind == "none_slot":
-            # A None slot stands for the block's residual only where the block has no real slot that ran
-            # and its forward adds two values computed from its input.
-            if any(s.rpartition(".")[0] == q for s in called_slots) or not _adds_input_to_itself(modules[q]):
-                count = 0
-        if count:
-            called_virtual[q] = count
-    return called_slots, called_virtual
+    return {q: c for q, c in called.items() if q in slots}, {q: virtual[q][1] for q in called if q in virtual}
 
 
 class _ShallowTracer(fx.Tracer):
@@ -245,27 +276,6 @@ def _closure(node: fx.Node, up: bool) -> set[fx.Node]:
             seen.add(n)
             stack.extend(n.all_input_nodes if up else n.users)
     return seen
-
-
-def _adds_input_to_itself(module: nn.Module) -> bool:
-    """Whether ``module``'s forward adds two values that both depend on its input, neither on the other
-    (True also when the forward cannot be traced)."""
-    try:
-        graph = _ShallowTracer().trace(module)
-    except Exception:
-        return True
-    for n in graph.nodes:
-        if not _is_add(n):
-            continue
-        a, b = (list(n.args[:2]) + [None, None])[:2]
-        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-            continue
-        if a is b:
-            continue
-        anc_a, anc_b = _closure(a, up=True) | {a}, _closure(b, up=True) | {b}
-        if any(p.op == "placeholder" for p in anc_a) and any(p.op == "placeholder" for p in anc_b):
-            return True
-    return False
 
 
 def _residual_verdict(model: nn.Module, slot: str, cache: dict, max_levels: int = 3) -> str:
@@ -373,7 +383,7 @@ def _short_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
 
 
-def _evaluate_model(model: nn.Module, input_size: tuple[int, ...], rec: dict[str, Any]) -> list[Any] | None:
+def _evaluate_model(model: nn.Module, input_size: tuple[int, ...], rec: dict[str, Any], identity_slots: bool) -> list[Any] | None:
     """Oracle + discovery on one built model; fills ``rec``; returns the branches (None on failure)."""
     try:
         branches, warns, dt = _discover(model)
@@ -390,7 +400,7 @@ def _evaluate_model(model: nn.Module, input_size: tuple[int, ...], rec: dict[str
     )
     x = torch.empty((2, *input_size), device="meta")
     try:
-        slots, virtual = _called_slots(model, x)
+        slots, virtual = _called_slots(model, x, identity_slots)
     except _Timeout:
         raise
     except Exception as err:
@@ -421,7 +431,8 @@ def evaluate_timm(name: str) -> dict[str, Any]:
 
     rec: dict[str, Any] = {"source": "timm", "model": name, "family": _timm_family(name), "takes_drop_path_rate": True}
     try:
-        model, rec["built_on"] = _build(timm.create_model, name, pretrained=False, drop_path_rate=0.1)
+        with _every_block_rate():
+            model, rec["built_on"] = _build(timm.create_model, name, pretrained=False, drop_path_rate=_EveryBlockRate(0.1))
     except _Timeout:
         raise
     except TypeError as err:
@@ -441,7 +452,8 @@ def evaluate_timm(name: str) -> dict[str, Any]:
         return rec
     size = _input_size(model)
     rec["input_size"] = list(size)
-    branches = _evaluate_model(model, size, rec)
+    rec["zero_rate_slots"] = _zero_rate_slots(model)
+    branches = _evaluate_model(model, size, rec, identity_slots=False)
     del model
     if not rec["takes_drop_path_rate"] or branches is None:
         return rec
@@ -476,7 +488,7 @@ def evaluate_torchvision(name: str) -> dict[str, Any]:
         return rec
     size = (3, 299, 299) if name.startswith("inception") else (3, 224, 224)
     rec["input_size"] = list(size)
-    _evaluate_model(model, size, rec)
+    _evaluate_model(model, size, rec, identity_slots=True)
     return rec
 
 
