@@ -13,7 +13,8 @@ as ``byobnet``, torchvision module names such as ``resnet``), ``--limit N`` (fir
 filtering), ``--skip-timm``, ``--skip-torchvision``, ``--out PATH`` (JSON with one record per model;
 default ``/work/zoo/results.json`` when ``/work/zoo`` exists, else ``lightning_logs/zoo/results.json``;
 records are also appended to ``PATH`` with suffix ``.jsonl`` as they finish), ``--jobs N`` (worker
-processes, default 1), ``--timeout S`` (seconds per model, default 300).
+processes, default 1), ``--timeout S`` (seconds per model, default 300), ``--report PATH`` (print the
+table of a saved ``--out`` JSON, or of its ``.jsonl`` while a sweep is still running, and exit).
 
 What is measured, per model (nothing is downloaded: models are built on the meta device):
 
@@ -517,10 +518,21 @@ def _fmt_t(values: list[float]) -> tuple[str, str]:
     return f"{max(values):.2f}", f"{statistics.median(values):.3f}"
 
 
+def _scored(r: dict[str, Any]) -> bool:
+    """Whether a record has an oracle to compare with: a drop path was called, or it is torchvision
+    (whose models without stochastic depth or residual blocks have no residual: no gate is right)."""
+    return r.get("status") == "ok" or (r["source"] == "torchvision" and r.get("status") == "no_drop_path_called")
+
+
+def _failed(r: dict[str, Any]) -> bool:
+    return r.get("status") not in ("ok", "no_drop_path_called")
+
+
 def summarize(records: list[dict[str, Any]]) -> str:
+    """The per-family table, totals and the list of models that are not exact."""
     lines = []
     header = (
-        f"{'family':<24}{'models':>7}{'dpr':>5}{'exact':>6}{'miss':>5}{'extra':>6}{'merge':>6}{'quirk':>6}"
+        f"{'family':<24}{'models':>7}{'dpr':>5}{'nodp':>5}{'exact':>6}{'miss':>5}{'extra':>6}{'merge':>6}{'quirk':>6}"
         f"{'warn':>5}{'diff0':>6}{'fail':>5}{'t_max':>7}{'t_med':>7}"
     )
     for source in ("timm", "torchvision"):
@@ -531,21 +543,22 @@ def summarize(records: list[dict[str, Any]]) -> str:
         for r in recs:
             fams[r.get("family", "?")].append(r)
         lines.append(f"\n== {source}: {len(recs)} models, {len(fams)} families ==")
-        lines.append("columns: models; dpr = built with drop_path_rate (timm); exact; models with miss / extra / merged gates;")
-        lines.append("quirk = with a drop path that is not residual; warn = discovery warned; diff0 = other branches at rate 0;")
-        lines.append("fail = build/forward/discovery failed or timed out; t = discovery seconds (max, median)")
+        lines.append("models; dpr = took drop_path_rate; nodp = no drop path called (timm: not scored); exact; models with")
+        lines.append("misses / extra gates / merged or split gates; quirk = a drop path that is not residual (timm quirk);")
+        lines.append("warn = discovery warned; diff0 = other branches at drop_path_rate 0; fail = build/forward/discovery")
+        lines.append("failed or timed out; t = discovery seconds at rate 0.1 (max, median)")
         lines.append(header)
 
         def row(label: str, rs: list[dict[str, Any]]) -> str:
-            t = [r["discovery_s"] for r in rs if "discovery_s" in r]
-            tmax, tmed = _fmt_t(t)
+            sc = [r for r in rs if _scored(r)]
+            tmax, tmed = _fmt_t([r["discovery_s"] for r in rs if "discovery_s" in r])
             return (
                 f"{label:<24}{len(rs):>7}{sum(bool(r.get('takes_drop_path_rate')) for r in rs):>5}"
-                f"{sum(bool(r.get('exact')) for r in rs):>6}{sum(bool(r.get('misses')) for r in rs):>5}"
-                f"{sum(bool(r.get('extra_gates')) for r in rs):>6}{sum(bool(r.get('merged_gates') or r.get('split_slots')) for r in rs):>6}"
-                f"{sum(bool(r.get('not_residual')) for r in rs):>6}{sum(bool(r.get('warnings')) for r in rs):>5}"
-                f"{sum(r.get('same_at_0') is False for r in rs):>6}"
-                f"{sum(r.get('status') not in ('ok', 'no_drop_path_called') for r in rs):>5}{tmax:>7}{tmed:>7}"
+                f"{sum(r.get('status') == 'no_drop_path_called' for r in rs):>5}"
+                f"{sum(bool(r.get('exact')) for r in sc):>6}{sum(bool(r.get('misses')) for r in sc):>5}"
+                f"{sum(bool(r.get('extra_gates')) for r in sc):>6}{sum(bool(r.get('merged_gates') or r.get('split_slots')) for r in sc):>6}"
+                f"{sum(bool(r.get('not_residual')) for r in sc):>6}{sum(bool(r.get('warnings')) for r in rs):>5}"
+                f"{sum(r.get('same_at_0') is False for r in rs):>6}{sum(_failed(r) for r in rs):>5}{tmax:>7}{tmed:>7}"
             )
 
         for fam in sorted(fams):
@@ -553,20 +566,33 @@ def summarize(records: list[dict[str, Any]]) -> str:
         lines.append(row("TOTAL", recs))
         if source == "timm":
             dpr = [r for r in recs if r.get("takes_drop_path_rate")]
-            exact = sum(bool(r.get("exact")) for r in dpr)
-            measured = [r for r in dpr if r.get("status") == "ok"]
-            pct = 100.0 * exact / len(dpr) if dpr else 0.0
+            scored = [r for r in dpr if r.get("status") != "no_drop_path_called"]  # failures count as not exact
+            exact = sum(bool(r.get("exact")) for r in scored)
+            pct = 100.0 * exact / len(scored) if scored else 0.0
+            ok = [r for r in scored if r.get("status") == "ok"]
             lines.append(
-                f"timm exact: {exact} of {len(dpr)} models that take drop_path_rate ({pct:.1f}%); "
-                f"{len(measured)} of them measured (built, forward ran, a drop path called); "
-                f"{sum(bool(r.get('misses')) for r in dpr)} with misses ({sum(len(r.get('misses', [])) for r in dpr)} slots), "
-                f"{sum(bool(r.get('extra_gates')) for r in dpr)} with extra gates ({sum(len(r.get('extra_gates', [])) for r in dpr)} gates); "
-                f"same branches at rate 0: {sum(r.get('same_at_0') is True for r in dpr)} of {len(dpr)}"
+                f"timm: {len(recs)} models, {len(dpr)} take drop_path_rate, {len(dpr) - len(scored)} of those call no drop path; "
+                f"exact: {exact} of {len(scored)} ({pct:.1f}%; failures count as not exact: {sum(_failed(r) for r in scored)}); "
+                f"{sum(bool(r.get('misses')) for r in ok)} with misses ({sum(len(r.get('misses', [])) for r in ok)} drop paths in no gate), "
+                f"{sum(bool(r.get('extra_gates')) for r in ok)} with extra gates ({sum(len(r.get('extra_gates', [])) for r in ok)} gates), "
+                f"{sum(bool(r.get('merged_gates') or r.get('split_slots')) for r in ok)} with merged/split gates; "
+                f"{sum(bool(r.get('not_residual')) for r in ok)} with non-residual drop paths (timm quirk); "
+                f"same branches at drop_path_rate 0 and 0.1: {sum(r.get('same_at_0') is True for r in dpr)} of {len(dpr)}; "
+                f"discovery warned on {sum(bool(r.get('warnings')) for r in recs)}"
             )
         else:
-            ok = sum(bool(r.get("exact")) for r in recs)
-            lines.append(f"torchvision exact: {ok} of {len(recs)}")
-        statuses = defaultdict(int)
+            lines.append(f"torchvision exact: {sum(bool(r.get('exact')) for r in recs if _scored(r))} of {len(recs)}")
+        bad = defaultdict(list)
+        for r in recs:
+            if _scored(r) and not r.get("exact"):
+                parts = [f"{k} {len(r.get(key, []))}" for k, key in (("miss", "misses"), ("extra", "extra_gates"), ("merged", "merged_gates"), ("split", "split_slots")) if r.get(key)]
+                bad[r["family"]].append(f"{r['model']} ({', '.join(parts) or 'quirk gated'})")
+            elif _failed(r):
+                bad[r["family"]].append(f"{r['model']} [{r.get('status')}: {str(r.get('error', ''))[:80]}]")
+        if bad:
+            lines.append(f"not exact or failed, by family ({sum(map(len, bad.values()))} models):")
+            lines += [f"  {fam}: " + "; ".join(names) for fam, names in sorted(bad.items())]
+        statuses: dict[str, int] = defaultdict(int)
         for r in recs:
             statuses[r.get("status", "?")] += 1
         lines.append("status counts: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
@@ -619,9 +645,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-torchvision", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="JSON of per-model records (default: /work/zoo/results.json if /work/zoo exists)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument("--report", type=Path, default=None, help="only print the table of a saved --out JSON (or its .jsonl)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model before it is recorded as a timeout")
     args = parser.parse_args(argv)
 
+    if args.report is not None:
+        text = args.report.read_text()
+        records = json.loads(text)["records"] if args.report.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        print(summarize(records))
+        return 0
     out = args.out or _default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
