@@ -13,7 +13,8 @@ as ``byobnet``, torchvision module names such as ``resnet``), ``--limit N`` (fir
 filtering), ``--skip-timm``, ``--skip-torchvision``, ``--out PATH`` (JSON with one record per model;
 default ``/work/zoo/results.json`` when ``/work/zoo`` exists, else ``lightning_logs/zoo/results.json``;
 records are also appended to ``PATH`` with suffix ``.jsonl`` as they finish), ``--jobs N`` (worker
-processes, default 1), ``--timeout S`` (seconds per model, default 300), ``--report PATH`` (print the
+processes, default 1), ``--timeout S`` (seconds per model, default 300), ``--resume`` (keep the records of an
+interrupted run found in the ``.jsonl`` and run the rest), ``--report PATH`` (print the
 table of a saved ``--out`` JSON, or of its ``.jsonl`` while a sweep is still running, and exit).
 
 What is measured, per model (nothing is downloaded: models are built on the meta device):
@@ -645,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-torchvision", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="JSON of per-model records (default: /work/zoo/results.json if /work/zoo exists)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument("--resume", action="store_true", help="keep the records already in the --out .jsonl and run only the other models")
     parser.add_argument("--report", type=Path, default=None, help="only print the table of a saved --out JSON (or its .jsonl)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model before it is recorded as a timeout")
     args = parser.parse_args(argv)
@@ -657,13 +659,24 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or _default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
-    jsonl.write_text("")
     tasks = [(s, n, args.timeout) for s, n in _select_models(args)]
+    wanted = {(s, n) for s, n, _ in tasks}
+    records: list[dict[str, Any]] = []
+    if args.resume and jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by an interrupted run
+                continue
+            if (rec["source"], rec["model"]) in wanted and not any((r["source"], r["model"]) == (rec["source"], rec["model"]) for r in records):
+                records.append(rec)
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    done = {(r["source"], r["model"]) for r in records}
+    todo = [t for t in tasks if (t[0], t[1]) not in done]
     import lightning_sd
 
-    print(f"lightning_sd from {lightning_sd.__file__}; {len(tasks)} models; jobs {args.jobs}; out {out}", flush=True)
+    print(f"lightning_sd from {lightning_sd.__file__}; {len(tasks)} models ({len(done)} kept from {jsonl}); jobs {args.jobs}; out {out}", flush=True)
     t0 = time.perf_counter()
-    records: list[dict[str, Any]] = []
 
     def consume(rec: dict[str, Any]) -> None:
         records.append(rec)
@@ -675,19 +688,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{len(records)}/{len(tasks)}] {rec['source']}:{rec['model']} {flag} ({rec['wall_s']:.1f} s)", flush=True)
 
     if args.jobs <= 1:
-        for task in tasks:
+        for task in todo:
             consume(_run_one(task))
     else:
         ctx = mp.get_context("fork")
         with ctx.Pool(args.jobs, maxtasksperchild=25) as pool:
-            for rec in pool.imap_unordered(_run_one, tasks, chunksize=1):
+            for rec in pool.imap_unordered(_run_one, todo, chunksize=1):
                 consume(rec)
     wall = time.perf_counter() - t0
     order = {(s, n): i for i, (s, n, _) in enumerate(tasks)}
     records.sort(key=lambda r: order[(r["source"], r["model"])])
     out.write_text(json.dumps({"wall_s": round(wall, 1), "lightning_sd": lightning_sd.__file__, "records": records}, indent=1))
     print(summarize(records))
-    print(f"\nsweep wall time: {wall:.0f} s ({len(tasks)} models, jobs {args.jobs}); records in {out}")
+    print(f"\nsweep wall time: {wall:.0f} s ({len(todo)} models run, {len(done)} kept from an earlier run; jobs {args.jobs}); records in {out}")
     return 0
 
 
