@@ -283,7 +283,8 @@ def _closure(node: fx.Node, up: bool) -> set[fx.Node]:
 def _residual_verdict(model: nn.Module, slot: str, cache: dict, max_levels: int = 3) -> str:
     """``"residual"``, ``"not_residual"`` or ``"untraceable"`` for the module slot ``slot``.
 
-    At the slot's parent: the slot's output, through any ops, must reach an add whose other operand does
+    At the slot's parent: a slot applied to the parent's input itself drops the shortcut, not a branch
+    (timm's ResNeSt). Otherwise the slot's output, through any ops, must reach an add whose other operand does
     not depend on the slot and does depend on the parent's inputs. If instead it only reaches the
     parent's output, the same question is asked one level up (the slot ends a branch submodule).
     """
@@ -306,6 +307,8 @@ def _residual_verdict(model: nn.Module, slot: str, cache: dict, max_levels: int 
         nodes = [n for n in graph.nodes if n.op == "call_module" and (n.target == child_rel or n.target == first)]
         if not nodes:
             return "untraceable"
+        if level == 1 and any(n.args and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder" for n in nodes):
+            return "not_residual"  # the drop path takes the block's input itself (resnest: the shortcut is dropped)
         reaches_output = False
         for node in nodes:
             desc = _closure(node, up=False)
