@@ -35,7 +35,9 @@ What is measured, per model (nothing is downloaded: models are built on the meta
   are not drop paths: a gate there counts as extra. They are listed in ``zero_rate_slots``.
 * A slot whose output does not flow into an add with the block's input (checked with a shallow
   ``torch.fx`` trace of the slot's parent, climbing to the grandparent when the slot's output is the
-  parent's output) is "not residual (timm quirk)": no gate is expected there, none must be put there.
+  parent's output), or that is applied to the block's input itself (ResNeSt drops the input that then
+  feeds the downsample shortcut), is "not residual (timm quirk)": no gate is expected there, none must
+  be put there.
   A parent whose forward cannot be traced counts the slot as residual.
 * ``lightning_sd.find_residual_branches(model)``: a gate covers a slot when the slot is the gate's
   ``slot`` or one of its ``modules`` (for torchvision's blocks: the gate's ``block`` is the block).
@@ -55,7 +57,6 @@ import json
 import multiprocessing as mp
 import operator
 import re
-import os
 import signal
 import statistics
 import sys
@@ -532,6 +533,13 @@ def _failed(r: dict[str, Any]) -> bool:
     return r.get("status") not in ("ok", "no_drop_path_called")
 
 
+def _extra_on_zero_rate_slots(r: dict[str, Any]) -> int:
+    """How many of a record's extra gates hold a slot the model keeps at rate 0 (CaiT class attention)."""
+    zero = set(r.get("zero_rate_slots", []))
+    branches = {b["name"]: b for b in r.get("branches", [])}
+    return sum(bool(zero & ({*branches[e]["modules"], branches[e]["slot"]})) for e in r.get("extra_gates", []))
+
+
 def summarize(records: list[dict[str, Any]]) -> str:
     """The per-family table, totals and the list of models that are not exact."""
     lines = []
@@ -583,6 +591,13 @@ def summarize(records: list[dict[str, Any]]) -> str:
                 f"{sum(bool(r.get('not_residual')) for r in ok)} with non-residual drop paths (timm quirk); "
                 f"same branches at drop_path_rate 0 and 0.1: {sum(r.get('same_at_0') is True for r in dpr)} of {len(dpr)}; "
                 f"discovery warned on {sum(bool(r.get('warnings')) for r in recs)}"
+            )
+            on_zero = [_extra_on_zero_rate_slots(r) for r in ok]
+            fams = sorted({r["family"] for r, e in zip(ok, on_zero) if e})
+            lines.append(
+                f"extra gates on slots that timm keeps at rate 0 whatever drop_path_rate is (zero_rate_slots): "
+                f"{sum(on_zero)} gates in {sum(map(bool, on_zero))} models ({', '.join(fams)}); "
+                f"{sum(1 for r, e in zip(ok, on_zero) if e and e == len(r['extra_gates']))} models have no other extra gate"
             )
         else:
             lines.append(f"torchvision exact: {sum(bool(r.get('exact')) for r in recs if _scored(r))} of {len(recs)}")
