@@ -73,22 +73,13 @@ _DISCOVERY_RIGHT_TODAY = [
     ("torchvision", "vit_b_32", {"image_size": 32}, 32),
 ]
 
-# Families whose discovery issue 11 changes (lightning_sd/core/discovery.py, branch h11): today they get
-# gates on the wrong adds or miss drop paths, but injection must stay clean whatever the gates are. The
-# lead re-checks these after merging the new discovery.
+# Families whose discovery was wrong before issue 11 (gates on the wrong adds, missed drop paths); injection
+# must stay clean with the gates they get now (where the gates are is checked in test_discovery_zoo.py).
 _FAMILIES_BEING_FIXED = [
-    pytest.param(
-        "timm", "coat_lite_tiny", {"img_size": 32}, 32,  # coat: gates inside the shared conv position encoding
-        marks=pytest.mark.xfail(reason="issue 11: every coat gate sits in a module shared by several blocks", strict=False),
-        id="timm:coat_lite_tiny",
-    ),
+    ("timm", "coat_lite_tiny", {"img_size": 32}, 32),  # coat: gates were inside the shared conv position encoding
     ("timm", "gcresnet50t", {}, 32),  # byobnet gc*: gate inside the global-context module
     ("timm", "dm_nfnet_f0", {}, 32),  # nfnet: in-place mul_ moves the gate to the shortcut
-    pytest.param(
-        "timm", "rexnet_100", {}, 32,  # rexnet: slice residual not found; no branch at all today
-        marks=pytest.mark.xfail(reason="issue 11: discovery finds no residual in rexnet yet", raises=ValueError, strict=False),
-        id="timm:rexnet_100",
-    ),
+    ("timm", "rexnet_100", {}, 32),  # rexnet: slice residual, gated at its drop-path slots only
     ("timm", "edgenext_xx_small", {}, 64),  # edgenext: nested residuals
     ("timm", "tiny_vit_5m_224", {}, 224),  # tiny_vit: branches depend on drop_path_rate
     ("timm", "xcit_nano_12_p16_224", {"img_size": 32}, 32),  # xcit: root position-embedding add gated
@@ -146,11 +137,18 @@ def test_inject_train_step_eval_remove(library: str, name: str, kwargs: dict, si
         probe = _probe_module(model, b, others, shared) if b.skippable else None
         if probe is not None:
             probes[i] = probe
-    assert probes, f"no branch of {name} has a module of its own to observe"
+    # Slot-only branches (the add cannot take a gate, e.g. rexnet's slice residual) are observed at their
+    # gated slot: a dropped branch's slot output is exactly zero, a kept one's is not.
+    slot_probes = {i: b.slot for i, b in enumerate(branches) if not b.skippable and b.slot is not None}
+    assert probes or slot_probes, f"no branch of {name} can be observed"
     calls = dict.fromkeys(probes, 0)
+    nonzero: dict[int, bool] = {}
     hooks = [
         model.get_submodule(mod).register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
         for i, mod in probes.items()
+    ] + [
+        model.get_submodule(slot).register_forward_hook(lambda _m, _a, out, i=i: nonzero.__setitem__(i, bool(out.ne(0).any())))
+        for i, slot in slot_probes.items()
     ]
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -158,8 +156,11 @@ def test_inject_train_step_eval_remove(library: str, name: str, kwargs: dict, si
     for h in hooks:
         h.remove()
     kept = handle.kept
-    executed = torch.tensor([calls[i] > 0 for i in probes])
+    executed = torch.tensor([calls[i] > 0 for i in probes], dtype=torch.bool)
     assert torch.equal(executed, kept[list(probes)]), f"executed {executed.tolist()} vs mask {kept[list(probes)].tolist()}"
+    assert sorted(nonzero) == sorted(slot_probes)
+    passed = torch.tensor([nonzero[i] for i in slot_probes], dtype=torch.bool)
+    assert torch.equal(passed, kept[list(slot_probes)]), f"slot outputs {passed.tolist()} vs mask {kept[list(slot_probes)].tolist()}"
     loss.backward()
     for i, mod in probes.items():
         grads = [p.grad for p in model.get_submodule(mod).parameters()]
@@ -178,7 +179,7 @@ def test_inject_train_step_eval_remove(library: str, name: str, kwargs: dict, si
     handle.remove()
     assert [(n, type(m)) for n, m in model.named_modules()] == types
     assert list(model.state_dict()) == keys
-    model.eval()  # the restored drop-path slots keep the mode they had at injection (see the xfail below)
+    model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
         # Training mode too (BatchNorm on batch statistics), with the models' own drop paths and dropout off.
@@ -190,9 +191,6 @@ def test_inject_train_step_eval_remove(library: str, name: str, kwargs: dict, si
         assert torch.equal(model(x), plain(x))
 
 
-@pytest.mark.xfail(reason="gates.py: handle.remove() puts back the original drop-path modules with the training flag "
-                   "they had at injection; a model switched to eval while injected has its DropPath in training "
-                   "mode again after remove (found by the test above; fix in StochasticDepthHandle.remove)", strict=False)
 def test_remove_restores_slots_in_the_models_current_mode() -> None:
     model = timm.create_model("resnet18", pretrained=False, drop_path_rate=0.1)
     handle = lightning_sd.inject_stochastic_depth(model, 0.5)
@@ -201,3 +199,9 @@ def test_remove_restores_slots_in_the_models_current_mode() -> None:
     slots = [n for n, m in model.named_modules() if lightning_sd.core.discovery.is_drop_path_slot(m)]
     assert len(slots) == 7  # resnet18: 8 blocks, the first at rate 0 has no DropPath
     assert [n for n, m in model.named_modules() if m.training] == []
+    # and the other way: injected in eval mode, switched to training, removed
+    model.eval()
+    handle = lightning_sd.inject_stochastic_depth(model, 0.5)
+    model.train()
+    handle.remove()
+    assert [n for n, m in model.named_modules() if not m.training] == []

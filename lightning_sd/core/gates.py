@@ -491,7 +491,10 @@ class _Undo:
         self.kind, self.module, self.name, self.old, self.had = kind, module, name, old, had
 
     def __call__(self) -> None:
-        if self.kind == "module":  # put the original submodule (drop-path slot) back
+        if self.kind == "module":  # put the original submodule (drop-path slot) back, in the model's current mode
+            current = self.module._modules.get(self.name)
+            if isinstance(self.old, nn.Module):
+                self.old.train(current.training if current is not None else self.module.training)
             self.module._modules[self.name] = self.old
         elif self.kind == "attribute":  # a ``None`` drop-path slot: back to a plain attribute
             self.module._modules.pop(self.name, None)
