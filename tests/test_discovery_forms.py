@@ -134,6 +134,30 @@ def test_one_untraceable_block_of_two_is_not_silent():
     assert [u.where for u in report.uncovered] == ["1"]
 
 
+def test_callback_strict_refuses_at_setup_before_touching_the_model(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_sd.callbacks import StochasticDepth
+    from lightning_sd.core.gates import existing_handle
+    from tests.helpers import RegressionModule, trainer_kwargs
+
+    module = RegressionModule(in_features=6)
+    module.net = nn.Sequential(Traceable(), Untraceable(), nn.Linear(6, 1))
+    forwards = [type(m).forward for m in module.modules()]
+    loader = DataLoader(TensorDataset(torch.randn(8, 6), torch.randn(8, 1)), batch_size=4)
+    trainer = pl.Trainer(max_steps=1, callbacks=[StochasticDepth(strict=True, seed=0)], **trainer_kwargs(tmp_path, logger=False))
+    with pytest.raises(ValueError, match=r"(?s)net\.1: Untraceable\.forward cannot be traced.*blocks="):
+        trainer.fit(module, loader)
+    assert existing_handle(module) is None and trainer.global_step == 0
+    assert [type(m).forward for m in module.modules()] == forwards and all("forward" not in vars(m) for m in module.modules())
+    # strict=False (the default) trains with the traceable block gated and says what it left out
+    sd = StochasticDepth(seed=0)
+    with pytest.warns(UserWarning, match="Untraceable.forward cannot be traced"):
+        pl.Trainer(max_steps=1, callbacks=[sd], **trainer_kwargs(tmp_path, logger=False)).fit(module, loader)
+    assert [b.name for b in sd.handle.branches] == ["net.0"]
+
+
 def test_untraceable_block_with_a_slot_is_gated_through_the_slot_without_warning():
     class SlotUntraceable(Untraceable):
         def __init__(self):

@@ -94,6 +94,8 @@ class StochasticDepth(Callback):
         scaling: ``"inverted"`` (m = delta/p in training, plain network in evaluation) or
             ``"expected"`` (m = delta in training, m = p in evaluation).
         blocks: ``None`` (automatic), a regex over block/branch names, or a list of module names.
+        strict: raise at setup (before the model is touched) instead of warning when discovery leaves
+            drop-path slots or residual-looking modules of the model uncovered (see "How blocks are found").
         survival: explicit rates for ``mode="custom"`` (length L, each in [0, 1]).
         seed: base seed of the mask stream (int >= 0). ``None``: ``torch.initial_seed() % 2**31`` on
             rank 0, broadcast to every rank. That is the seed the global generator was last seeded with
@@ -134,6 +136,7 @@ class StochasticDepth(Callback):
         drop: Literal["batch", "sample"] = "batch",
         scaling: Literal["inverted", "expected"] = "inverted",
         blocks: str | list[str] | None = None,
+        strict: bool = False,
         survival: list[float] | None = None,
         seed: int | None = None,
         p_min: float | None = None,
@@ -204,6 +207,7 @@ class StochasticDepth(Callback):
         self.drop = drop
         self.scaling = scaling
         self.blocks = blocks
+        self.strict = bool(strict)
         self.custom_survival = None if survival is None else [float(x) for x in survival]
         self.seed = None if seed is None else int(seed)
         self._seed_source = "argument" if seed is not None else None
@@ -369,6 +373,7 @@ class StochasticDepth(Callback):
                 drop=self.drop,
                 scaling=self.scaling,
                 blocks=self.blocks,
+                strict=self.strict,
                 seed=self.seed,
                 auto_resample=False,
             )
