@@ -464,6 +464,12 @@ class _BlockAnalyser:
         """The block input (or an earlier residual output), through weight-free transforms only."""
         return self.ident.get(n, False)
 
+    def drops_input(self, n: fx.Node) -> bool:
+        """A slot call applied to the block input itself (ResNeSt: ``x = drop_path(x)`` before the
+        downsample): it drops the input, not a branch, so it marks no residual."""
+        data = [a for a in n.args[:1] if isinstance(a, fx.Node)]
+        return bool(data) and self.is_ident(data[0])
+
     def is_proj(self, root: fx.Node, excl: set[fx.Node]) -> bool:
         """One projection (a single conv/linear layer, with its norm and pooling) of the block input."""
         calls = [n for n in excl if self.weighted(n)]
@@ -521,7 +527,9 @@ class _BlockAnalyser:
                     passed.append((where, "one operand is not computed from the block input (a position embedding or bias)"))
                 continue
             excl = {a: _exclusive_nodes(a, node, self.order), b: _exclusive_nodes(b, node, self.order)}
-            slot_calls = {o: [n for n in excl[o] if self.slots_of(n) and n not in claimed_nodes] for o in (a, b)}
+            slot_calls = {
+                o: [n for n in excl[o] if self.slots_of(n) and n not in claimed_nodes and not self.drops_input(n)] for o in (a, b)
+            }
             plan: _AddPlan | None = None
             if self.slot_mode and (slot_calls[a] or slot_calls[b]):
                 if slot_calls[a] and slot_calls[b]:
@@ -570,7 +578,7 @@ class _BlockAnalyser:
             # Slots consumed by no add: slice residuals (branch code shared with the shortcut), or
             # timm applying DropPath to something that is not added to a shortcut.
             for n in self.nodes:
-                if n.op != "call_module" or not self.slots_of(n) or n in claimed_nodes:
+                if n.op != "call_module" or not self.slots_of(n) or n in claimed_nodes or self.drops_input(n):
                     continue
                 if self._feeds_residual(n, claimed_nodes):
                     multi = True
@@ -749,8 +757,46 @@ def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnal
         # Slots that no forward calls (timm's ConvBnAct without skip in an otherwise slot-less model)
         # do not make the slots the complete list.
         if result.plans or result.uncovered or result.slots_called:
-            return result
+            return result if names is not None else _without_fixed_zero_slots(model, result)
     return _analyse_mode(model, names, False)
+
+
+_FIXED_ZERO = (
+    "timm keeps this drop-path slot at rate 0 whatever drop_path_rate is (class attention, position encoding, "
+    "hybrid backbone): timm never drops it; name the block in blocks= to gate it anyway"
+)
+
+
+def _without_fixed_zero_slots(model: nn.Module, result: _ModelAnalysis) -> _ModelAnalysis:
+    """Pass over the branches whose slot timm never drops (see :mod:`lightning_sd.core.timm_placement`)."""
+    from lightning_sd.core.timm_placement import timm_fixed_zero_slots
+
+    fixed = timm_fixed_zero_slots(model)
+    if not fixed:
+        return result
+    plans: list[_BlockPlan] = []
+    for plan in result.plans:
+        prefix = f"{plan.name}." if plan.name else ""
+        label = f"{plan.name or '<root>'} ({type(plan.module).__name__}"
+        if plan.graph is None:
+            keep = [s for s in plan.slot_names if prefix + s not in fixed]
+            for s in plan.slot_names:
+                if prefix + s in fixed:
+                    result.passed.append(PassedOver(f"{label}, slot '{s}')", _FIXED_ZERO, type(plan.module).__name__, s))
+            if keep:
+                plans.append(_BlockPlan(plan.name, plan.module, None, slot_names=keep,
+                                        none_slots=[s for s in plan.none_slots if s in keep]))
+        else:
+            keep_adds = [a for a in plan.adds if a.slot is None or prefix + a.slot not in fixed]
+            for a in plan.adds:
+                if a not in keep_adds:
+                    result.passed.append(PassedOver(f"{label}, add '{a.add.name}')", _FIXED_ZERO, type(plan.module).__name__, a.add.name))
+            if keep_adds:
+                plans.append(_BlockPlan(plan.name, plan.module, plan.graph, keep_adds, none_slots=plan.none_slots))
+        if plan.name not in {p.name for p in plans} and plan.name not in result.candidates:
+            result.candidates.append(plan.name)  # a regex blocks= may still name it
+    result.plans = plans
+    return result
 
 
 def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool) -> _ModelAnalysis:
