@@ -196,13 +196,14 @@ def test_bf16_mixed_measures_in_fp32(tmp_path):
     module = Regressor()
     loader = regression_loader(0)
     expected_s = _reference_sensitivities(module, loader, 2)
+    with torch.autocast("cpu", torch.bfloat16):  # the control: measured under bf16 autocast they differ
+        bf16_s = _reference_sensitivities(module, loader, 2)
     cb = StochasticDepth(mode="sensemode", budget=0.5, sensitivity_batches=2, seed=0)
     make_trainer(tmp_path, callbacks=[cb], max_steps=1, precision="bf16-mixed").fit(module, loader)
     assert cb.sensitivities.dtype == torch.float32
-    # bf16 autocast (8-bit mantissa) through 8 blocks: a few % of the largest sensitivity.
-    scale = float(expected_s.abs().max())
-    torch.testing.assert_close(cb.sensitivities, expected_s, rtol=0.1, atol=0.05 * scale)
-    assert not torch.equal(cb.sensitivities, expected_s)  # autocast was really on
+    # autocast off during the measurement: the float32 sensitivities, not bf16-rounded ones
+    torch.testing.assert_close(cb.sensitivities, expected_s, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(bf16_s, expected_s, rtol=1e-3, atol=0)
 
 
 class _Counter:
