@@ -75,6 +75,7 @@ class SDLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"prog": "lightning-sd"})
         super().__init__(args=args, **kwargs)
+        _destroy_process_group()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -158,3 +159,13 @@ class SDLightningCLI(LightningCLI):
             if per_block:
                 lines.append(f"  (and {len(per_block)} per-block values, e.g. {per_block[0]}: see the logger)")
         print("\n".join(lines), flush=True)
+
+
+def _destroy_process_group() -> None:
+    """End the DDP process group that the run left open (Lightning keeps it for a later ``trainer.test``).
+
+    Left to interpreter exit, gloo's threads are torn down in static destructors, and the process
+    sometimes aborts after a successful run ("terminate called without an active exception", exit -6).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
