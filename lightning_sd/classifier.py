@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 __all__ = [
     "SDClassifier",
@@ -64,7 +65,7 @@ def build_backbone(
     in_channels: int = 3,
     stable: bool = False,
     balanced: bool = False,
-    backbone_kwargs: Optional[dict[str, Any]] = None,
+    backbone_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build a randomly initialised classification backbone from its name.
 
@@ -256,7 +257,7 @@ class SDClassifier(LightningModule):
 
     def __init__(
         self,
-        backbone: Union[str, nn.Module] = "CifarResNet-20",
+        backbone: str | nn.Module = "CifarResNet-20",
         num_classes: int = 10,
         in_channels: int = 3,
         stable: bool = False,
@@ -268,7 +269,7 @@ class SDClassifier(LightningModule):
         nesterov: bool = False,
         scheduler: SchedulerName = "cosine",
         label_smoothing: float = 0.0,
-        backbone_kwargs: Optional[dict[str, Any]] = None,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -295,10 +296,11 @@ class SDClassifier(LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
+    @override
     def setup(self, stage: str) -> None:
         """Check ``num_classes`` / ``in_channels`` against the datamodule's, when it declares them."""
         try:
-            dm = self.trainer.datamodule
+            dm = self.trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector
         except RuntimeError:  # not attached to a Trainer
             return
         problems = []
@@ -309,15 +311,16 @@ class SDClassifier(LightningModule):
                 f"pass num_classes={dm_classes} (CLI: --model.init_args.num_classes {dm_classes})"
             )
         dm_channels = getattr(dm, "in_channels", None)
-        if isinstance(self.hparams.get("backbone"), str) and isinstance(dm_channels, int) and dm_channels != self.hparams.in_channels:
+        if isinstance(self.hparams.get("backbone"), str) and isinstance(dm_channels, int) and dm_channels != self.hparams["in_channels"]:
             problems.append(
                 f"the datamodule's images have {dm_channels} channel(s) but the backbone was built for "
-                f"in_channels={self.hparams.in_channels}; pass in_channels={dm_channels} "
+                f"in_channels={self.hparams['in_channels']}; pass in_channels={dm_channels} "
                 f"(CLI: --model.init_args.in_channels {dm_channels})"
             )
         if problems:
             raise ValueError(f"SDClassifier does not match {type(dm).__name__}: " + "; ".join(problems))
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape ``(B, num_classes)``."""
         return self.backbone(x)
@@ -326,6 +329,7 @@ class SDClassifier(LightningModule):
         """Mean cross-entropy (with the configured label smoothing)."""
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> Tensor:
         """Cross-entropy of the batch; logged (and ``train/acc`` updated) only when the fit loop calls it."""
         x, y = batch
@@ -346,17 +350,21 @@ class SDClassifier(LightningModule):
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=x.shape[0])
         return loss
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> Tensor:
         return self._eval_step(batch, "val", self.val_acc)
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> Tensor:
         return self._eval_step(batch, "test", self.test_acc)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=1)
 
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optim = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
-        return with_lr_schedule(self, hp.scheduler, optim)
+        optim = build_optimizer(self.parameters(), hp["optimizer"], hp["lr"], hp["momentum"], hp["weight_decay"], hp["nesterov"])
+        return with_lr_schedule(self, hp["scheduler"], optim)

@@ -1,4 +1,4 @@
-"""The ``lightning-sd`` command: a :class:`~lightning.pytorch.cli.LightningCLI` over the package.
+r"""The ``lightning-sd`` command: a :class:`~lightning.pytorch.cli.LightningCLI` over the package.
 
 ``lightning-sd fit`` with no model, data or config runs the embedded quickstart recipe (the SD paper's
 toy regression with a Stable residual MLP and SenseMode stochastic depth at budget 0.5; the same text
@@ -10,7 +10,7 @@ from YAML as ``class_path``/``init_args``::
     lightning-sd fit                                         # quickstart, ~2 minutes on a CPU
     lightning-sd fit --trainer.max_epochs 3 --model.lr 0.003 # quickstart, shorter, another learning rate
     lightning-sd fit --config configs/cifar10_stable_resnet110.yaml --data.data_dir ~/data
-    lightning-sd fit --model SDClassifier --model.in_channels 1 --data DigitsDataModule \\
+    lightning-sd fit --model SDClassifier --model.in_channels 1 --data DigitsDataModule \
         --trainer.callbacks+=StochasticDepth --trainer.callbacks.mode uniform --trainer.callbacks.budget 0.5
     lightning-sd fit --config configs/digits.yaml --print_config
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_sd.lightning_cli import SDLightningCLI
@@ -138,8 +138,8 @@ def uses_quickstart(args: Sequence[str]) -> bool:
 
 
 def cpu_num_threads(
-    accelerator: Any, num_threads: Optional[int], environ: Mapping[str, str], gpu_available: bool
-) -> tuple[Optional[int], str]:
+    accelerator: Any, num_threads: int | None, environ: Mapping[str, str], gpu_available: bool
+) -> tuple[int | None, str]:
     """How many torch intra-op threads a ``lightning-sd`` run uses, and why (for the startup banner).
 
     Args:
@@ -206,7 +206,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def main(args: Optional[list[str]] = None) -> None:
+def main(args: list[str] | None = None) -> None:
     """Console-script entry point of ``lightning-sd`` (``args``: the arguments after the program name)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["inspect"]:  # ``lightning-sd inspect timm:NAME``: see lightning_sd.inspection

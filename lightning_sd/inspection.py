@@ -1,4 +1,4 @@
-"""``lightning-sd inspect``: what stochastic depth would gate in a timm or torchvision model.
+r"""``lightning-sd inspect``: what stochastic depth would gate in a timm or torchvision model.
 
 The model is built on the meta device (no weights are downloaded or allocated), then
 :func:`~lightning_sd.describe_branches` prints one row per residual branch (block, class, shortcut
@@ -7,7 +7,7 @@ kind, ``skip`` or ``slot``, branch modules) and what was passed over and why::
     lightning-sd inspect timm:resnet50
     lightning-sd inspect timm:vit_small_patch16_224 --drop-path-rate 0.1
     lightning-sd inspect torchvision:regnet_y_400mf
-    lightning-sd inspect timm:convit_tiny --blocks 'blocks\\.[0-5]\\..*' --strict
+    lightning-sd inspect timm:convit_tiny --blocks 'blocks\.[0-5]\..*' --strict
 
 Exit status: 0, or 1 with ``--strict`` when discovery leaves something residual-looking uncovered, or 2
 for a model name that does not exist.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ def build_meta_model(spec: str, drop_path_rate: float | None = None) -> nn.Modul
         if not timm.is_model(name):
             close = timm.list_models(f"*{name[:6]}*")[:8]
             raise ValueError(f"timm has no model {name!r}; names like it: {close or 'none'} (timm.list_models())")
-        kwargs = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+        kwargs: dict[str, Any] = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         with torch.device("meta"):
             return timm.create_model(name, pretrained=False, **kwargs)
     import torchvision

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning import LightningDataModule, LightningModule
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
 # Imported so that jsonargparse resolves the short names (``--model SDClassifier``, ``StochasticDepth``).
 from lightning_sd.callbacks import StochasticDepth
@@ -63,10 +64,10 @@ class SDLightningCLI(LightningCLI):
     - after ``fit`` (rank 0): the log directory, metrics file, checkpoint and the final logged metrics.
     """
 
-    def __init__(self, args: Optional[list[str]] = None, **kwargs: Any) -> None:
+    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         argv = list(sys.argv[1:] if args is None else args)
         self.quickstart = uses_quickstart(argv)
-        self.num_threads: Optional[int] = None
+        self.num_threads: int | None = None
         self.threads_reason = ""
         kwargs.setdefault("model_class", LightningModule)
         kwargs.setdefault("datamodule_class", LightningDataModule)
@@ -77,10 +78,11 @@ class SDLightningCLI(LightningCLI):
         super().__init__(args=args, **kwargs)
         _destroy_process_group()
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--num_threads",
-            type=Optional[PositiveInt],
+            type=PositiveInt | None,
             default=None,
             help="torch intra-op threads (torch.set_num_threads). Default: 1 for CPU runs unless OMP_NUM_THREADS "
             "is set (on small or shared CPUs more threads are several times slower), torch's default otherwise.",
@@ -91,6 +93,7 @@ class SDLightningCLI(LightningCLI):
     def _subcommand_config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    @override
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config()
         trainer = config.trainer
@@ -101,6 +104,7 @@ class SDLightningCLI(LightningCLI):
         if trainer.logger is False and trainer.default_root_dir is None:
             trainer.default_root_dir = NO_LOGGER_DIR
 
+    @override
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -112,7 +116,7 @@ class SDLightningCLI(LightningCLI):
             return
         lines = []
         if self.quickstart and self.subcommand == "fit":
-            sd = next((c for c in self.trainer.callbacks if isinstance(c, StochasticDepth)), None)
+            sd = next((c for c in self.trainer.callbacks if isinstance(c, StochasticDepth)), None)  # type: ignore[attr-defined]
             settings = f", StochasticDepth mode={sd.mode} budget={sd.budget:g}" if sd is not None else ""
             lines.append(
                 "lightning-sd: no --config/--model/--data class given: running the quickstart recipe "
@@ -122,18 +126,23 @@ class SDLightningCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
     def before_fit(self) -> None:
+        """Print the startup banner (LightningCLI calls ``before_<subcommand>``)."""
         self._banner()
 
     def before_validate(self) -> None:
+        """Print the startup banner (LightningCLI calls ``before_<subcommand>``)."""
         self._banner()
 
     def before_test(self) -> None:
+        """Print the startup banner (LightningCLI calls ``before_<subcommand>``)."""
         self._banner()
 
     def before_predict(self) -> None:
+        """Print the startup banner (LightningCLI calls ``before_<subcommand>``)."""
         self._banner()
 
     def after_fit(self) -> None:
+        """On rank 0: print where the logs, config and checkpoint went, and the final logged metrics."""
         trainer = self.trainer
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it, before the rank check
         if not trainer.is_global_zero:

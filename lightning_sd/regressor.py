@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_sd.classifier import (
     OptimizerName,
@@ -58,7 +59,7 @@ class SDRegressor(LightningModule):
 
     def __init__(
         self,
-        backbone: Optional[nn.Module] = None,
+        backbone: nn.Module | None = None,
         in_features: int = 256,
         width: int = 128,
         depth: int = 100,
@@ -93,6 +94,7 @@ class SDRegressor(LightningModule):
         else:
             raise TypeError(f"SDRegressor backbone must be an nn.Module or None (ResidualMLP), got {type(backbone).__name__}")
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
@@ -104,6 +106,7 @@ class SDRegressor(LightningModule):
             raise ValueError(f"SDRegressor: prediction shape {tuple(prediction.shape)} != target shape {tuple(target.shape)}")
         return F.mse_loss(prediction, target)
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
@@ -117,17 +120,21 @@ class SDRegressor(LightningModule):
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=x.shape[0])
         return loss
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> Tensor:
         return self._eval_step(batch, "val")
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> Tensor:
         return self._eval_step(batch, "test")
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
 
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optim = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
-        return with_lr_schedule(self, hp.scheduler, optim)
+        optim = build_optimizer(self.parameters(), hp["optimizer"], hp["lr"], hp["momentum"], hp["weight_decay"], hp["nesterov"])
+        return with_lr_schedule(self, hp["scheduler"], optim)

@@ -12,6 +12,7 @@ import torch
 from lightning_sd.data import CIFARDataModule, DigitsDataModule, ToyRegressionDataModule
 from lightning_sd.data.cifar import CIFAR_MEAN, CIFAR_STD
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: on a small shared CPU, oversubscribed threads make these tests ~5x slower."""

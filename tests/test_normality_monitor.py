@@ -28,7 +28,6 @@ from lightning_sd.models import ResidualMLP
 from tests.distributed import run_script
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     threads = torch.get_num_threads()

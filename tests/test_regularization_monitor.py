@@ -29,7 +29,6 @@ from lightning_sd.models import CifarResNet, ResidualMLP
 from tests.distributed import run_script
 
 
-
 class Classifier(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -4,13 +4,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch._dynamo
+from torch.utils.data import DataLoader
 
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.gates import existing_handle, inject_stochastic_depth, mask_generator
 from lightning_sd.models import ResidualMLP
-from torch import nn
-from torch.utils.data import DataLoader
-
 from tests.helpers import ClassifierModule, RegressionModule, image_loader, regression_data, trainer_kwargs
 
 

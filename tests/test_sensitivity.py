@@ -13,6 +13,7 @@ from lightning_sd.core.gates import existing_handle, inject_stochastic_depth
 from lightning_sd.core.sensitivity import estimate_sensitivities, supervised_loss
 from lightning_sd.models import CifarResNet, ResidualMLP
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny models on a shared 2-core machine: intra-op threads only add contention (100x slower under load).

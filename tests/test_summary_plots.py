@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_sd.callbacks import summary_plots as summary_plots_module
 from lightning_sd.callbacks.normality_monitor import NormalityMonitor
 from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
-from lightning_sd.callbacks import summary_plots as summary_plots_module
 from lightning_sd.callbacks.summary_plots import SummaryPlots
 from tests.helpers import RegressionModule, regression_data
 

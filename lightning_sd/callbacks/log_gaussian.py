@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_sd.callbacks.probe_data import default_input_fn, probe_inputs, resolve_input_fn
 from lightning_sd.callbacks.tables import publish_table
@@ -114,6 +115,7 @@ class LogGaussianMonitor(Callback):
         return x
 
     # ------------------------------------------------------------------------------------------ hook
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         x = self._probe_inputs(trainer, pl_module).to(pl_module.device)
         precision = trainer.precision_plugin

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_sd.callbacks.probe_data import probe_inputs, resolve_input_fn
 from lightning_sd.core.gates import existing_handle
@@ -144,10 +145,11 @@ class NormalityMonitor(Callback):
         self._inputs: Tensor | None = None
 
     # ------------------------------------------------------------------------------------ setup
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 
-        found = [cb for cb in trainer.callbacks if isinstance(cb, StochasticDepth)]
+        found = [cb for cb in trainer.callbacks if isinstance(cb, StochasticDepth)]  # type: ignore[attr-defined]
         if len(found) > 1:
             raise ValueError("NormalityMonitor: found several StochasticDepth callbacks; use one")
         self._sd = found[0] if found else None
@@ -184,11 +186,13 @@ class NormalityMonitor(Callback):
         return self._inputs
 
     # ------------------------------------------------------------------------------------ hooks
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._probe_inputs(trainer, pl_module)  # fix the probe now: the same inputs at every epoch
         if self.probe_at_start:
             self._run(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._run(trainer, pl_module)
@@ -243,12 +247,12 @@ class NormalityMonitor(Callback):
         if blocks is not None:
             width = max(3, len(str(blocks.shape[1])))
             medians, fracs = [], []
-            for l in range(blocks.shape[1]):
-                b = summarize(blocks[:, l], self.alpha)
+            for block in range(blocks.shape[1]):
+                b = summarize(blocks[:, block], self.alpha)
                 medians.append(b["median"])
                 fracs.append(b["frac_above"])
-                metrics[f"block_median/{l + 1:0{width}d}"] = b["median"]
-                metrics[f"block_frac_above/{l + 1:0{width}d}"] = b["frac_above"]
+                metrics[f"block_median/{block + 1:0{width}d}"] = b["median"]
+                metrics[f"block_frac_above/{block + 1:0{width}d}"] = b["frac_above"]
             record["block_median"] = medians
             record["block_frac_above"] = fracs
         self.history.append(record)
@@ -274,7 +278,7 @@ class NormalityMonitor(Callback):
         path = os.path.join(log_dir, f"{self.prefix}_pvalues.csv")
         fields = ["epoch", "global_step", "input", "pvalue"]
         if blocks is not None:
-            fields += [f"block_{l + 1}" for l in range(blocks.shape[1])]
+            fields += [f"block_{block + 1}" for block in range(blocks.shape[1])]
         new = not os.path.exists(path) or self.csv_path != path
         with open(path, "w" if new else "a", newline="") as f:
             writer = csv.writer(f)
@@ -288,9 +292,11 @@ class NormalityMonitor(Callback):
         self.csv_path = path
 
     # ------------------------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
 

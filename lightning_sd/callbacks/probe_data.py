@@ -142,8 +142,9 @@ def probe_loader(loader: Any, *, seed: int = 0, epoch: int = 0) -> Any:
 
     Args:
         loader: a ``torch.utils.data.DataLoader`` (or any re-iterable, returned as is).
-        seed, epoch: the permutation of a shuffling ``loader`` (``DistributedSampler(seed=seed)`` after
-            ``set_epoch(epoch)``); unused for a sequential one.
+        seed: seed of the permutation of a shuffling ``loader`` (``DistributedSampler(seed=seed)``);
+            unused for a sequential one.
+        epoch: epoch of that permutation (``set_epoch(epoch)``), so each re-measurement reads other batches.
 
     Returns:
         A new ``DataLoader`` (``num_workers=0``), or ``loader`` itself when it is not a DataLoader.
@@ -171,7 +172,9 @@ def probe_loader(loader: Any, *, seed: int = 0, epoch: int = 0) -> Any:
     rank, replicas = 0, 1
     if isinstance(loader.sampler, DistributedSampler):
         rank, replicas = loader.sampler.rank, loader.sampler.num_replicas
-    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=_shuffles(loader), seed=seed, drop_last=False)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=replicas, rank=rank, shuffle=_shuffles(loader), seed=seed, drop_last=False
+    )
     sampler.set_epoch(epoch)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=loader.collate_fn, num_workers=0)
 
@@ -216,7 +219,9 @@ def _device_batches(trainer: pl.Trainer, loaders: Any, combined: bool, seed: int
 
     if combined and isinstance(loaders, (list, tuple, Mapping)):
         fit_combined = getattr(trainer.fit_loop, "_combined_loader", None)
-        mode = fit_combined._mode if fit_combined is not None else "max_size_cycle"
+        # the fit loop's CombinedLoader mode ("max_size_cycle" unless the user chose one); Lightning 2.6
+        # keeps it in a private attribute and has no public accessor
+        mode: Any = fit_combined._mode if fit_combined is not None else "max_size_cycle"
         if isinstance(loaders, Mapping):
             iterables: Any = {k: fresh(v) for k, v in loaders.items()}
         else:
@@ -258,7 +263,8 @@ def probe_batches(
             dataloader, else the training data).
         combined: several training dataloaders are combined as the fit loop combines them (the
             batch ``training_step`` takes); otherwise only the first is read.
-        seed, epoch: choose the probe permutation (see :func:`probe_loader`).
+        seed: seed of the probe permutation (see :func:`probe_loader`).
+        epoch: epoch of the probe permutation (see :func:`probe_loader`).
 
     Returns:
         A list of batches (shorter than ``num_batches`` when the data is; empty when it is empty).
@@ -297,7 +303,11 @@ def probe_inputs(
     """The model inputs of the probe batches (:func:`probe_batches`), at most ``max_examples`` in all.
 
     Args:
-        trainer, pl_module, source, seed, epoch: as in :func:`probe_batches` (the first dataloader is read).
+        trainer: as in :func:`probe_batches`.
+        pl_module: as in :func:`probe_batches`.
+        source: as in :func:`probe_batches` (the first dataloader is read).
+        seed: as in :func:`probe_batches`.
+        epoch: as in :func:`probe_batches`.
         max_examples: stop once this many inputs are collected (the last batch is cut); ``None``: no cap.
         num_batches: read at most this many batches; ``None``: as many as ``max_examples`` needs.
         input_fn: ``batch -> input tensor``; ``None``: :func:`default_input_fn`.

@@ -11,7 +11,8 @@ Choices, for the record:
 - **Batches**: ``sensitivity_batches`` batches of the private probe loader of
   :mod:`lightning_sd.callbacks.probe_data` (the training loader's order without its randomness:
   dataset order for a sequential loader, else a fixed permutation, another one at each
-  re-measurement epoch; several training dataloaders combined as the fit loop combines them), moved to the device through the LightningModule's batch-transfer hooks. The fit
+  re-measurement epoch; several training dataloaders combined as the fit loop combines them), moved to
+  the device through the LightningModule's batch-transfer hooks. The fit
   loop's iterator, sampler and workers are not touched and no global random number is consumed, so
   the run sees the same data order as without the measurement.
 - **Loss**: the module's ``training_step`` output (a tensor, or a dict with ``"loss"``), with

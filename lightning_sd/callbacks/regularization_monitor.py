@@ -10,9 +10,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
-
 from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+from typing_extensions import override
 
 from lightning_sd.callbacks.maxreg_measurement import infer_regularization_loss, reduce_mean_over_ranks
 from lightning_sd.callbacks.probe_data import probe_inputs
@@ -142,7 +142,7 @@ class RegularizationMonitor(Callback):
     def _rates(self, trainer: pl.Trainer, num_blocks: int) -> tuple[Tensor | None, str]:
         from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 
-        for cb in trainer.callbacks:
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
             if isinstance(cb, StochasticDepth) and cb.handle is not None:
                 return cb.handle.survival.to(torch.float64), cb.scaling
         if self.survival is None:
@@ -160,7 +160,8 @@ class RegularizationMonitor(Callback):
         if self._probe is None:
             self._probe = self._collect_probe(trainer, pl_module)
         if self._loss is None:
-            self._loss = infer_regularization_loss(self.loss, pl_module, self._probe[0] if self._probe else None, owner="RegularizationMonitor")
+            example = self._probe[0] if self._probe else None
+            self._loss = infer_regularization_loss(self.loss, pl_module, example, owner="RegularizationMonitor")
         handle = existing_handle(pl_module)
         names: list[str] | None = [b.name for b in handle.branches] if handle is not None else None
         blocks = None if handle is not None else self.blocks
@@ -194,17 +195,18 @@ class RegularizationMonitor(Callback):
             result.update(survival=p, scaling=scaling, variance=var, terms=terms, penalty=penalty, share=share)
         return result
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
         result = self.measure(trainer, pl_module)
         self.history.append(result)
-        metrics = {f"reg/g/{l + 1:03d}": float(v) for l, v in enumerate(result["g"])}
+        metrics = {f"reg/g/{block + 1:03d}": float(v) for block, v in enumerate(result["g"])}
         metrics["reg/g_mean"] = float(result["g"].mean())
         if "penalty" in result:
             metrics["reg/penalty"] = result["penalty"]
-            for l, v in enumerate(result["share"]):
-                metrics[f"reg/share/{l + 1:03d}"] = float(v)
+            for block, v in enumerate(result["share"]):
+                metrics[f"reg/share/{block + 1:03d}"] = float(v)
         # Identical on every rank after the reduction; sync_dist (a mean of equal values) keeps Lightning's
         # epoch-level bookkeeping consistent across ranks at the cost of one small all-reduce per key.
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
@@ -218,14 +220,14 @@ class RegularizationMonitor(Callback):
     def table(result: dict[str, Any]) -> list[dict[str, Any]]:
         """One row per block of a :meth:`measure` result: block, name, g and, with rates, survival/variance/penalty/share."""
         rows = []
-        for l, name in enumerate(result["names"]):
-            row: dict[str, Any] = {"block": l + 1, "name": name, "g": float(result["g"][l])}
+        for block, name in enumerate(result["names"]):
+            row: dict[str, Any] = {"block": block + 1, "name": name, "g": float(result["g"][block])}
             if "penalty" in result:
                 row.update(
-                    survival=float(result["survival"][l]),
-                    variance=float(result["variance"][l]),
-                    penalty=float(result["terms"][l]),
-                    share=float(result["share"][l]),
+                    survival=float(result["survival"][block]),
+                    variance=float(result["variance"][block]),
+                    penalty=float(result["terms"][block]),
+                    share=float(result["share"][block]),
                 )
             rows.append(row)
         return rows
@@ -247,9 +249,10 @@ def _is_summary_writer(obj: Any) -> bool:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard not installed
-        SummaryWriter = None  # noqa: N806
-    if SummaryWriter is not None and isinstance(obj, SummaryWriter):
-        return True
+        pass
+    else:
+        if isinstance(obj, SummaryWriter):
+            return True
     try:
         from tensorboardX import SummaryWriter as XWriter
     except Exception:
@@ -271,7 +274,7 @@ def _histogram_over_depth(writer: Any, tag: str, values: Tensor, step: int) -> N
             num=total,
             sum=float((depth * v).sum()),
             sum_squares=float((depth * depth * v).sum()),
-            bucket_limits=[l + 0.5 for l in range(1, L + 1)],
+            bucket_limits=[k + 0.5 for k in range(1, L + 1)],
             bucket_counts=v.tolist(),
             global_step=step,
         )

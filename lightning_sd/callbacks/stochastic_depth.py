@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_sd.callbacks.strategy_support import skips_compute_under
 from lightning_sd.callbacks.tables import publish_table
@@ -41,8 +42,9 @@ _OWNERS: weakref.WeakKeyDictionary[StochasticDepthHandle, weakref.ref[Stochastic
 
 
 def default_p_min(mode: str, budget: float, scaling: str) -> float:
-    """The floor ``p_min`` used when ``StochasticDepth(p_min=None)``: ``min(0.05, budget / 2)`` for the
-    measured modes with ``scaling="inverted"``, else 0.
+    """The floor ``p_min`` used when ``StochasticDepth(p_min=None)``.
+
+    ``min(0.05, budget / 2)`` for the measured modes with ``scaling="inverted"``, else 0.
 
     Lemma 2 and SenseMode's ``p ~ |S|`` put rates at (or near) 0 for blocks with a small ``g_l``/``S_l``;
     ``"inverted"`` divides by p, so a rate of 0 cannot run and a rate of 0.001 multiplies a kept branch
@@ -262,7 +264,7 @@ class StochasticDepth(Callback):
         ``max_multiplier`` (``max 1/p_l`` with ``"inverted"``, else 1), and for the measured modes
         ``measure`` (when), ``measure_batches`` and ``measure_loss`` (what is differentiated).
         """
-        rates = self.mode
+        rates: str = self.mode
         if self.mode in _MEASURED_MODES:
             measured = self.sensitivities if self.mode == "sensemode" else self.g
             if not self._measured:
@@ -306,6 +308,7 @@ class StochasticDepth(Callback):
         return line
 
     # ------------------------------------------------------------------ attaching the gates
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         existing = existing_handle(pl_module)
         if self.handle is not None and self.handle is existing:
@@ -401,10 +404,12 @@ class StochasticDepth(Callback):
         self.handle = None
 
     # ------------------------------------------------------------------ hooks
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
             self._measure(trainer, pl_module)
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._depth_sum = self._depth_sq_sum = 0.0
         self._depth_count = 0
@@ -418,6 +423,7 @@ class StochasticDepth(Callback):
         ):
             self._measure(trainer, pl_module)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.handle is not None
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
@@ -432,6 +438,7 @@ class StochasticDepth(Callback):
         if not self._order_checked and self._order_probe is None:
             self._order_probe = _CallOrderProbe(self.handle, positional=self.mode in _POSITIONAL_MODES)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.handle is not None
         if self._order_probe is not None:
@@ -445,6 +452,7 @@ class StochasticDepth(Callback):
         if batch_idx % self.log_every_n_steps == 0:
             pl_module.log("sd/realized_depth", depth, on_step=True, on_epoch=False)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.handle is None:
             return
@@ -537,9 +545,9 @@ class StochasticDepth(Callback):
             return
         m = _max_multiplier(self.handle.survival_float64, self.scaling)
         if m > MAX_MULTIPLIER:
-            l = int(torch.argmin(self.handle.survival_float64))
+            weakest = int(torch.argmin(self.handle.survival_float64))
             rank_zero_warn(
-                f"StochasticDepth: with scaling='inverted' block {l + 1} ({self.handle.branches[l].name}) has rate "
+                f"StochasticDepth: with scaling='inverted' block {weakest + 1} ({self.handle.branches[weakest].name}) has rate "
                 f"{1.0 / m:.4g}, so a kept branch is multiplied by 1/p = {m:.4g} (> {MAX_MULTIPLIER:g}); such rare, "
                 "large multipliers make training noisy. Raise p_min (p_min=0.05 caps the multiplier at 20), "
                 "raise the budget, or use scaling='expected'."
@@ -551,10 +559,10 @@ class StochasticDepth(Callback):
         p = self.handle.survival
         mean, var = depth_moments(p)
         metrics = {"sd/expected_depth": mean, "sd/budget": mean / self.handle.num_blocks}
-        for l, branch in enumerate(self.handle.branches):
-            metrics[f"sd/survival/{l + 1:03d}"] = float(p[l])
+        for block in range(self.handle.num_blocks):
+            metrics[f"sd/survival/{block + 1:03d}"] = float(p[block])
             if self.sensitivities is not None:
-                metrics[f"sd/sensitivity/{l + 1:03d}"] = float(self.sensitivities[l])
+                metrics[f"sd/sensitivity/{block + 1:03d}"] = float(self.sensitivities[block])
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # same on every rank
         if self._rates_changed:  # one table per change of the rates (or of their numbering)
             self._write_table(trainer)
@@ -565,12 +573,12 @@ class StochasticDepth(Callback):
         assert self.handle is not None
         rows = []
         p = self.handle.survival
-        for l, branch in enumerate(self.handle.branches):
-            row: dict[str, Any] = {"block": l + 1, "name": branch.name, "survival": float(p[l])}
+        for block, branch in enumerate(self.handle.branches):
+            row: dict[str, Any] = {"block": block + 1, "name": branch.name, "survival": float(p[block])}
             if self.sensitivities is not None:
-                row["sensitivity"] = float(self.sensitivities[l])
+                row["sensitivity"] = float(self.sensitivities[block])
             if self.g is not None:
-                row["g"] = float(self.g[l])
+                row["g"] = float(self.g[block])
             rows.append(row)
         return rows
 
@@ -584,6 +592,7 @@ class StochasticDepth(Callback):
         self.table_path = path
 
     # ------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "mode": self.mode,
@@ -608,6 +617,7 @@ class StochasticDepth(Callback):
         state["last_measured_epoch"] = self._last_measured_epoch
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed") is not None:
             self.seed = int(state_dict["seed"])
@@ -621,7 +631,10 @@ class StochasticDepth(Callback):
         assert self.handle is not None
         for key in ("mode", "drop", "scaling"):
             if key in state and state[key] != getattr(self, key):
-                rank_zero_warn(f"StochasticDepth: checkpoint has {key}={state[key]!r}, this callback {key}={getattr(self, key)!r}; keeping the checkpoint's rates")
+                rank_zero_warn(
+                    f"StochasticDepth: checkpoint has {key}={state[key]!r}, this callback {key}={getattr(self, key)!r}; "
+                    "keeping the checkpoint's rates"
+                )
         names = [b.name for b in self.handle.branches]
         if "branches" in state and state["branches"] != names:
             if sorted(state["branches"]) != sorted(names) or len(set(names)) != len(names):

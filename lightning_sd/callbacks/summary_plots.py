@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 __all__ = ["SummaryPlots"]
 
@@ -60,7 +61,7 @@ def _block_axis(ax: Any, names: Sequence[str] | None, num_blocks: int) -> None:
     ax.set_xlim(0.4, num_blocks + 0.6)
     if names is not None and len(names) == num_blocks and num_blocks <= _MAX_NAMED_BLOCKS:
         ax.set_xticks(np.arange(1, num_blocks + 1))
-        ax.set_xticklabels([f"{l}: {n}" for l, n in enumerate(names, start=1)], rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels([f"{block}: {n}" for block, n in enumerate(names, start=1)], rotation=60, ha="right", fontsize=7)
     else:
         ax.set_xlabel("block l")
 
@@ -132,16 +133,18 @@ class SummaryPlots(Callback):
         self.paths: dict[str, str] = {}
 
     # ------------------------------------------------------------------ hook
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         out_dir = self.out_dir or self._log_dir(trainer)
-        self.paths = self.write(trainer.callbacks, out_dir)
+        self.paths = self.write(trainer.callbacks, out_dir)  # type: ignore[attr-defined]
         if self.paths:
             rank_zero_info("SummaryPlots: wrote " + ", ".join(self.paths.values()))
         else:
             rank_zero_warn(
-                "SummaryPlots: nothing to plot (no StochasticDepth, RegularizationMonitor or NormalityMonitor with data in trainer.callbacks)"
+                "SummaryPlots: nothing to plot (no StochasticDepth, RegularizationMonitor or NormalityMonitor with data "
+                "in trainer.callbacks)"
             )
 
     @staticmethod
@@ -194,10 +197,12 @@ class SummaryPlots(Callback):
         if sd.g is not None:
             g, g_title = _as_array(sd.g), "regularization term $g_l$ (measured for maxreg)"
         elif reg is not None and len(reg.history[-1]["g"]) == L:
-            g, g_title = _as_array(reg.history[-1]["g"]), f"regularization term $g_l$ (RegularizationMonitor, epoch {reg.history[-1]['epoch']})"
+            g = _as_array(reg.history[-1]["g"])
+            g_title = f"regularization term $g_l$ (RegularizationMonitor, epoch {reg.history[-1]['epoch']})"
         if g is not None:
             panels.append(("g", g, g_title))
-        fig, axes = _figure(1 + len(panels), 1, width=max(6.0, min(14.0, 0.12 * L + 5.0)), height=2.6 * (1 + len(panels)) + (1.2 if L <= _MAX_NAMED_BLOCKS else 0.0))
+        height = 2.6 * (1 + len(panels)) + (1.2 if L <= _MAX_NAMED_BLOCKS else 0.0)
+        fig, axes = _figure(1 + len(panels), 1, width=max(6.0, min(14.0, 0.12 * L + 5.0)), height=height)
         ax = axes[0, 0]
         ax.bar(blocks, p, width=0.8, color="tab:blue")
         mean = float(p.mean()) if L else float("nan")
@@ -235,7 +240,8 @@ class SummaryPlots(Callback):
         cmap = _cmap("viridis")
         for i, record in enumerate(history):
             g = _as_array(record["g"])
-            ax.plot(np.arange(1, g.size + 1), g, marker="o", markersize=2, linewidth=1, color=cmap(i / max(len(history) - 1, 1)), label=f"epoch {record['epoch']}")
+            color = cmap(i / max(len(history) - 1, 1))
+            ax.plot(np.arange(1, g.size + 1), g, marker="o", markersize=2, linewidth=1, color=color, label=f"epoch {record['epoch']}")
         ax.set_xlabel("block l")
         ax.set_ylabel("$g_l$")
         ax.set_yscale("symlog", linthresh=_linthresh(np.concatenate([_as_array(r["g"]) for r in history])))
@@ -270,7 +276,8 @@ class SummaryPlots(Callback):
                 for i, (label, pvalues, _) in enumerate(probes):
                     finite = pvalues[np.isfinite(pvalues)]
                     if finite.size:
-                        ax.hist(finite, bins=bins, density=True, histtype="step", linewidth=1.4, color=cmap(i / max(len(probes) - 1, 1)), label=label)
+                        color = cmap(i / max(len(probes) - 1, 1))
+                        ax.hist(finite, bins=bins, density=True, histtype="step", linewidth=1.4, color=color, label=label)
                 ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="uniform (Gaussian output)")
                 ax.set_xlim(0.0, 1.0)
                 ax.set_xlabel(f"{monitor.test} p-value of the output")

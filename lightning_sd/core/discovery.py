@@ -46,6 +46,7 @@ from typing import Any, TextIO
 import torch
 import torch.fx as fx
 from torch import nn
+from typing_extensions import override
 
 __all__ = [
     "DiscoveryReport",
@@ -214,6 +215,7 @@ class DiscoveryReport:
 class _ShallowTracer(fx.Tracer):
     """Traces one module's own forward; every child module is a leaf call."""
 
+    @override
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
         return True
 
@@ -465,8 +467,10 @@ class _BlockAnalyser:
         return self.ident.get(n, False)
 
     def drops_input(self, n: fx.Node) -> bool:
-        """A slot call applied to the block input itself (ResNeSt: ``x = drop_path(x)`` before the
-        downsample): it drops the input, not a branch, so it marks no residual."""
+        """Whether slot call ``n`` is applied to the block input itself: then it marks no residual.
+
+        ResNeSt applies ``x = drop_path(x)`` before the downsample: it drops the input, not a branch.
+        """
         data = [a for a in n.args[:1] if isinstance(a, fx.Node)]
         return bool(data) and self.is_ident(data[0])
 
@@ -629,7 +633,8 @@ class _BlockAnalyser:
                 return ""
             if not self.reads_input(excl[br]):
                 return "the branch is computed from an intermediate shared with other paths, not from the block input"
-            kind = "residual" if sc in self.accepted_adds or any(n in self.accepted_adds for n in _data_ancestors(sc, self.cache)) else "identity"
+            after_residual = sc in self.accepted_adds or any(n in self.accepted_adds for n in _data_ancestors(sc, self.cache))
+            kind = "residual" if after_residual else "identity"
             self._structural_choice = (sc, br, kind)
             return None
         pa, pb = self.is_proj(a, excl[a]), self.is_proj(b, excl[b])
@@ -817,10 +822,10 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
         prefix = f"{name}." if name else ""
         child_unclaimed = {k[len(prefix):]: v for k, v in unclaimed_of.items() if k.startswith(prefix) and k != name}
         explicit = wanted is not None and name in wanted
-        res = _analyse_module(module, slot_mode, child_unclaimed, explicit)
-        results[name] = res
-        if res.unclaimed:
-            unclaimed_of[name] = res.unclaimed
+        analysis = _analyse_module(module, slot_mode, child_unclaimed, explicit)
+        results[name] = analysis
+        if analysis.unclaimed:
+            unclaimed_of[name] = analysis.unclaimed
     plans: list[_BlockPlan] = []
     passed: list[PassedOver] = []
     uncovered: list[PassedOver] = []
@@ -835,7 +840,8 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
         _, nones = _slot_attrs(module)
         if res.untraceable:
             if res.slot_only:
-                plans.append(_BlockPlan(name, module, None, slot_names=list(res.slot_only), none_slots=[s for s in nones if s in res.slot_only]))
+                none_slots = [s for s in nones if s in res.slot_only]
+                plans.append(_BlockPlan(name, module, None, slot_names=list(res.slot_only), none_slots=none_slots))
             continue
         for where, reason in res.passed:
             passed.append(PassedOver(f"{label} ({type(module).__name__}, add '{where}')", reason, type(module).__name__, where))
@@ -843,7 +849,8 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
                 candidates.append(name)
         for where, reason in res.uncovered:
             if where.startswith("@"):  # an add node
-                uncovered.append(PassedOver(f"{label} ({type(module).__name__}, add '{where[1:]}')", reason, type(module).__name__, where[1:]))
+                cls = type(module).__name__
+                uncovered.append(PassedOver(f"{label} ({cls}, add '{where[1:]}')", reason, cls, where[1:]))
             else:  # a slot
                 uncovered.append(PassedOver(prefix + where, reason))
         if res.slot_only:
@@ -865,7 +872,8 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
                     if any(b == mod or b.startswith(mod + ".") for b in names_found if b != plan.name):
                         inner = True
             if inner:
-                passed.append(PassedOver(plan.name or "<root>", "its branch contains residual blocks found inside it (the inner blocks are gated)"))
+                reason = "its branch contains residual blocks found inside it (the inner blocks are gated)"
+                passed.append(PassedOver(plan.name or "<root>", reason))
             else:
                 kept.append(plan)
         plans = kept
@@ -1018,15 +1026,15 @@ def _select(
                 f"blocks names {n!r}, which is not a module of {type(model).__name__}. Use qualified module "
                 "names from model.named_modules() (e.g. 'layer1.0'), or 'block.branchK' for one branch."
             )
-    plans = {p.name: p for p in _analyse(model, block_names).plans}
+    plan_of = {p.name: p for p in _analyse(model, block_names).plans}
     selected_plans, branches = [], []
     for bname in dict.fromkeys(block_names):
-        if bname not in plans:
+        if bname not in plan_of:
             raise ValueError(
                 f"blocks names {bname!r} ({type(modules[bname]).__name__}), but its forward computes no residual "
                 "add x + f(x) that could be traced. Name the module whose forward adds the branch to the shortcut."
             )
-        plan = plans[bname]
+        plan = plan_of[bname]
         all_b = _branches_of(plan)
         wanted = [b for b in all_b if b.name in branch_names] or (
             all_b if not any(x.rsplit(".", 1)[0] == bname for x in branch_names) else []
@@ -1053,13 +1061,13 @@ def _restrict(plan: _BlockPlan, chosen: list[ResidualBranch]) -> _BlockPlan:
 def find_residual_branches(
     model: nn.Module, blocks: str | Sequence[str] | None = None, *, strict: bool = False
 ) -> list[ResidualBranch]:
-    """The residual branches of ``model`` in forward order (module definition order, then graph order).
+    r"""The residual branches of ``model`` in forward order (module definition order, then graph order).
 
     Args:
         model: any ``nn.Module``: torchvision, timm, the package's reference models or your own.
         blocks: ``None`` finds every residual branch automatically (the rules in the module
             docstring); a string is a regular expression that must match a whole block name
-            (``r"layer[34]\\..*"``) or branch name; a list names modules (``["layer1.0", "layer1.1"]``)
+            (``r"layer[34]\..*"``) or branch name; a list names modules (``["layer1.0", "layer1.1"]``)
             whose forward computes ``x + f(x)``, or single branches (``"blocks.0.branch1"``). Named
             blocks are gated even where the automatic rules pass them over.
         strict: raise instead of warning when discovery leaves drop-path slots or residual-looking

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_sd.core.discovery import ResidualBranch, _BlockPlan, _lookup, _select
 
@@ -69,30 +70,33 @@ def _broadcast_over_batch(m: Tensor, like: Tensor) -> Tensor:
 class _GateBase(nn.Module):
     """Shared plumbing: index l, a reference to the handle (not a submodule), no state_dict entries."""
 
+    handle: StochasticDepthHandle  # in __dict__, so nn.Module.__getattr__ never sees it
+
     def __init__(self, index: int, handle: StochasticDepthHandle) -> None:
         super().__init__()
         self.index = index
         self.__dict__["handle"] = handle  # plain reference: not a child module, not in state_dict
 
+    @override
     def extra_repr(self) -> str:
         return f"index={self.index}, p={float(self.handle.survival[self.index]):.4f}"
 
     def _multiplier(self, branch_out: Tensor) -> Tensor | float | None:
         """``m_l`` for this call, or None when the branch is dropped for the whole batch."""
-        h, l = self.handle, self.index
-        if h._override is not None:
-            m = h._override
+        handle, index = self.handle, self.index
+        if handle._override is not None:
+            m = handle._override
             if m.ndim == 1:
-                return m[l]
-            return _broadcast_over_batch(m[:, l], branch_out)
-        p = h._p[l]
+                return m[index]
+            return _broadcast_over_batch(m[:, index], branch_out)
+        p = handle._p[index]
         if not self.training:
-            return p if h.scaling == "expected" else 1.0
-        if h.drop == "batch":
-            if not h._kept_list[l]:
+            return p if handle.scaling == "expected" else 1.0
+        if handle.drop == "batch":
+            if not handle._kept_list[index]:
                 return None
-            return 1.0 / p if h.scaling == "inverted" else 1.0
-        mask = h._sample_mask(l, branch_out.shape[0], branch_out.device, branch_out.dtype)
+            return 1.0 / p if handle.scaling == "inverted" else 1.0
+        mask = handle._sample_mask(index, branch_out.shape[0], branch_out.device, branch_out.dtype)
         return _broadcast_over_batch(mask, branch_out)
 
 
@@ -107,6 +111,9 @@ class ResidualGate(_GateBase):
         weight_modules: names (relative to ``block``) of the branch's submodules.
         weight_attrs: names of parameters read directly by the branch (``get_attr``).
     """
+
+    branch: Callable[..., Tensor]
+    block: nn.Module
 
     def __init__(
         self,
@@ -138,16 +145,17 @@ class ResidualGate(_GateBase):
             return shortcut
         return shortcut + torch.stack(touches).sum() * 0.0
 
+    @override
     def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
-        h = self.handle
-        if h._override is None and self.training and h.drop == "batch" and not h._kept_list[self.index]:
-            if h.skip_compute:
+        handle = self.handle
+        if handle._override is None and self.training and handle.drop == "batch" and not handle._kept_list[self.index]:
+            if handle.skip_compute:
                 return self._skip(shortcut)
             # Masking without skipping (FSDP, DeepSpeed): same value, every rank runs every block.
             return shortcut + self.branch(*inputs) * 0.0
         out = self.branch(*inputs)
         m = self._multiplier(out)
-        if isinstance(m, float) and m == 1.0:
+        if m is None or (isinstance(m, float) and m == 1.0):  # None: a sample-dropped call never gets here
             return shortcut + out
         return shortcut + out * m
 
@@ -155,6 +163,7 @@ class ResidualGate(_GateBase):
 class SlotGate(_GateBase):
     """Stands in a drop-path slot of a block whose forward cannot be traced: multiplies, never skips."""
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         m = self._multiplier(x)
         if m is None:
@@ -219,7 +228,7 @@ def _compile_graph(graph: fx.Graph, label: str) -> _GeneratedFunction:
     return _GeneratedFunction(code.src, code.globals, label)
 
 
-def _rewrite(plan: _BlockPlan, gate_names: list[str]) -> tuple[Callable[..., Any], list[Callable[..., Any]]]:
+def _rewrite(plan: _BlockPlan, gate_names: list[str]) -> tuple[_GeneratedFunction, list[_GeneratedFunction]]:
     """New forward of the block (adds replaced by gate calls) and one function per branch.
 
     A residual add inside another branch of the same forward (timm's edgenext: the attention residual
@@ -238,22 +247,25 @@ def _rewrite(plan: _BlockPlan, gate_names: list[str]) -> tuple[Callable[..., Any
     for node in plan.graph.nodes:
         if node in skip:
             continue
-        env[node] = gate_call(new, env, node) if node in by_add else new.node_copy(node, lambda n: env[n])
+        env[node] = gate_call(new, env, node) if node in by_add else new.node_copy(node, env.__getitem__)
     forward = _compile_graph(new, f"{plan.name or 'root'}.forward")
     branches = []
     for i, a in enumerate(plan.adds):
         members = set(a.nodes)
         nested = {n for b in plan.adds if b is not a and b.add in members for n in b.nodes}
-        bg = fx.Graph()
-        benv: dict[fx.Node, fx.Node] = {}
+        branch_graph = fx.Graph()
+        branch_env: dict[fx.Node, fx.Node] = {}
         for k, e in enumerate(a.externals):
-            benv[e] = bg.placeholder(f"input_{k}")
+            branch_env[e] = branch_graph.placeholder(f"input_{k}")
         for n in a.nodes:
             if n in nested:
                 continue
-            benv[n] = gate_call(bg, benv, n) if n in by_add else bg.node_copy(n, lambda x: benv[x])
-        bg.output(benv[a.branch])
-        branches.append(_compile_graph(bg, f"{plan.name or 'root'}.branch{i}"))
+            if n in by_add:
+                branch_env[n] = gate_call(branch_graph, branch_env, n)
+            else:
+                branch_env[n] = branch_graph.node_copy(n, branch_env.__getitem__)
+        branch_graph.output(branch_env[a.branch])
+        branches.append(_compile_graph(branch_graph, f"{plan.name or 'root'}.branch{i}"))
     return forward, branches
 
 
@@ -482,8 +494,11 @@ class StochasticDepthHandle:
 
 
 class _Undo:
-    """One step of :meth:`StochasticDepthHandle.remove`, as data (not a closure) so that it pickles and
-    ``copy.deepcopy`` re-targets it to the copied modules (a closure would undo the original model)."""
+    """One step of :meth:`StochasticDepthHandle.remove`, as data (not a closure).
+
+    Data pickles, and ``copy.deepcopy`` re-targets it to the copied modules (a closure would undo the
+    original model).
+    """
 
     def __init__(
         self, kind: Literal["module", "attribute", "gate", "forward"], module: nn.Module, name: str, old: Any = None, had: bool = True
@@ -630,7 +645,7 @@ def inject_stochastic_depth(
         prefix = f"{plan.name}." if plan.name else ""
         if plan.graph is None:
             for slot in plan.slot_names:
-                gate = SlotGate(index, handle)
+                gate: _GateBase = SlotGate(index, handle)
                 gate.train(plan.module.training)
                 handle.gates.append(gate)
                 actions.append(functools.partial(_set_module, model, prefix + slot, gate))

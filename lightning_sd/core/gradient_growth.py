@@ -88,9 +88,9 @@ def _per_mask_growth(
         return (x, *args[1:])
 
     hooks = [first_block.register_forward_pre_hook(pre_hook)]
-    for l, gate in enumerate(handle.gates):
-        def hook(_mod: nn.Module, _args: object, output: Tensor, l: int = l) -> None:
-            states[l + 1] = output
+    for block, gate in enumerate(handle.gates):
+        def hook(_mod: nn.Module, _args: object, output: Tensor, block: int = block) -> None:
+            states[block + 1] = output
 
         hooks.append(gate.register_forward_hook(hook))
     try:
@@ -103,7 +103,7 @@ def _per_mask_growth(
                 loss = loss_fn(out)
             if any(s is None for s in states):
                 raise RuntimeError("some residual blocks did not run in the forward pass")
-            grads = torch.autograd.grad(loss, states)
+            grads = torch.autograd.grad(loss, [s for s in states if s is not None])  # none is None (checked above)
     finally:
         for h in hooks:
             h.remove()
@@ -190,10 +190,10 @@ def gradient_growth(
 
     def build(i: int) -> nn.Module:
         if not is_factory:
-            return model  # type: ignore[return-value]
+            return model  # type: ignore[return-value]  # an nn.Module when it is not a factory
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed) * 100003 + i)
-            net = model()  # type: ignore[operator]
+            net = model()
         if not isinstance(net, nn.Module):
             raise TypeError(f"the model factory returned a {type(net).__name__}, not an nn.Module")
         return net

@@ -27,6 +27,7 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
+from lightning_sd.core.discovery import ResidualBranch
 from lightning_sd.core.gates import (
     SCALINGS,
     ResidualGate,
@@ -99,7 +100,10 @@ def _check_test(test: str, num_masks: int) -> None:
         raise ValueError(f"num_masks must be an integer, got {num_masks!r}")
     if test == "shapiro":
         if num_masks < _SHAPIRO_MIN:
-            raise ValueError(f"Shapiro-Wilk needs at least {_SHAPIRO_MIN} samples per input, got num_masks={num_masks}; use num_masks=200 (the paper's)")
+            raise ValueError(
+                f"Shapiro-Wilk needs at least {_SHAPIRO_MIN} samples per input, got num_masks={num_masks}; "
+                "use num_masks=200 (the paper's)"
+            )
         if num_masks > _SHAPIRO_MAX:
             warnings.warn(
                 f"num_masks={num_masks} > {_SHAPIRO_MAX}: scipy's Shapiro-Wilk p-value may be inaccurate for N > 5000; "
@@ -271,9 +275,9 @@ def masked_samples(
         captured: list[Tensor | None] = [None] * num_blocks
         hooks = []
         if per_block:
-            for l, module in enumerate(_block_output_modules(handle, model)):
-                def hook(_mod: nn.Module, _args: object, output: object, l: int = l) -> None:
-                    captured[l] = _pick(output, block_neuron, f"output of block {l + 1}")
+            for block, module in enumerate(_block_output_modules(handle, model)):
+                def hook(_mod: nn.Module, _args: object, output: object, block: int = block) -> None:
+                    captured[block] = _pick(output, block_neuron, f"output of block {block + 1}")
 
                 hooks.append(module.register_forward_hook(hook))
         try:
@@ -285,12 +289,12 @@ def masked_samples(
                         y = model(x)
                     out[start : start + rows.numel()] = _pick(y, neuron, "model output").double().cpu()
                     if blocks is not None:
-                        for l in range(num_blocks):
-                            v = captured[l]
+                        for block in range(num_blocks):
+                            v = captured[block]
                             if v is None:
-                                raise RuntimeError(f"block {l + 1} ({handle.branches[l].name}) did not run in the forward pass")
-                            blocks[start : start + rows.numel(), l] = v.double().cpu()
-                            captured[l] = None
+                                raise RuntimeError(f"block {block + 1} ({handle.branches[block].name}) did not run in the forward pass")
+                            blocks[start : start + rows.numel(), block] = v.double().cpu()
+                            captured[block] = None
         finally:
             for h in hooks:
                 h.remove()
@@ -383,7 +387,7 @@ def normality_pvalues(
     )
 
 
-def _count_branches(model: nn.Module) -> list[object]:
+def _count_branches(model: nn.Module) -> list[ResidualBranch]:
     from lightning_sd.core.discovery import find_residual_branches
 
     branches = find_residual_branches(model)

@@ -1,12 +1,12 @@
-"""Regularization terms ``g_l`` and the explicit penalty ``R`` of stochastic depth (Hayou & Ayed 2021, 4.1).
+r"""Regularization terms ``g_l`` and the explicit penalty ``R`` of stochastic depth (Hayou & Ayed 2021, 4.1).
 
 A second-order expansion of the loss around the average network marginalizes the masks out:
 training with SD is training the average network plus the explicit penalty (Eq. (4)/(6))
 
 .. math::
 
-    R = \\frac{1}{2} \\sum_{l=1}^{L} \\mathrm{Var}(m_l)\\, g_l, \\qquad
-    g_l = \\mathbb{E}_x\\big[\\zeta_l(x)^T H(x)\\, \\zeta_l(x)\\big] \\quad (5),
+    R = \frac{1}{2} \sum_{l=1}^{L} \mathrm{Var}(m_l)\, g_l, \qquad
+    g_l = \mathbb{E}_x\big[\zeta_l(x)^T H(x)\, \zeta_l(x)\big] \quad (5),
 
 with ``zeta_l = d y_out / d m_l`` at ``m = 1`` (the "information discrepancy" of block l, a vector of
 the output's size) and ``H`` the Hessian of the per-example loss with respect to the output:
@@ -171,7 +171,9 @@ def regularization_terms(
     return g.mean(dim=0) if reduction == "mean" else g
 
 
-def _terms(model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss: str, estimator: str, num_samples: int, seed: int) -> Tensor:
+def _terms(
+    model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss: str, estimator: str, num_samples: int, seed: int
+) -> Tensor:
     dtype = _model_dtype(model)
     if inputs.is_floating_point() and inputs.dtype != dtype:
         inputs = inputs.to(dtype)
@@ -216,9 +218,9 @@ def _terms_shared_gates(model: nn.Module, handle: StochasticDepthHandle, inputs:
     rng_devices = [inputs.device] if inputs.device.type == "cuda" else []
     g = torch.zeros(batch, num_blocks, dtype=torch.float64)
     with torch.no_grad():
-        for l in range(num_blocks):
+        for block in range(num_blocks):
             tangent = torch.zeros_like(ones)
-            tangent[l] = 1.0
+            tangent[block] = 1.0
             # every pass starts from the same random state: the same dropout draws, one network
             with torch.random.fork_rng(devices=rng_devices), fwAD.dual_level():
                 with handle.override(fwAD.make_dual(ones, tangent)):
@@ -228,7 +230,7 @@ def _terms_shared_gates(model: nn.Module, handle: StochasticDepthHandle, inputs:
                 y, zeta = fwAD.unpack_dual(out)
             y = _flat_output(y, batch)
             if zeta is not None:  # None: the output does not depend on this block
-                g[:, l] = _quadratic_form(y, zeta.reshape(batch, -1), loss).cpu()
+                g[:, block] = _quadratic_form(y, zeta.reshape(batch, -1), loss).cpu()
     return g
 
 

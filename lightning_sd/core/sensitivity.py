@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +35,9 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 def supervised_loss(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
-    """Turn ``criterion(output, target)`` into the ``loss_fn(model, batch)`` that
-    :func:`estimate_sensitivities` takes, for batches ``(inputs, targets)``.
+    """Turn ``criterion(output, target)`` into a ``loss_fn(model, batch)``.
+
+    The result is what :func:`estimate_sensitivities` takes, for batches ``(inputs, targets)``.
 
     Example::
 
@@ -69,8 +71,8 @@ def _scalar_loss(loss: Any) -> Tensor:
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -82,7 +84,7 @@ def estimate_sensitivities(
     method: str = "gradient",
     num_batches: int | None = None,
     blocks: str | Sequence[str] | None = None,
-    autocast: Callable[[], ContextManager[Any]] | None = None,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
     restore_buffers: bool = True,
     fork_rng: bool = True,
 ) -> Tensor:
@@ -145,7 +147,7 @@ def estimate_sensitivities(
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> loss, got {type(loss_fn).__name__}")
-    context: Callable[[], ContextManager[Any]] = autocast if autocast is not None else contextlib.nullcontext
+    context: Callable[[], AbstractContextManager[Any]] = autocast if autocast is not None else contextlib.nullcontext
     device = _model_device(model)
     rng_devices = [device] if device.type == "cuda" else []
 
@@ -172,7 +174,7 @@ def _gradient(
     handle: StochasticDepthHandle,
     batch: Any,
     loss_fn: LossFn,
-    context: Callable[[], ContextManager[Any]],
+    context: Callable[[], AbstractContextManager[Any]],
     device: torch.device,
 ) -> Tensor:
     m = torch.ones(handle.num_blocks, dtype=torch.float32, device=device, requires_grad=True)
@@ -198,7 +200,7 @@ def _leave_one_out(
     handle: StochasticDepthHandle,
     batch: Any,
     loss_fn: LossFn,
-    context: Callable[[], ContextManager[Any]],
+    context: Callable[[], AbstractContextManager[Any]],
     device: torch.device,
 ) -> Tensor:
     num_blocks = handle.num_blocks

@@ -45,12 +45,12 @@ def _constant_linspace() -> Iterator[None]:
 
     torch_linspace, np_linspace = torch.linspace, np.linspace
 
-    def t_linspace(start, end, steps, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def t_linspace(start, end, steps, *args, **kwargs):
         if isinstance(end, _EveryBlockRate):
             return torch.full((int(steps),), float(end), dtype=kwargs.get("dtype"), device=kwargs.get("device"))
         return torch_linspace(start, end, steps, *args, **kwargs)
 
-    def n_linspace(start, stop, num=50, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def n_linspace(start, stop, num=50, *args, **kwargs):
         if isinstance(stop, _EveryBlockRate):
             return np.full(int(num), float(stop))
         return np_linspace(start, stop, num, *args, **kwargs)
@@ -59,7 +59,7 @@ def _constant_linspace() -> Iterator[None]:
     try:
         yield
     finally:
-        torch.linspace, np.linspace = torch_linspace, np_linspace  # type: ignore[assignment]
+        torch.linspace, np.linspace = torch_linspace, np_linspace
 
 
 def _slots(model: nn.Module) -> dict[str, bool]:

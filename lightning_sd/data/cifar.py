@@ -12,6 +12,7 @@ from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from lightning_sd.data.split_datamodule import SplitDataModule
+from typing_extensions import override
 
 __all__ = ["CIFARDataModule", "CIFAR_MEAN", "CIFAR_STD", "CIFAR10Unverified", "CIFAR100Unverified"]
 
@@ -128,7 +129,7 @@ class CIFARDataModule(SplitDataModule):
         self.test_set: Optional[Dataset] = None
 
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # type: ignore[override]  # LightningDataModule declares a plain ``name`` attribute
         """``"CIFAR-10"`` or ``"CIFAR-100"``."""
         return f"CIFAR-{self.num_classes}"
 
@@ -168,6 +169,7 @@ class CIFARDataModule(SplitDataModule):
         """Tensor conversion and normalisation for validation and test images."""
         return T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN[self.num_classes], CIFAR_STD[self.num_classes])])
 
+    @override
     def prepare_data(self) -> None:
         """Download the dataset when ``download=True`` (runs on one process); else check it is there."""
         if self.download:
@@ -187,6 +189,7 @@ class CIFARDataModule(SplitDataModule):
                 f"generated or re-packed copy, pass verify_checksums=False (CLI: --data.verify_checksums false)."
             ) from err
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         """Open the splits that ``stage`` needs (``fit``/``validate``: train+val, ``test``: test)."""
         self._check_present()
@@ -205,5 +208,6 @@ class CIFARDataModule(SplitDataModule):
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._open(False, self.eval_transform())
 
+    @override
     def _loader_options(self) -> dict:
         return {"pin_memory": self.pin_memory and torch.cuda.is_available()}

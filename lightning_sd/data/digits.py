@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from lightning_sd.data.split_datamodule import SplitDataModule
+from typing_extensions import override
 
 __all__ = ["DigitsDataModule", "DIGITS_NUM_SAMPLES"]
 
@@ -96,6 +97,7 @@ class DigitsDataModule(SplitDataModule):
         """``(train, val, test)`` image counts."""
         return _split_sizes(DIGITS_NUM_SAMPLES, self.val_fraction, self.test_fraction)
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         """Load the digits, split, rescale and (optionally) upsample them (idempotent)."""
         if self.train_set is not None:

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 __all__ = ["SplitDataModule"]
 
@@ -40,15 +41,19 @@ class SplitDataModule(LightningDataModule):
             **self._loader_options(),
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.shuffle_train)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, False)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         """The test split (``lightning-sd predict`` / ``Trainer.predict``)."""
         return self._loader(self.test_set, False)

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from lightning_sd.data.split_datamodule import SplitDataModule
+from typing_extensions import override
 
 __all__ = ["ToyRegressionDataModule", "make_toy_regression"]
 
@@ -128,6 +129,7 @@ class ToyRegressionDataModule(SplitDataModule):
         self.val_set: Optional[TensorDataset] = None
         self.test_set: Optional[TensorDataset] = None
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         """Generate ``beta`` and all three splits (cheap; idempotent)."""
         if self.beta is not None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_sd.core.probing import restored_state
 
@@ -106,6 +107,7 @@ class BalancedReLU(nn.Module):
             return (x.shape[self.channel_dim],)
         return tuple(x.shape[1:])
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         shape = self._sign_shape(x)
         if not self.is_materialized:
@@ -123,6 +125,7 @@ class BalancedReLU(nn.Module):
             s = s.view(view)
         return F.relu(x * s)
 
+    @override
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # noqa: D102
         key = prefix + "signs"
@@ -132,6 +135,7 @@ class BalancedReLU(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    @override
     def extra_repr(self) -> str:
         shape = tuple(self.signs.shape) if self.is_materialized else "lazy"
         return f"granularity={self.granularity!r}, seed={self.seed}, signs={shape}"
@@ -194,7 +198,7 @@ def balance_relus(
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     unique = list({id(c): c for _, _, c in sites}.values())
     seeds = torch.randint(0, 2**62, (len(unique),), generator=gen).tolist()
-    ref = next(iter(model.parameters()), None)
+    ref: torch.Tensor | None = next(iter(model.parameters()), None)
     if ref is None:
         ref = next(iter(model.buffers()), None)
     device = ref.device if ref is not None else torch.device("cpu")

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 __all__ = ["CifarResNet", "CifarBasicBlock", "PadShortcut"]
 
@@ -26,6 +27,7 @@ class PadShortcut(nn.Module):
         self.stride = stride
         self.extra = out_channels - in_channels
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         if self.stride != 1:
             x = x[:, :, :: self.stride, :: self.stride]
@@ -59,6 +61,7 @@ class CifarBasicBlock(nn.Module):
         else:
             self.shortcut = nn.Identity()
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
         if self.branch_scale != 1.0:
@@ -127,6 +130,7 @@ class CifarResNet(nn.Module):
 
             balance_relus(self)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from torch import Tensor, nn
+from typing_extensions import override
 
 __all__ = ["ResidualMLP", "ResidualMLPBlock"]
 
@@ -24,6 +25,7 @@ class ResidualMLPBlock(nn.Module):
         nn.init.normal_(self.linear.weight, std=math.sqrt(2.0 / width))
         self.branch_scale = float(branch_scale)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return x + self.branch_scale * self.linear(self.act(x))
 
@@ -70,5 +72,6 @@ class ResidualMLP(nn.Module):
 
             balance_relus(self)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x)))

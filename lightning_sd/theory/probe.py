@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lightning_sd.core.probing import restored_state
 from lightning_sd.models.balanced import BalancedReLU
-from lightning_sd.models.residual_mlp import ResidualMLP
+from lightning_sd.models.residual_mlp import ResidualMLP, ResidualMLPBlock
 from lightning_sd.theory.predict import Prediction, predict
 
 __all__ = ["LayerActivation", "ProbeResult", "probe_model", "residual_mlp_prediction"]
@@ -122,7 +122,7 @@ def residual_mlp_prediction(model: nn.Module, C: float | None = None) -> tuple[P
     """
     if not isinstance(model, ResidualMLP):
         return None
-    blocks = list(model.blocks)
+    blocks: list[ResidualMLPBlock] = list(model.blocks)  # type: ignore[arg-type]  # ModuleList of ResidualMLPBlock
     scales = {float(b.branch_scale) for b in blocks}
     kinds = {type(b.act) for b in blocks}
     if len(scales) != 1 or len(kinds) != 1 or not kinds <= {nn.ReLU, BalancedReLU}:
