@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lightning_sd.core.gates import existing_handle, inject_stochastic_depth
-from lightning_sd.core.gradient_growth import gradient_growth, gradient_growth_rates
+from lightning_sd.core.gradient_growth import gradient_growth, gradient_growth_rates, gradient_growth_theory
 from lightning_sd.core.normality import sample_multipliers
-from lightning_sd.core.survival import gradient_growth_theory, survival_rates
+from lightning_sd.core.survival import survival_rates
 from lightning_sd.models import ResidualMLP
 
 

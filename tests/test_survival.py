@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
+from lightning_sd.core.gradient_growth import gradient_growth_theory
 from lightning_sd.core.survival import (
     depth_moments,
-    gradient_growth_theory,
     linear_min_budget,
     survival_rates,
 )

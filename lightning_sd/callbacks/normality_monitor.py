@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_sd.callbacks.probe_data import probe_inputs, resolve_input_fn
 from lightning_sd.core.gates import existing_handle
-from lightning_sd.core.normality import NORMALITY_TESTS, _check_test, normality_pvalues, summarize
+from lightning_sd.core.normality import NORMALITY_TESTS, check_normality_test, normality_pvalues, summarize
 
 __all__ = ["NormalityMonitor"]
 
@@ -109,7 +109,7 @@ class NormalityMonitor(Callback):
             raise ValueError(f"num_inputs must be an integer >= 1, got {num_inputs!r}")
         if test not in NORMALITY_TESTS:
             raise ValueError(f"unknown test={test!r}; choose 'shapiro' or 'dagostino'")
-        _check_test(test, num_masks)
+        check_normality_test(test, num_masks)
         if survival is not None:
             rates = torch.as_tensor(survival, dtype=torch.float64)
             if not bool(torch.isfinite(rates).all()) or bool((rates < 0).any()) or bool((rates > 1).any()):

@@ -2,7 +2,7 @@
 
 from lightning_sd.core.discovery import DiscoveryReport, ResidualBranch, describe_branches, find_residual_branches
 from lightning_sd.core.gates import StochasticDepthHandle, existing_handle, inject_stochastic_depth, mask_generator
-from lightning_sd.core.gradient_growth import GradientGrowth, gradient_growth, gradient_growth_rates
+from lightning_sd.core.gradient_growth import GradientGrowth, gradient_growth, gradient_growth_rates, gradient_growth_theory
 from lightning_sd.core.normality import (
     NORMALITY_TESTS,
     NormalityResult,
@@ -16,7 +16,6 @@ from lightning_sd.core.regularization import explicit_penalty, gate_variance, pe
 from lightning_sd.core.sensitivity import estimate_sensitivities, supervised_loss
 from lightning_sd.core.survival import (
     depth_moments,
-    gradient_growth_theory,
     linear_min_budget,
     maxreg_rates,
     sensemode_rates,

@@ -61,7 +61,7 @@ _ADD_METHODS = {"add", "add_"}
 _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
 _META_METHODS = {"size", "dim", "numel", "get_device", "type_as"}
 #: Attribute names that hold a drop-path slot in timm and torchvision blocks.
-_SLOT_NAME = re.compile(r"(?:\w*_)?drop_path\d*|stochastic_depth")
+SLOT_NAME = re.compile(r"(?:\w*_)?drop_path\d*|stochastic_depth")
 
 
 def is_drop_path_slot(module: nn.Module | None, name: str | None = None) -> bool:
@@ -78,7 +78,7 @@ def is_drop_path_slot(module: nn.Module | None, name: str | None = None) -> bool
         cls.__name__ == "StochasticDepth" and cls.__module__.startswith("torchvision.")
     ):
         return True
-    return name is not None and type(module) is nn.Identity and _SLOT_NAME.fullmatch(name.rsplit(".", 1)[-1]) is not None
+    return name is not None and type(module) is nn.Identity and SLOT_NAME.fullmatch(name.rsplit(".", 1)[-1]) is not None
 
 
 def _slot_attrs(module: nn.Module) -> tuple[list[str], list[str]]:
@@ -86,12 +86,12 @@ def _slot_attrs(module: nn.Module) -> tuple[list[str], list[str]]:
     slots, nones = [], []
     for n, child in module._modules.items():
         if child is None:
-            if _SLOT_NAME.fullmatch(n):
+            if SLOT_NAME.fullmatch(n):
                 nones.append(n)
         elif is_drop_path_slot(child, n):
             slots.append(n)
     for n, v in module.__dict__.items():
-        if v is None and n not in module._modules and _SLOT_NAME.fullmatch(n):
+        if v is None and n not in module._modules and SLOT_NAME.fullmatch(n):
             nones.append(n)
     return slots, nones
 
@@ -138,7 +138,7 @@ class _AddPlan:
 
 
 @dataclass
-class _BlockPlan:
+class BlockPlan:
     name: str
     module: nn.Module
     graph: fx.Graph | None  # None: gated through its slots only
@@ -388,7 +388,7 @@ def _signature(module: nn.Module, slot_mode: bool, child_unclaimed: dict[str, tu
     return (type(module), slot_mode, attrs, children, params, buffers, tuple(sorted(child_unclaimed.items())))
 
 
-def _lookup(root: nn.Module, target: str) -> Any:
+def lookup_attribute(root: nn.Module, target: str) -> Any:
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -430,7 +430,7 @@ class _BlockAnalyser:
         if n.op == "call_module":
             return self.info(str(n.target))[0]
         if n.op == "get_attr":
-            return isinstance(_lookup(self.module, str(n.target)), nn.Parameter)
+            return isinstance(lookup_attribute(self.module, str(n.target)), nn.Parameter)
         return False
 
     def slots_of(self, n: fx.Node) -> list[str]:
@@ -709,7 +709,7 @@ def _model_has_slots(model: nn.Module) -> bool:
 
 @dataclass
 class _ModelAnalysis:
-    plans: list[_BlockPlan]
+    plans: list[BlockPlan]
     passed: list[PassedOver]
     uncovered: list[PassedOver]
     slot_mode: bool
@@ -779,7 +779,7 @@ def _without_fixed_zero_slots(model: nn.Module, result: _ModelAnalysis) -> _Mode
     fixed = timm_fixed_zero_slots(model)
     if not fixed:
         return result
-    plans: list[_BlockPlan] = []
+    plans: list[BlockPlan] = []
     for plan in result.plans:
         prefix = f"{plan.name}." if plan.name else ""
         label = f"{plan.name or '<root>'} ({type(plan.module).__name__}"
@@ -789,7 +789,7 @@ def _without_fixed_zero_slots(model: nn.Module, result: _ModelAnalysis) -> _Mode
                 if prefix + s in fixed:
                     result.passed.append(PassedOver(f"{label}, slot '{s}')", _FIXED_ZERO, type(plan.module).__name__, s))
             if keep:
-                plans.append(_BlockPlan(plan.name, plan.module, None, slot_names=keep,
+                plans.append(BlockPlan(plan.name, plan.module, None, slot_names=keep,
                                         none_slots=[s for s in plan.none_slots if s in keep]))
         else:
             keep_adds = [a for a in plan.adds if a.slot is None or prefix + a.slot not in fixed]
@@ -797,7 +797,7 @@ def _without_fixed_zero_slots(model: nn.Module, result: _ModelAnalysis) -> _Mode
                 if a not in keep_adds:
                     result.passed.append(PassedOver(f"{label}, add '{a.add.name}')", _FIXED_ZERO, type(plan.module).__name__, a.add.name))
             if keep_adds:
-                plans.append(_BlockPlan(plan.name, plan.module, plan.graph, keep_adds, none_slots=plan.none_slots))
+                plans.append(BlockPlan(plan.name, plan.module, plan.graph, keep_adds, none_slots=plan.none_slots))
         if plan.name not in {p.name for p in plans} and plan.name not in result.candidates:
             result.candidates.append(plan.name)  # a regex blocks= may still name it
     result.plans = plans
@@ -826,7 +826,7 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
         results[name] = analysis
         if analysis.unclaimed:
             unclaimed_of[name] = analysis.unclaimed
-    plans: list[_BlockPlan] = []
+    plans: list[BlockPlan] = []
     passed: list[PassedOver] = []
     uncovered: list[PassedOver] = []
     candidates: list[str] = []
@@ -841,7 +841,7 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
         if res.untraceable:
             if res.slot_only:
                 none_slots = [s for s in nones if s in res.slot_only]
-                plans.append(_BlockPlan(name, module, None, slot_names=list(res.slot_only), none_slots=none_slots))
+                plans.append(BlockPlan(name, module, None, slot_names=list(res.slot_only), none_slots=none_slots))
             continue
         for where, reason in res.passed:
             passed.append(PassedOver(f"{label} ({type(module).__name__}, add '{where}')", reason, type(module).__name__, where))
@@ -854,10 +854,10 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
             else:  # a slot
                 uncovered.append(PassedOver(prefix + where, reason))
         if res.slot_only:
-            plans.append(_BlockPlan(name, module, None, slot_names=list(res.slot_only),
+            plans.append(BlockPlan(name, module, None, slot_names=list(res.slot_only),
                                     none_slots=[s for s in nones if s in res.slot_only]))
         elif res.adds:
-            plans.append(_BlockPlan(name, module, res.graph, list(res.adds), none_slots=list(nones)))
+            plans.append(BlockPlan(name, module, res.graph, list(res.adds), none_slots=list(nones)))
     if wanted is not None:
         return _ModelAnalysis([p for p in plans if p.name in wanted], passed, uncovered, slot_mode, candidates, called)
     # Structural mode: a block whose branch contains another found block is an outer wrapper; the
@@ -898,7 +898,7 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
                         "paths (NAS cell or re-parameterised conv); name it in blocks= if it is a residual block",
                     ))
             if adds:
-                kept.append(_BlockPlan(plan.name, plan.module, plan.graph, adds, none_slots=plan.none_slots))
+                kept.append(BlockPlan(plan.name, plan.module, plan.graph, adds, none_slots=plan.none_slots))
         plans = kept
         gated = {p.name for p in plans}
     # Untraceable modules that look residual and are covered by no gate.
@@ -921,7 +921,7 @@ def _branch_modules(block_name: str, plan: _AddPlan) -> tuple[str, ...]:
     return tuple(dict.fromkeys(prefix + str(n.target) for n in plan.nodes if n.op == "call_module"))
 
 
-def _branches_of(plan: _BlockPlan) -> list[ResidualBranch]:
+def _branches_of(plan: BlockPlan) -> list[ResidualBranch]:
     prefix = f"{plan.name}." if plan.name else ""
     base = plan.name if plan.name else "<root>"
     if plan.graph is None:
@@ -977,9 +977,9 @@ def _report_uncovered(model: nn.Module, analysis: _ModelAnalysis, strict: bool) 
     warnings.warn(msg, UserWarning, stacklevel=4)
 
 
-def _select(
+def select_branches(
     model: nn.Module, blocks: str | Sequence[str] | None, strict: bool = False
-) -> tuple[list[_BlockPlan], list[ResidualBranch]]:
+) -> tuple[list[BlockPlan], list[ResidualBranch]]:
     """Plans and branches for ``blocks`` (None: automatic; str: regex; list: module or branch names)."""
     if blocks is None:
         analysis = _analyse(model)
@@ -1050,12 +1050,12 @@ def _select(
     return selected_plans, branches
 
 
-def _restrict(plan: _BlockPlan, chosen: list[ResidualBranch]) -> _BlockPlan:
+def _restrict(plan: BlockPlan, chosen: list[ResidualBranch]) -> BlockPlan:
     idx = {b.index_in_block for b in chosen}
     if plan.graph is None:
         slots = [s for i, s in enumerate(plan.slot_names) if i in idx]
-        return _BlockPlan(plan.name, plan.module, None, slot_names=slots, none_slots=[s for s in plan.none_slots if s in slots])
-    return _BlockPlan(plan.name, plan.module, plan.graph, [a for i, a in enumerate(plan.adds) if i in idx], none_slots=plan.none_slots)
+        return BlockPlan(plan.name, plan.module, None, slot_names=slots, none_slots=[s for s in plan.none_slots if s in slots])
+    return BlockPlan(plan.name, plan.module, plan.graph, [a for i, a in enumerate(plan.adds) if i in idx], none_slots=plan.none_slots)
 
 
 def find_residual_branches(
@@ -1086,7 +1086,7 @@ def find_residual_branches(
         >>> len(find_residual_branches(torchvision.models.resnet18()))
         8
     """
-    _, branches = _select(model, blocks, strict)
+    _, branches = select_branches(model, blocks, strict)
     return branches
 
 
@@ -1116,7 +1116,7 @@ def describe_branches(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plans, branches = _select(model, blocks)
+        plans, branches = select_branches(model, blocks)
     analysis = _analyse(model)
     modules = dict(model.named_modules())
     report = DiscoveryReport(

@@ -36,7 +36,15 @@ import torch.fx as fx
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sd.core.discovery import ResidualBranch, _BlockPlan, _lookup, _select
+from lightning_sd.core.discovery import BlockPlan, ResidualBranch, lookup_attribute, select_branches
+from lightning_sd.core.validation import (
+    DROP_KINDS,
+    SCALINGS,
+    check_choice,
+    check_inverted_rates,
+    check_seed,
+    resolve_survival,
+)
 
 __all__ = [
     "DROP_KINDS",
@@ -50,8 +58,6 @@ __all__ = [
     "probe_gates",
 ]
 
-DROP_KINDS = ("batch", "sample")
-SCALINGS = ("inverted", "expected")
 _GATE_PREFIX = "_sd_gate"
 
 
@@ -228,7 +234,7 @@ def _compile_graph(graph: fx.Graph, label: str) -> _GeneratedFunction:
     return _GeneratedFunction(code.src, code.globals, label)
 
 
-def _rewrite(plan: _BlockPlan, gate_names: list[str]) -> tuple[_GeneratedFunction, list[_GeneratedFunction]]:
+def _rewrite(plan: BlockPlan, gate_names: list[str]) -> tuple[_GeneratedFunction, list[_GeneratedFunction]]:
     """New forward of the block (adds replaced by gate calls) and one function per branch.
 
     A residual add inside another branch of the same forward (timm's edgenext: the attention residual
@@ -267,30 +273,6 @@ def _rewrite(plan: _BlockPlan, gate_names: list[str]) -> tuple[_GeneratedFunctio
         branch_graph.output(branch_env[a.branch])
         branches.append(_compile_graph(branch_graph, f"{plan.name or 'root'}.branch{i}"))
     return forward, branches
-
-
-def _resolve_survival(survival: Any, num_blocks: int) -> Tensor:
-    if callable(survival) and not isinstance(survival, Tensor):
-        survival = survival(num_blocks)
-    if isinstance(survival, (int, float)) and not isinstance(survival, bool):
-        p = torch.full((num_blocks,), float(survival), dtype=torch.float64)
-    else:
-        p = torch.as_tensor(survival, dtype=torch.float64).flatten().clone()
-    if p.numel() != num_blocks:
-        raise ValueError(f"survival has {p.numel()} rates but the model has {num_blocks} residual branches")
-    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool((p > 1).any()):
-        raise ValueError(f"survival rates must lie in [0, 1], got {p.tolist()}")
-    return p
-
-
-def _check_rates(p: Tensor, scaling: str) -> None:
-    if scaling == "inverted" and bool((p == 0).any()):
-        zero = torch.nonzero(p == 0).flatten().tolist()
-        raise ValueError(
-            f"survival rate 0 for blocks {zero} with scaling='inverted' would divide by zero (m = delta/p). "
-            "Use scaling='expected' (m = delta), rates > 0 (for mode='sensemode'/'maxreg': p_min > 0), "
-            "or leave those blocks out with blocks=."
-        )
 
 
 class StochasticDepthHandle:
@@ -344,8 +326,8 @@ class StochasticDepthHandle:
 
     def set_survival(self, survival: Sequence[float] | Tensor) -> None:
         """Set new rates (length L, in [0, 1]; no zero with ``scaling="inverted"``)."""
-        p = _resolve_survival(survival, self.num_blocks)
-        _check_rates(p, self.scaling)
+        p = resolve_survival(survival, self.num_blocks)
+        check_inverted_rates(p, self.scaling)
         self._survival = p.to(torch.float32)
         self._p = [float(x) for x in p]
 
@@ -436,14 +418,12 @@ class StochasticDepthHandle:
         """
         drop = self.drop if drop is None else drop
         scaling = self.scaling if scaling is None else scaling
-        if drop not in DROP_KINDS:
-            raise ValueError(f"unknown drop={drop!r}; choose 'batch' (skip dropped blocks) or 'sample' (per-example masks)")
-        if scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling={scaling!r}; choose 'inverted' (timm/torchvision) or 'expected' (Huang et al.)")
-        if seed is not None and (int(seed) != seed or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        p = _resolve_survival(survival, self.num_blocks)
-        _check_rates(p, scaling)
+        check_choice("drop", drop, DROP_KINDS)
+        check_choice("scaling", scaling, SCALINGS)
+        if seed is not None:
+            check_seed(seed)
+        p = resolve_survival(survival, self.num_blocks)
+        check_inverted_rates(p, scaling)
         self.drop, self.scaling = drop, scaling
         if seed is not None:
             self.seed = int(seed)
@@ -617,24 +597,22 @@ def inject_stochastic_depth(
         8
         >>> handle.remove()  # the plain model again
     """
-    if drop not in DROP_KINDS:
-        raise ValueError(f"unknown drop={drop!r}; choose 'batch' (skip dropped blocks) or 'sample' (per-example masks)")
-    if scaling not in SCALINGS:
-        raise ValueError(f"unknown scaling={scaling!r}; choose 'inverted' (timm/torchvision) or 'expected' (Huang et al.)")
+    check_choice("drop", drop, DROP_KINDS)
+    check_choice("scaling", scaling, SCALINGS)
     if existing_handle(model) is not None:
         raise RuntimeError(
             f"{type(model).__name__} already has stochastic-depth gates; call handle.remove() first "
             "(or change the existing handle with set_survival / reconfigure)."
         )
-    plans, branches = _select(model, blocks, strict)
+    plans, branches = select_branches(model, blocks, strict)
     if not branches:
         raise ValueError(
             f"found no residual branch (a forward computing x + f(x)) in {type(model).__name__}. "
             "If your blocks use a form that cannot be traced, name them explicitly, e.g. "
             "blocks=['layer1.0', 'layer1.1'] or blocks=r'layer\\d\\.\\d+' (module names from model.named_modules())."
         )
-    p = _resolve_survival(survival, len(branches))
-    _check_rates(p, scaling)
+    p = resolve_survival(survival, len(branches))
+    check_inverted_rates(p, scaling)
     handle = StochasticDepthHandle(model, branches, p, drop, scaling, seed)
     handle.auto_resample = auto_resample
 
@@ -660,7 +638,9 @@ def inject_stochastic_depth(
             actions.append(functools.partial(_set_module, model, prefix + slot, nn.Identity()))
         for gname, a, fn in zip(gate_names, plan.adds, branch_fns):
             mods = [str(n.target) for n in a.nodes if n.op == "call_module"]
-            attrs = [str(n.target) for n in a.nodes if n.op == "get_attr" and isinstance(_lookup(block, str(n.target)), nn.Parameter)]
+            attrs = [
+                str(n.target) for n in a.nodes if n.op == "get_attr" and isinstance(lookup_attribute(block, str(n.target)), nn.Parameter)
+            ]
             gate = ResidualGate(index, handle, functools.partial(fn, block), block, list(dict.fromkeys(mods)), attrs)
             gate.train(block.training)
             handle.gates.append(gate)

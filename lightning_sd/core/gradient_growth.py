@@ -23,14 +23,13 @@ from lightning_sd.core.gates import (
     SCALINGS,
     ResidualGate,
     StochasticDepthHandle,
-    _resolve_survival,
     probe_gates,
 )
 from lightning_sd.core.normality import sample_multipliers
 from lightning_sd.core.probing import restored_state
-from lightning_sd.core.survival import gradient_growth_theory
+from lightning_sd.core.validation import resolve_survival
 
-__all__ = ["GradientGrowth", "gradient_growth", "gradient_growth_rates"]
+__all__ = ["GradientGrowth", "gradient_growth", "gradient_growth_rates", "gradient_growth_theory"]
 
 
 @dataclass(frozen=True)
@@ -205,7 +204,7 @@ def gradient_growth(
         net = build(i)
         with _traced_handle(net) as handle:
             if p is None:
-                p = _resolve_survival(1.0 if survival is None else survival, handle.num_blocks)
+                p = resolve_survival(1.0 if survival is None else survival, handle.num_blocks)
                 if scaling == "inverted" and bool((p == 0).any()):
                     raise ValueError("a survival rate of 0 with scaling='inverted' divides by zero; use scaling='expected'")
             elif handle.num_blocks != p.numel():
@@ -229,3 +228,25 @@ def gradient_growth(
         num_samples=int(num_masks) * int(num_inits),
         scaling=scaling,
     )
+
+
+def gradient_growth_theory(survival: Sequence[float] | Tensor | None, num_blocks: int | None = None) -> Tensor:
+    """Proposition 1: ``q_l = prod_{k>l} (1 + p_k)`` for l = 0..L (``2^(L-l)`` without SD).
+
+    Args:
+        survival: rates p_1..p_L, or None for no SD (then ``num_blocks`` is required).
+        num_blocks: L when ``survival`` is None.
+
+    Returns:
+        float64 tensor of length L + 1, entry l is q_l (q_L = 1).
+    """
+    if survival is None:
+        if num_blocks is None:
+            raise ValueError("gradient_growth_theory needs survival rates or num_blocks")
+        p = torch.ones(num_blocks, dtype=torch.float64)
+    else:
+        p = torch.as_tensor(survival, dtype=torch.float64).flatten()
+    factors = torch.cat([1.0 + p, torch.ones(1, dtype=torch.float64)])
+    # q_l = prod_{k=l+1}^{L} (1 + p_k): reverse cumulative product of factors[l:] shifted by one.
+    rev = torch.flip(torch.cumprod(torch.flip(factors[:-1], [0]), 0), [0])
+    return torch.cat([rev, torch.ones(1, dtype=torch.float64)])

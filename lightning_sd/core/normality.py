@@ -32,12 +32,12 @@ from lightning_sd.core.gates import (
     SCALINGS,
     ResidualGate,
     StochasticDepthHandle,
-    _resolve_survival,
     existing_handle,
     mask_generator,
     probe_gates,
 )
 from lightning_sd.core.probing import restored_state
+from lightning_sd.core.validation import resolve_survival
 
 __all__ = [
     "NORMALITY_TESTS",
@@ -92,7 +92,7 @@ class NormalityResult:
             return torch.from_numpy(np.nanmedian(self.block_pvalues.numpy(), axis=0))
 
 
-def _check_test(test: str, num_masks: int) -> None:
+def check_normality_test(test: str, num_masks: int) -> None:
     """Sample-size limits of the scipy tests, checked before any forward pass."""
     if test not in NORMALITY_TESTS:
         raise ValueError(f"unknown test={test!r}; choose 'shapiro' (scipy.stats.shapiro) or 'dagostino' (scipy.stats.normaltest)")
@@ -142,7 +142,7 @@ def normality_test(samples: Tensor | np.ndarray, test: str = "shapiro", *, const
         float64 tensor of shape ``samples.shape[:-1]``.
     """
     x = samples.detach().cpu().double().numpy() if isinstance(samples, Tensor) else np.asarray(samples, dtype=np.float64)
-    _check_test(test, x.shape[-1])
+    check_normality_test(test, x.shape[-1])
     flat = x.reshape(-1, x.shape[-1])
     out = np.full(flat.shape[0], np.nan)
     spread = flat.max(axis=1) - flat.min(axis=1)
@@ -358,7 +358,7 @@ def normality_pvalues(
         >>> res.median() > 0.05   # Gaussian noise at depth 100 (Fig. 5)
         True
     """
-    _check_test(test, num_masks)
+    check_normality_test(test, num_masks)
     if scaling is not None and scaling not in SCALINGS:
         raise ValueError(f"unknown scaling={scaling!r}; choose 'expected' (m = delta), 'inverted' (m = delta/p) or None (the handle's)")
     if not isinstance(inputs, Tensor) or inputs.ndim < 1 or inputs.shape[0] < 1:
@@ -370,7 +370,7 @@ def normality_pvalues(
         p = handle.survival.double()
     else:
         num_blocks = handle.num_blocks if handle is not None else len(_count_branches(model))
-        p = _resolve_survival(survival, num_blocks)
+        p = resolve_survival(survival, num_blocks)
     scaling = scaling or (handle.scaling if handle is not None else "expected")
     masks = sample_multipliers(p, inputs.shape[0], num_masks, scaling=scaling, seed=seed)
     out, blocks = masked_samples(

@@ -40,8 +40,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from lightning_sd.core.gates import SCALINGS, StochasticDepthHandle, mask_generator, probe_gates
+from lightning_sd.core.gates import StochasticDepthHandle, mask_generator, probe_gates
 from lightning_sd.core.probing import restored_state
+from lightning_sd.core.validation import SCALINGS, check_unit_interval
 
 __all__ = [
     "REGULARIZATION_ESTIMATORS",
@@ -74,7 +75,7 @@ def _flat_output(out: object, batch: int) -> Tensor:
     return out.reshape(batch, -1)
 
 
-def _check_args(loss: str, estimator: str, num_samples: int) -> None:
+def check_simulation_args(loss: str, estimator: str, num_samples: int) -> None:
     if loss not in REGULARIZATION_LOSSES:
         raise ValueError(
             f"unknown loss={loss!r}; choose 'cross_entropy' (H = diag(pi) - pi pi^T, classification logits) "
@@ -155,7 +156,7 @@ def regularization_terms(
         >>> g.shape
         torch.Size([9])
     """
-    _check_args(loss, estimator, num_samples)
+    check_simulation_args(loss, estimator, num_samples)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' (g over the batch) or 'none' (per example), got {reduction!r}")
     if not isinstance(inputs, Tensor) or inputs.ndim < 1 or inputs.shape[0] < 1:
@@ -275,8 +276,7 @@ def gate_variance(survival: Sequence[float] | Tensor, scaling: str) -> Tensor:
     if scaling not in SCALINGS:
         raise ValueError(f"unknown scaling={scaling!r}; choose 'inverted' (m = delta/p) or 'expected' (m = delta)")
     p = torch.as_tensor(survival, dtype=torch.float64).detach().cpu()
-    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool((p > 1).any()):
-        raise ValueError(f"survival rates must lie in [0, 1], got {p.flatten().tolist()}")
+    check_unit_interval(p)
     if scaling == "expected":
         return p * (1.0 - p)
     if bool((p == 0).any()):

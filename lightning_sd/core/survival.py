@@ -13,28 +13,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_sd.core.validation import SURVIVAL_MODES, check_budget, check_unit_interval
+
 __all__ = [
     "SURVIVAL_MODES",
     "depth_moments",
-    "gradient_growth_theory",
     "linear_min_budget",
     "maxreg_rates",
     "sensemode_rates",
     "survival_rates",
 ]
 
-SURVIVAL_MODES = ("uniform", "linear", "custom", "sensemode", "maxreg")
 _BUDGET_TOL = 1e-6
-
-
-def _check_budget(budget: float) -> float:
-    budget = float(budget)
-    if not (0.0 < budget <= 1.0) or math.isnan(budget):
-        raise ValueError(
-            f"budget must be in (0, 1] (the expected fraction of blocks kept, Lbar / L), got {budget}. "
-            "Use e.g. budget=0.5 to keep half of the blocks on average."
-        )
-    return budget
 
 
 def _check_num_blocks(num_blocks: int) -> int:
@@ -112,7 +102,7 @@ def sensemode_rates(num_blocks: int, budget: float, sensitivities: Sequence[floa
         p_min: minimum survival rate in [0, budget]; 0 gives the paper's rule ``p ~ |S|``.
     """
     num_blocks = _check_num_blocks(num_blocks)
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     s = torch.as_tensor(sensitivities, dtype=torch.float64).flatten()
     if s.numel() != num_blocks:
         raise ValueError(f"sensitivities has {s.numel()} entries but the model has {num_blocks} blocks")
@@ -159,7 +149,7 @@ def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor, p_
         tensor([0.2000, 0.3000, 0.4000], dtype=torch.float64)
     """
     num_blocks = _check_num_blocks(num_blocks)
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     g = torch.as_tensor(g, dtype=torch.float64).flatten()
     if g.numel() != num_blocks:
         raise ValueError(f"g has {g.numel()} entries but the model has {num_blocks} blocks")
@@ -268,10 +258,9 @@ def survival_rates(
         p = torch.as_tensor(rates, dtype=torch.float64).flatten().clone()
         if p.numel() != num_blocks:
             raise ValueError(f"custom rates have {p.numel()} entries but the model has {num_blocks} residual blocks")
-        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool((p > 1).any()):
-            raise ValueError(f"custom rates must lie in [0, 1], got {p.tolist()}")
+        check_unit_interval(p, "custom rates")
         return p
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     if mode == "uniform":
         return torch.full((num_blocks,), budget, dtype=torch.float64)
     if mode == "linear":
@@ -298,25 +287,3 @@ def depth_moments(survival: Sequence[float] | Tensor) -> tuple[float, float]:
     """Lemma 1: mean ``sum p_l`` and variance ``sum p_l (1 - p_l)`` of the sampled depth ``L_delta``."""
     p = torch.as_tensor(survival, dtype=torch.float64)
     return float(p.sum()), float((p * (1 - p)).sum())
-
-
-def gradient_growth_theory(survival: Sequence[float] | Tensor | None, num_blocks: int | None = None) -> Tensor:
-    """Proposition 1: ``q_l = prod_{k>l} (1 + p_k)`` for l = 0..L (``2^(L-l)`` without SD).
-
-    Args:
-        survival: rates p_1..p_L, or None for no SD (then ``num_blocks`` is required).
-        num_blocks: L when ``survival`` is None.
-
-    Returns:
-        float64 tensor of length L + 1, entry l is q_l (q_L = 1).
-    """
-    if survival is None:
-        if num_blocks is None:
-            raise ValueError("gradient_growth_theory needs survival rates or num_blocks")
-        p = torch.ones(num_blocks, dtype=torch.float64)
-    else:
-        p = torch.as_tensor(survival, dtype=torch.float64).flatten()
-    factors = torch.cat([1.0 + p, torch.ones(1, dtype=torch.float64)])
-    # q_l = prod_{k=l+1}^{L} (1 + p_k): reverse cumulative product of factors[l:] shifted by one.
-    rev = torch.flip(torch.cumprod(torch.flip(factors[:-1], [0]), 0), [0])
-    return torch.cat([rev, torch.ones(1, dtype=torch.float64)])

@@ -64,19 +64,19 @@ def _constant_linspace() -> Iterator[None]:
 
 def _slots(model: nn.Module) -> dict[str, bool]:
     """Every drop-path slot of ``model`` (qualified name) -> whether it is a live ``DropPath``."""
-    from lightning_sd.core.discovery import _SLOT_NAME, is_drop_path_slot
+    from lightning_sd.core.discovery import SLOT_NAME, is_drop_path_slot
 
     out: dict[str, bool] = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         for attr, child in module._modules.items():
             if child is None:
-                if _SLOT_NAME.fullmatch(attr):
+                if SLOT_NAME.fullmatch(attr):
                     out[prefix + attr] = False
             elif is_drop_path_slot(child, attr):
                 out[prefix + attr] = type(child) is not nn.Identity
         for attr, value in module.__dict__.items():
-            if value is None and attr not in module._modules and _SLOT_NAME.fullmatch(attr):
+            if value is None and attr not in module._modules and SLOT_NAME.fullmatch(attr):
                 out[prefix + attr] = False
     return out
 

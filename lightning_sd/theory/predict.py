@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from lightning_sd.theory.simulate import _check_args, simulate
+from lightning_sd.theory.simulate import check_simulation_args, simulate
 
 __all__ = [
     "Prediction",
@@ -130,7 +130,7 @@ def interlayer_covariance_total(n: int, d: int, alpha: float, lam: float) -> flo
     ``k = |l - l'|``, ``cos(theta_k) = alpha^k / (alpha^2 + lam^2)^(k/2)``; the ``d - k`` pairs at each
     distance ``k`` are counted twice (ordered pairs).
     """
-    _check_args(n, d, float(alpha), float(lam), 1, "fast")
+    check_simulation_args(n, d, float(alpha), float(lam), 1, "fast")
     if d < 2:
         return 0.0
     k = np.arange(1, d, dtype=np.float64)
@@ -248,7 +248,7 @@ def predict(
         >>> round(p.beta, 4), round(p.mean_G, 4), round(p.var_G, 4)
         (2.27, -1.135, 2.27)
     """
-    _check_args(n, d, float(alpha), float(lam), 1, "fast")
+    check_simulation_args(n, d, float(alpha), float(lam), 1, "fast")
     alpha, lam = float(alpha), float(lam)
     beta, c = beta_c(n, d, alpha, lam)
     if balanced:
@@ -276,7 +276,7 @@ def predict_infinite_width(d: int, alpha: float, lam: float) -> Prediction:
     So ``E[(z_i^out)^2] = (alpha^2+lam^2)^d``, ``Var[(z_i^out)^2] = 2 (alpha^2+lam^2)^(2d)`` and the squared
     outputs are uncorrelated.
     """
-    _check_args(1, d, float(alpha), float(lam), 1, "fast")
+    check_simulation_args(1, d, float(alpha), float(lam), 1, "fast")
     alpha, lam = float(alpha), float(lam)
     s = alpha * alpha + lam * lam
     mean, var, corr = _out_moments(d, alpha, lam, 0.0, 0.0)

@@ -62,7 +62,7 @@ class SimulationResult:
         return float(self.hypoactivation.sum())
 
 
-def _check_args(n: int, d: int, alpha: float, lam: float, num_samples: int, method: str) -> None:
+def check_simulation_args(n: int, d: int, alpha: float, lam: float, num_samples: int, method: str) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"width n must be an integer >= 1, got {n!r}")
     if not isinstance(d, int) or isinstance(d, bool) or d < 1:
@@ -157,7 +157,7 @@ def simulate(
         >>> res.G.shape, res.active_fraction.shape
         (torch.Size([1000]), torch.Size([1000, 100]))
     """
-    _check_args(n, d, float(alpha), float(lam), num_samples, method)
+    check_simulation_args(n, d, float(alpha), float(lam), num_samples, method)
     alpha, lam = float(alpha), float(lam)
     device = torch.device(device)
     if chunk_size is None:
