@@ -267,7 +267,7 @@ def test_second_trainer_takes_over_the_gates(tmp_path):
 
     class Recorder(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            samples.append((trainer.global_step - 1, batch_idx, existing_handle(pl_module)._sample_cache.clone()))
+            samples.append((trainer.global_step - 1, batch_idx, existing_handle(pl_module).drop_kind.masks.clone()))
 
     second = StochasticDepth(mode="uniform", budget=0.5, seed=7, drop="sample")
     trainer = pl.Trainer(max_steps=3, callbacks=[second, Recorder()], **trainer_kwargs(tmp_path, logger=False))

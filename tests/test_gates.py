@@ -68,7 +68,7 @@ def test_sample_drop_matches_manual_per_example_masks():
     handle.resample(step=0)
     x = torch.randn(64, 6)
     out = model(x)
-    masks = handle._sample_cache.float()
+    masks = handle.drop_kind.masks.float()
     assert masks.shape == (64, 4)
     assert set(masks.unique().tolist()) <= {0.0, 1.0}
     torch.testing.assert_close(out, manual_mlp(ref, x, masks))

@@ -18,7 +18,8 @@ class _MaskLog(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         h = existing_handle(pl_module)
-        sample = None if h._sample_cache is None else h._sample_cache.clone()
+        sample = getattr(h.drop_kind, "masks", None)
+        sample = None if sample is None else sample.clone()
         self.kept.append((trainer.global_step, h.kept.clone(), sample))
 
 

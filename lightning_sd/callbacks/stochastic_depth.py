@@ -703,9 +703,7 @@ class _CallOrderProbe:
         self.calls: list[int] = []
         self._seen: set[int] = set()
         self._p = list(handle._p)
-        self._kept = list(handle._kept_list)
-        self._kept_tensor = handle.kept
-        self._cache: Tensor | None = None
+        self._masks = handle.drop_kind.snapshot()  # the masks drawn for each position of this step
         self._hooks = [gate.register_forward_pre_hook(self._pre_hook) for gate in handle.gates]
 
     def _pre_hook(self, gate: nn.Module, args: tuple[Any, ...]) -> None:
@@ -721,18 +719,8 @@ class _CallOrderProbe:
         if not self.positional or k == index:
             return
         h._p[index] = self._p[k]
-        h._kept_list[index] = self._kept[k]
-        if h.drop == "sample":
-            first = args[0] if args and isinstance(args[0], Tensor) else None
-            if self._cache is None:
-                if h._sample_cache is None and first is not None:
-                    h._sample_cache = h._draw_sample_masks(int(first.shape[0])).to(first.device)
-                self._cache = None if h._sample_cache is None else h._sample_cache.clone()
-            if self._cache is not None:
-                cache = self._cache.clone()  # a new tensor: earlier gates' autograd graphs keep theirs
-                for j, i in enumerate(self.calls):
-                    cache[:, i] = self._cache[:, j]
-                h._sample_cache = cache
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        self._masks = h.drop_kind.follow_call_order(self._masks, self.calls, first, h._p, h.scaling)
 
     def order(self) -> list[int] | None:
         """Gate indices in call order (gates not called this step last, in definition order), or None."""
@@ -748,10 +736,7 @@ class _CallOrderProbe:
         if self.positional:
             # Position k keeps the rate and masks drawn for k (what its gate used in this step).
             h.set_survival(torch.tensor(self._p, dtype=torch.float64))
-            h._kept = self._kept_tensor.clone()
-            h._kept_list = list(self._kept)
-            if self._cache is not None:
-                h._sample_cache = self._cache
+            h.drop_kind.restore(self._masks)
 
     def remove(self) -> None:
         for hook in self._hooks:

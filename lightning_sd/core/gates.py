@@ -30,13 +30,13 @@ import pickle
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_sd.core.discovery import BlockPlan, ResidualBranch, lookup_attribute, select_branches
+from lightning_sd.core.drop_kinds import DROP_KIND_CLASSES, DropKind, mask_generator
 from lightning_sd.core.validation import (
     DROP_KINDS,
     SCALINGS,
@@ -59,14 +59,6 @@ __all__ = [
 ]
 
 _GATE_PREFIX = "_sd_gate"
-
-
-def mask_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from integers ``key`` (e.g. ``(seed, step, micro_batch)``), independent of global RNG."""
-    seed = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)[0]
-    g = torch.Generator()
-    g.manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
-    return g
 
 
 def _broadcast_over_batch(m: Tensor, like: Tensor) -> Tensor:
@@ -95,15 +87,12 @@ class _GateBase(nn.Module):
             if m.ndim == 1:
                 return m[index]
             return _broadcast_over_batch(m[:, index], branch_out)
-        p = handle._p[index]
         if not self.training:
-            return p if handle.scaling == "expected" else 1.0
-        if handle.drop == "batch":
-            if not handle._kept_list[index]:
-                return None
-            return 1.0 / p if handle.scaling == "inverted" else 1.0
-        mask = handle._sample_mask(index, branch_out.shape[0], branch_out.device, branch_out.dtype)
-        return _broadcast_over_batch(mask, branch_out)
+            return handle._p[index] if handle.scaling == "expected" else 1.0
+        kind = handle.drop_kind
+        if kind.dropped(index):
+            return None
+        return kind.multiplier(index, handle._p, handle.scaling, branch_out)
 
 
 class ResidualGate(_GateBase):
@@ -154,7 +143,7 @@ class ResidualGate(_GateBase):
     @override
     def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
         handle = self.handle
-        if handle._override is None and self.training and handle.drop == "batch" and not handle._kept_list[self.index]:
+        if handle._override is None and self.training and handle.drop_kind.dropped(self.index):
             if handle.skip_compute:
                 return self._skip(shortcut)
             # Masking without skipping (FSDP, DeepSpeed): same value, every rank runs every block.
@@ -290,16 +279,13 @@ class StochasticDepthHandle:
         self.model = model
         self.branches = branches
         self.gates: list[_GateBase] = []
-        self.drop = drop
+        #: The masks of the current step and how they apply (``DROP_KIND_CLASSES[drop]``).
+        self.drop_kind: DropKind = DROP_KIND_CLASSES[drop](len(branches))
         self.scaling = scaling
         self.seed = int(seed)
-        self._survival = survival.to(torch.float32)
-        self._p = [float(x) for x in survival]
-        self._kept = torch.ones(len(branches), dtype=torch.bool)
-        self._kept_list = [True] * len(branches)
+        self._p = [float(x) for x in survival]  # the rates: float64 values, read by every gate call
         self._key: tuple[int, ...] = (0, 0)
         self._rank = 0
-        self._sample_cache: Tensor | None = None
         self._override: Tensor | None = None
         self._auto_step = 0
         self._undo: list[Callable[[], None]] = []
@@ -315,9 +301,14 @@ class StochasticDepthHandle:
         return len(self.branches)
 
     @property
+    def drop(self) -> str:
+        """The drop kind's name: ``"batch"`` or ``"sample"``."""
+        return self.drop_kind.name
+
+    @property
     def survival(self) -> Tensor:
         """Current rates p_1..p_L (float32, CPU)."""
-        return self._survival.clone()
+        return torch.tensor(self._p, dtype=torch.float32)
 
     @property
     def survival_float64(self) -> Tensor:
@@ -328,13 +319,12 @@ class StochasticDepthHandle:
         """Set new rates (length L, in [0, 1]; no zero with ``scaling="inverted"``)."""
         p = resolve_survival(survival, self.num_blocks)
         check_inverted_rates(p, self.scaling)
-        self._survival = p.to(torch.float32)
         self._p = [float(x) for x in p]
 
     @property
     def kept(self) -> Tensor:
         """Batch mask of the current step (bool, length L): which branches run. All True before a draw."""
-        return self._kept.clone()
+        return self.drop_kind.kept_mask()
 
     def set_rank(self, rank: int) -> None:
         """Process rank, mixed into per-sample masks so that each rank masks its own examples differently."""
@@ -356,35 +346,14 @@ class StochasticDepthHandle:
         recompile per step); otherwise at the first gate call.
         """
         self._key = (int(step), int(micro_batch))
-        self._sample_cache = None
-        if self.drop == "sample" and batch_size is not None:
-            self._sample_cache = self._draw_sample_masks(int(batch_size)).to(device or "cpu")
-        if self.drop == "batch":
-            g = mask_generator(self.seed, step, micro_batch, 0)
-            u = torch.rand(self.num_blocks, generator=g, dtype=torch.float64)
-            self._kept = u < torch.tensor(self._p, dtype=torch.float64)
-            self._kept_list = self._kept.tolist()
-        return self._kept.clone()
+        self.drop_kind.resample(
+            seed=self.seed, key=self._key, rank=self._rank, rates=self._p, scaling=self.scaling, batch_size=batch_size, device=device
+        )
+        return self.kept
 
     def realized_depth(self) -> float:
         """Number of branches executed at the current step (batch drop) or their mean over examples (sample)."""
-        if self.drop == "batch":
-            return float(self._kept.sum())
-        if self._sample_cache is None:
-            return float("nan")
-        return float((self._sample_cache > 0).sum(dim=1).double().mean().cpu())
-
-    def _draw_sample_masks(self, batch: int) -> Tensor:
-        g = mask_generator(self.seed, *self._key, 1, self._rank)
-        u = torch.rand(batch, self.num_blocks, generator=g, dtype=torch.float64)
-        p = torch.tensor(self._p, dtype=torch.float64)
-        delta = (u < p).double()
-        return (delta / p.clamp_min(1e-12) if self.scaling == "inverted" else delta).float()
-
-    def _sample_mask(self, index: int, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        if self._sample_cache is None or self._sample_cache.shape[0] != batch:
-            self._sample_cache = self._draw_sample_masks(batch).to(device)
-        return self._sample_cache[:, index].to(device=device, dtype=dtype, non_blocking=True)
+        return self.drop_kind.realized_depth()
 
     @contextlib.contextmanager
     def override(self, multipliers: Tensor) -> Iterator[None]:
@@ -424,16 +393,13 @@ class StochasticDepthHandle:
             check_seed(seed)
         p = resolve_survival(survival, self.num_blocks)
         check_inverted_rates(p, scaling)
-        self.drop, self.scaling = drop, scaling
+        self.drop_kind = DROP_KIND_CLASSES[drop](self.num_blocks)  # fresh masks: all kept until the next resample
+        self.scaling = scaling
         if seed is not None:
             self.seed = int(seed)
         if auto_resample is not None:
             self.auto_resample = bool(auto_resample)
-        self._survival = p.to(torch.float32)
         self._p = [float(x) for x in p]
-        self._kept = torch.ones(self.num_blocks, dtype=torch.bool)
-        self._kept_list = [True] * self.num_blocks
-        self._sample_cache = None
 
     def reorder(self, order: Sequence[int]) -> None:
         """Renumber the blocks: new block ``l`` is old block ``order[l]`` (a permutation of 0..L-1).
@@ -449,11 +415,7 @@ class StochasticDepthHandle:
         for new, gate in enumerate(self.gates):
             gate.index = new
         self._p = [self._p[i] for i in order]
-        self._survival = self._survival[order].clone()
-        self._kept = self._kept[order].clone()
-        self._kept_list = self._kept.tolist()
-        if self._sample_cache is not None:
-            self._sample_cache = self._sample_cache[:, order].clone()
+        self.drop_kind.permute(order)
 
     def _auto_resample(self, module: nn.Module, args: Any) -> None:
         if self.auto_resample and module.training and self._override is None:

@@ -53,7 +53,8 @@ class MaskRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         h = existing_handle(pl_module)
-        masks = None if h._sample_cache is None else h._sample_cache.tolist()
+        masks = getattr(h.drop_kind, "masks", None)  # per-example masks (drop="sample"), else None
+        masks = None if masks is None else masks.tolist()
         self.records.append(
             {
                 "step": trainer.global_step,

@@ -1,0 +1,250 @@
+"""Drop kinds: how the masks delta_l of one training step are drawn and applied.
+
+A drop kind owns the masks of the current step and answers two questions for the gates:
+:meth:`DropKind.dropped` (is branch l dropped for the whole batch, so that its compute can be skipped?)
+and :meth:`DropKind.multiplier` (the training-mode ``m_l`` of a branch that runs). The
+:class:`~lightning_sd.core.gates.StochasticDepthHandle` holds the rates (the one source of truth) and
+picks the kind once, by name, from :data:`DROP_KIND_CLASSES`. A new kind is one subclass here and one
+registry line (and its name in :data:`~lightning_sd.core.validation.DropKind`).
+
+Masks come from ``mask_generator(seed, step, micro_batch, stream, ...)`` only, never from the global
+random generator (Hayou et al. 2021, Eq. (1): ``delta_l ~ Bernoulli(p_l)``; ``m_l = delta_l / p_l``
+with ``scaling="inverted"``, ``m_l = delta_l`` with ``"expected"``).
+
+Example::
+
+    >>> kind = DROP_KIND_CLASSES["batch"](num_blocks=3)
+    >>> kind.resample(seed=0, key=(0, 0), rank=0, rates=[1.0, 1.0, 1.0], scaling="inverted")
+    >>> kind.kept_mask().tolist()
+    [True, True, True]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DROP_KIND_CLASSES", "BatchDrop", "DropKind", "SampleDrop", "mask_generator"]
+
+
+def mask_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from integers ``key`` (e.g. ``(seed, step, micro_batch)``), independent of global RNG."""
+    seed = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)[0]
+    g = torch.Generator()
+    g.manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+    return g
+
+
+class DropKind:
+    """Masks of the current step for one drop kind; subclasses fill in the hooks.
+
+    Args:
+        num_blocks: L, the number of gates.
+    """
+
+    #: The name users pass as ``drop=``.
+    name: ClassVar[str]
+    #: Whether a branch can be dropped for the whole batch (its compute is then skipped).
+    skips_compute: ClassVar[bool]
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = int(num_blocks)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current masks: every branch kept until the next :meth:`resample`."""
+        raise NotImplementedError
+
+    def resample(
+        self,
+        *,
+        seed: int,
+        key: tuple[int, ...],
+        rank: int,
+        rates: Sequence[float],
+        scaling: str,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Draw the masks of step ``key = (step, micro_batch)`` from ``(seed, *key)`` (and ``rank`` if per-example)."""
+        raise NotImplementedError
+
+    def dropped(self, index: int) -> bool:
+        """Whether branch ``index`` is dropped for the whole batch at this step (training mode)."""
+        return False
+
+    def multiplier(self, index: int, rates: Sequence[float], scaling: str, like: Tensor) -> Tensor | float:
+        """Training-mode ``m_l`` of branch ``index`` that runs (current ``rates``): a float, or a tensor broadcastable to ``like``."""
+        raise NotImplementedError
+
+    def kept_mask(self) -> Tensor:
+        """Whole-batch mask of the current step (bool, length L). All True for per-example kinds."""
+        return torch.ones(self.num_blocks, dtype=torch.bool)
+
+    def realized_depth(self) -> float:
+        """Branches executed at this step (per-example kinds: their mean over examples; NaN before a draw)."""
+        raise NotImplementedError
+
+    def permute(self, order: Sequence[int]) -> None:
+        """Renumber the blocks (new block ``l`` is old block ``order[l]``); the masks move with their branch."""
+        raise NotImplementedError
+
+    def snapshot(self) -> Any:
+        """A copy of the current masks (for :meth:`restore` and :meth:`follow_call_order`)."""
+        raise NotImplementedError
+
+    def restore(self, snapshot: Any) -> None:
+        """Put back masks taken with :meth:`snapshot`."""
+        raise NotImplementedError
+
+    def follow_call_order(self, snapshot: Any, calls: Sequence[int], like: Tensor | None, rates: Sequence[float], scaling: str) -> Any:
+        """Let block ``calls[j]`` use the snapshot's masks of block ``j`` (blocks run in another order than defined).
+
+        Returns the snapshot, drawn now if it was taken before the masks existed (per-example masks are
+        drawn at the first gate call when the batch size was not known at :meth:`resample`).
+        """
+        raise NotImplementedError
+
+
+class BatchDrop(DropKind):
+    """One Bernoulli(p_l) draw per block per step, shared by the whole batch and by every DDP rank.
+
+    A dropped branch is not computed (the speed of stochastic depth); a kept one is multiplied by
+    ``1 / p_l`` (inverted) or 1 (expected).
+    """
+
+    name = "batch"
+    skips_compute = True
+
+    def reset(self) -> None:  # noqa: D102
+        self.kept = [True] * self.num_blocks
+
+    def resample(  # noqa: D102
+        self,
+        *,
+        seed: int,
+        key: tuple[int, ...],
+        rank: int,
+        rates: Sequence[float],
+        scaling: str,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        g = mask_generator(seed, *key, 0)
+        u = torch.rand(self.num_blocks, generator=g, dtype=torch.float64)
+        self.kept = (u < torch.tensor(list(rates), dtype=torch.float64)).tolist()
+
+    def dropped(self, index: int) -> bool:  # noqa: D102
+        return not self.kept[index]
+
+    def multiplier(self, index: int, rates: Sequence[float], scaling: str, like: Tensor) -> Tensor | float:  # noqa: D102
+        return 1.0 / rates[index] if scaling == "inverted" else 1.0
+
+    def kept_mask(self) -> Tensor:  # noqa: D102
+        return torch.tensor(self.kept, dtype=torch.bool)
+
+    def realized_depth(self) -> float:  # noqa: D102
+        return float(sum(self.kept))
+
+    def permute(self, order: Sequence[int]) -> None:  # noqa: D102
+        self.kept = [self.kept[i] for i in order]
+
+    def snapshot(self) -> list[bool]:  # noqa: D102
+        return list(self.kept)
+
+    def restore(self, snapshot: Any) -> None:  # noqa: D102
+        self.kept = list(snapshot)
+
+    def follow_call_order(  # noqa: D102
+        self, snapshot: Any, calls: Sequence[int], like: Tensor | None, rates: Sequence[float], scaling: str
+    ) -> Any:
+        for j, i in enumerate(calls):
+            self.kept[i] = snapshot[j]
+        return snapshot
+
+
+class SampleDrop(DropKind):
+    """A per-example mask, as timm's ``DropPath``: every branch is computed and multiplied per example.
+
+    The ``(batch, L)`` multipliers (``delta / p`` or ``delta``, fp32) come from ``(seed, step,
+    micro_batch, rank)``: each rank masks its own examples differently. Drawn in :meth:`resample` when
+    the batch size is known (outside the forward, so a compiled model reads them as an input), else at
+    the first gate call.
+    """
+
+    name = "sample"
+    skips_compute = False
+
+    def reset(self) -> None:  # noqa: D102
+        self.masks: Tensor | None = None
+        self._key: tuple[int, tuple[int, ...], int] = (0, (0, 0), 0)  # seed, (step, micro_batch), rank
+
+    def resample(  # noqa: D102
+        self,
+        *,
+        seed: int,
+        key: tuple[int, ...],
+        rank: int,
+        rates: Sequence[float],
+        scaling: str,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self._key = (int(seed), tuple(key), int(rank))
+        self.masks = None
+        if batch_size is not None:
+            self.masks = self.draw(int(batch_size), rates, scaling).to(device or "cpu")
+
+    def draw(self, batch: int, rates: Sequence[float], scaling: str) -> Tensor:
+        """The ``(batch, L)`` multipliers of the current step's key with ``rates``."""
+        seed, key, rank = self._key
+        g = mask_generator(seed, *key, 1, rank)
+        u = torch.rand(batch, self.num_blocks, generator=g, dtype=torch.float64)
+        p = torch.tensor(list(rates), dtype=torch.float64)
+        delta = (u < p).double()
+        return (delta / p.clamp_min(1e-12) if scaling == "inverted" else delta).float()
+
+    def multiplier(self, index: int, rates: Sequence[float], scaling: str, like: Tensor) -> Tensor | float:  # noqa: D102
+        batch = like.shape[0]
+        if self.masks is None or self.masks.shape[0] != batch:
+            self.masks = self.draw(batch, rates, scaling).to(like.device)
+        m = self.masks[:, index].to(device=like.device, dtype=like.dtype, non_blocking=True)
+        return m.reshape((m.shape[0],) + (1,) * (like.ndim - 1))
+
+    def realized_depth(self) -> float:  # noqa: D102
+        if self.masks is None:
+            return float("nan")
+        return float((self.masks > 0).sum(dim=1).double().mean().cpu())
+
+    def permute(self, order: Sequence[int]) -> None:  # noqa: D102
+        if self.masks is not None:
+            self.masks = self.masks[:, list(order)].clone()
+
+    def snapshot(self) -> Tensor | None:  # noqa: D102
+        return None if self.masks is None else self.masks.clone()
+
+    def restore(self, snapshot: Any) -> None:  # noqa: D102
+        if snapshot is not None:
+            self.masks = snapshot
+
+    def follow_call_order(  # noqa: D102
+        self, snapshot: Any, calls: Sequence[int], like: Tensor | None, rates: Sequence[float], scaling: str
+    ) -> Any:
+        if snapshot is None:
+            if self.masks is None and like is not None:
+                self.masks = self.draw(int(like.shape[0]), rates, scaling).to(like.device)
+            snapshot = None if self.masks is None else self.masks.clone()
+        if snapshot is not None:
+            masks = snapshot.clone()  # a new tensor: earlier gates' autograd graphs keep theirs
+            for j, i in enumerate(calls):
+                masks[:, i] = snapshot[:, j]
+            self.masks = masks
+        return snapshot
+
+
+#: ``drop=`` name -> drop kind; the handle picks one at injection (and at ``reconfigure``).
+DROP_KIND_CLASSES: dict[str, type[DropKind]] = {"batch": BatchDrop, "sample": SampleDrop}
