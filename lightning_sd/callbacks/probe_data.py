@@ -57,6 +57,8 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
+from lightning_sd._internals import fit_loop_combine_mode
+
 __all__ = [
     "INPUT_KEYS",
     "default_input_fn",
@@ -215,8 +217,7 @@ def _device_batches(trainer: pl.Trainer, loaders: Any, combined: bool, seed: int
         return probe_loader(loader, seed=seed, epoch=epoch)
 
     if combined and isinstance(loaders, (list, tuple, Mapping)):
-        fit_combined = getattr(trainer.fit_loop, "_combined_loader", None)
-        mode = fit_combined._mode if fit_combined is not None else "max_size_cycle"
+        mode = fit_loop_combine_mode(trainer)
         if isinstance(loaders, Mapping):
             iterables: Any = {k: fresh(v) for k, v in loaders.items()}
         else:

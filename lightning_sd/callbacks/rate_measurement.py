@@ -48,6 +48,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
+from lightning_sd._internals import metric_states_restored
 from lightning_sd.callbacks.probe_data import probe_batches
 from lightning_sd.core.gates import existing_handle
 from lightning_sd.core.probing import restored_state
@@ -105,7 +106,7 @@ def measure_sensitivities(callback: Any, trainer: pl.Trainer, pl_module: pl.Ligh
     loss_of = _loss_function(callback, pl_module)
     num = int(callback.sensitivity_batches)
     batches = probe_batches(trainer, pl_module, num, combined=True, epoch=trainer.current_epoch)
-    with isolate_rng(), restored_state(pl_module, "train"), _metric_states_restored(pl_module):
+    with isolate_rng(), restored_state(pl_module, "train"), metric_states_restored(pl_module):
         if not batches:
             raise RuntimeError(
                 "the training dataloader yielded no batch to measure sensitivities on; check the training data "
@@ -195,25 +196,3 @@ def silenced_training_step(pl_module: pl.LightningModule) -> Iterator[None]:
                 pl_module.__dict__[name] = saved[name]
             else:
                 pl_module.__dict__.pop(name, None)
-
-
-@contextlib.contextmanager
-def _metric_states_restored(module: nn.Module) -> Iterator[None]:
-    """Torchmetrics updated inside ``training_step`` (e.g. a training accuracy) get their states back."""
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover - torchmetrics is a Lightning dependency
-        yield
-        return
-    saved = []
-    for m in module.modules():
-        if isinstance(m, Metric):
-            saved.append((m, m._copy_state_dict(), m._update_count, m._computed))
-    try:
-        yield
-    finally:
-        for m, state, count, computed in saved:
-            for attr, value in state.items():
-                setattr(m, attr, value)
-            m._update_count = count
-            m._computed = computed
