@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
 from lightning_sd.callbacks.probe_data import default_input_fn, probe_inputs, resolve_input_fn
-from lightning_sd.callbacks.tables import publish_table
+from lightning_sd.callbacks.output import write_table
 from lightning_sd.theory.probe import ProbeResult, probe_model
 
 __all__ = ["LogGaussianMonitor"]
@@ -184,4 +184,4 @@ class LogGaussianMonitor(Callback):
             ("output", self.output_rows, ["statistic", "empirical", "predicted"]),
         ):
             path = os.path.join(log_dir, f"{self.prefix}_{suffix}.csv")
-            publish_table(trainer, path, rows, key=f"{self.prefix}/{suffix}", columns=fields)
+            write_table(trainer, path, rows, key=f"{self.prefix}/{suffix}", columns=fields)

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_sd.callbacks.maxreg_measurement import infer_regularization_loss, reduce_mean_over_ranks
 from lightning_sd.callbacks.probe_data import probe_inputs
-from lightning_sd.callbacks.tables import publish_table
+from lightning_sd.callbacks.output import write_table
 from lightning_sd.core.gates import SCALINGS, existing_handle
 from lightning_sd.core.regularization import (
     REGULARIZATION_ESTIMATORS,
@@ -232,7 +232,7 @@ class RegularizationMonitor(Callback):
 
     def _write_table(self, trainer: pl.Trainer, result: dict[str, Any], log_dir: str) -> None:
         path = os.path.join(log_dir, f"regularization_epoch{trainer.current_epoch}.csv")
-        publish_table(trainer, path, self.table(result), key="reg/blocks")
+        write_table(trainer, path, self.table(result), key="reg/blocks")
         self.table_path = path
         g = result["g"]
         for logger in trainer.loggers:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 import weakref
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_sd.callbacks.strategy_support import skips_compute_under
-from lightning_sd.callbacks.tables import publish_table
+from lightning_sd.callbacks.output import log_epoch_metrics, publish_table
 from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.gates import (
     DROP_KINDS,
@@ -220,6 +219,7 @@ class StochasticDepth(Callback):
         self.regularization_loss_used: str | None = None  # what "auto" resolved to, set by the maxreg measurement
         self.log_every_n_steps = int(log_every_n_steps)
         self.handle: StochasticDepthHandle | None = None
+        self.table_path: str | None = None  # the last rate table written (rank 0)
         self.sensitivities: Tensor | None = None
         self.g: Tensor | None = None
         self._measured = False
@@ -455,16 +455,14 @@ class StochasticDepth(Callback):
         var = max(self._depth_sq_sum / self._depth_count - mean * mean, 0.0) * self._depth_count / max(self._depth_count - 1, 1)
         mean_theory, var_theory = depth_moments(self.handle.survival)
         # Lemma 1: E[L_delta] = sum p, Var[L_delta] = sum p (1 - p).
-        pl_module.log_dict(
+        log_epoch_metrics(
+            pl_module,
             {
                 "sd/depth_mean": mean,
                 "sd/depth_var": var,
                 "sd/depth_mean_theory": mean_theory,
                 "sd/depth_var_theory": var_theory,
             },
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
         )
 
     # ------------------------------------------------------------------ call order
@@ -555,7 +553,7 @@ class StochasticDepth(Callback):
             metrics[f"sd/survival/{l + 1:03d}"] = float(p[l])
             if self.sensitivities is not None:
                 metrics[f"sd/sensitivity/{l + 1:03d}"] = float(self.sensitivities[l])
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # same on every rank
+        log_epoch_metrics(pl_module, metrics)  # identical on every rank
         if self._rates_changed:  # one table per change of the rates (or of their numbering)
             self._write_table(trainer)
             self._rates_changed = False
@@ -575,13 +573,9 @@ class StochasticDepth(Callback):
         return rows
 
     def _write_table(self, trainer: pl.Trainer) -> None:
-        # trainer.log_dir broadcasts from rank 0: every rank must read it, before the rank-0 check.
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if not trainer.is_global_zero:
-            return
-        path = os.path.join(log_dir, f"sd_rates_epoch{trainer.current_epoch}.csv")
-        publish_table(trainer, path, self.rate_table(), key="sd/rates")
-        self.table_path = path
+        path = publish_table(trainer, f"sd_rates_epoch{trainer.current_epoch}.csv", self.rate_table(), key="sd/rates")
+        if path is not None:  # rank 0
+            self.table_path = path
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

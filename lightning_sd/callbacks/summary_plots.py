@@ -12,8 +12,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_sd.callbacks.output import log_dir_without_broadcast
 
 __all__ = ["SummaryPlots"]
 
@@ -135,7 +136,8 @@ class SummaryPlots(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        out_dir = self.out_dir or self._log_dir(trainer)
+        # trainer.log_dir broadcasts from rank 0, a collective this rank-0-only hook must not call.
+        out_dir = self.out_dir or log_dir_without_broadcast(trainer)
         self.paths = self.write(trainer.callbacks, out_dir)
         if self.paths:
             rank_zero_info("SummaryPlots: wrote " + ", ".join(self.paths.values()))
@@ -143,16 +145,6 @@ class SummaryPlots(Callback):
             rank_zero_warn(
                 "SummaryPlots: nothing to plot (no StochasticDepth, RegularizationMonitor or NormalityMonitor with data in trainer.callbacks)"
             )
-
-    @staticmethod
-    def _log_dir(trainer: pl.Trainer) -> str:
-        # trainer.log_dir broadcasts from rank 0, a collective this rank-0-only hook must not call.
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            path = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
-            if path:
-                return str(path)
-        return str(trainer.default_root_dir)
 
     # ------------------------------------------------------------------ figures
     def write(self, callbacks: Sequence[Callback], out_dir: str) -> dict[str, str]:
