@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning.pytorch.utilities.seed import isolate_rng
 
-from lightning_sd.callbacks.maxreg_measurement import infer_regularization_loss, reduce_mean_over_ranks
+from lightning_sd.callbacks.probing import infer_regularization_loss, reduce_mean_over_ranks
 from lightning_sd.callbacks.probe_data import probe_inputs
 from lightning_sd.callbacks.output import write_table
 from lightning_sd.core.gates import SCALINGS, existing_handle
@@ -55,7 +55,7 @@ class RegularizationMonitor(Callback):
     ``trainer.callbacks`` (its current rates and scaling); without one, from ``survival``; without both,
     only g is logged. The probe runs in evaluation mode (BatchNorm running statistics: the network after
     training; ``StochasticDepth(mode="maxreg")`` measures the training-mode network instead, see
-    :mod:`lightning_sd.callbacks.maxreg_measurement`) in fp32 (fp64 statistics), outside autocast, under
+    :mod:`lightning_sd.callbacks.rate_measurement`) in fp32 (fp64 statistics), outside autocast, under
     ``isolate_rng``; module modes, buffers and parameter gradients are left as they were. Under DDP
     every process probes its own share of the data and the same reduction is called on every rank.
 
@@ -66,7 +66,7 @@ class RegularizationMonitor(Callback):
         loss: ``"cross_entropy"`` (logits), ``"mse"`` (the paper's ``||y - t||^2``) or ``"auto"`` (the
             module's ``regularization_loss`` attribute, else ``"mse"`` for one output coordinate per
             example and ``"cross_entropy"`` for more; see
-            :func:`~lightning_sd.callbacks.maxreg_measurement.infer_regularization_loss`).
+            :func:`~lightning_sd.callbacks.probing.infer_regularization_loss`).
         estimator: ``"exact"`` (one backward per output coordinate), ``"sampled"`` (``num_samples``
             backwards, unbiased) or ``"auto"`` (exact when the output has <= ``num_samples`` coordinates).
         num_samples: probe vectors of the sampled estimator (>= 1).

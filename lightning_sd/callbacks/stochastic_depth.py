@@ -12,14 +12,16 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_sd.callbacks.strategy_support import skips_compute_under
 from lightning_sd.callbacks.output import log_epoch_metrics, publish_table
+from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, MeasurementSettings, RateMeasurement
 from lightning_sd.core.discovery import find_residual_branches
+from lightning_sd.core.regularization import REGULARIZATION_ESTIMATORS
 from lightning_sd.core.gates import (
     DROP_KINDS,
     SCALINGS,
@@ -31,7 +33,7 @@ from lightning_sd.core.survival import SURVIVAL_MODES, depth_moments, survival_r
 
 __all__ = ["MAX_MULTIPLIER", "StochasticDepth", "default_p_min"]
 
-_MEASURED_MODES = ("sensemode", "maxreg")
+_MEASURED_MODES = tuple(RATE_MEASUREMENTS)  # ("sensemode", "maxreg")
 _POSITIONAL_MODES = ("linear", "custom")  # rates belong to positions 1..L, not to particular branches
 #: ``scaling="inverted"`` multiplies a kept branch by 1/p_l; above this factor the callback warns.
 MAX_MULTIPLIER = 20.0
@@ -115,7 +117,11 @@ class StochasticDepth(Callback):
             module's ``training_step`` output.
         regularization_loss: loss whose Hessian defines g_l for ``"maxreg"``: ``"cross_entropy"``, ``"mse"`` or
             ``"auto"`` (the module's ``regularization_loss`` attribute, else ``"mse"`` for one output per example
-            and ``"cross_entropy"`` for more; :func:`~lightning_sd.callbacks.maxreg_measurement.infer_regularization_loss`).
+            and ``"cross_entropy"`` for more; :func:`~lightning_sd.callbacks.probing.infer_regularization_loss`).
+        input_fn: ``batch -> model input`` for ``"maxreg"``'s g_l; ``None``:
+            :func:`~lightning_sd.callbacks.probe_data.default_input_fn` (``batch[0]`` of tuples, known keys of dicts).
+        regularization_estimator: how ``"maxreg"`` computes g_l on a model without BatchNorm: ``"exact"``,
+            ``"sampled"`` or ``"auto"`` (see :func:`~lightning_sd.core.regularization.regularization_terms`).
         log_every_n_steps: how often the realized depth is logged (it is always accumulated).
 
     With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
@@ -145,6 +151,8 @@ class StochasticDepth(Callback):
         sensitivity_loss: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         regularization_loss: Literal["auto", "cross_entropy", "mse"] = "auto",
         log_every_n_steps: int = 1,
+        input_fn: Callable[[Any], Tensor] | None = None,
+        regularization_estimator: Literal["auto", "exact", "sampled"] = "auto",
     ) -> None:
         if mode not in SURVIVAL_MODES:
             raise ValueError(f"unknown mode={mode!r}; choose one of {', '.join(SURVIVAL_MODES)}")
@@ -199,6 +207,10 @@ class StochasticDepth(Callback):
             )
         if regularization_loss not in ("auto", "cross_entropy", "mse"):
             raise ValueError(f"regularization_loss must be 'auto', 'cross_entropy' or 'mse', got {regularization_loss!r}")
+        if regularization_estimator not in REGULARIZATION_ESTIMATORS:
+            raise ValueError(
+                f"regularization_estimator must be one of {', '.join(REGULARIZATION_ESTIMATORS)}, got {regularization_estimator!r}"
+            )
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.mode = mode
@@ -217,11 +229,16 @@ class StochasticDepth(Callback):
         self.sensitivity_loss = sensitivity_loss
         self.regularization_loss = regularization_loss
         self.regularization_loss_used: str | None = None  # what "auto" resolved to, set by the maxreg measurement
+        self.input_fn = input_fn
+        self.regularization_estimator = regularization_estimator
         self.log_every_n_steps = int(log_every_n_steps)
         self.handle: StochasticDepthHandle | None = None
         self.table_path: str | None = None  # the last rate table written (rank 0)
         self.sensitivities: Tensor | None = None
-        self.g: Tensor | None = None
+        #: g_l of the last ``"maxreg"`` measurement (float32, CPU, call order), checkpointed as ``"g"``.
+        self.regularization_terms: Tensor | None = None
+        # The measurement of a measured mode, chosen once (RATE_MEASUREMENTS: name -> function).
+        self._rate_measurement = RATE_MEASUREMENTS.get(mode)
         self._measured = False
         self._measured_at_step: int | None = None
         self._last_measured_epoch = -1
@@ -244,6 +261,30 @@ class StochasticDepth(Callback):
         """L, after ``setup``."""
         return 0 if self.handle is None else self.handle.num_blocks
 
+    @property
+    def g(self) -> Tensor | None:
+        """Deprecated alias of :attr:`regularization_terms` (the g_l measured by ``mode="maxreg"``)."""
+        rank_zero_deprecation("StochasticDepth.g is deprecated; use StochasticDepth.regularization_terms (the same g_l)")
+        return self.regularization_terms
+
+    @g.setter
+    def g(self, value: Tensor | None) -> None:
+        rank_zero_deprecation("StochasticDepth.g is deprecated; use StochasticDepth.regularization_terms (the same g_l)")
+        self.regularization_terms = value
+
+    @property
+    def measurement_settings(self) -> MeasurementSettings:
+        """What the measured modes take from this callback's arguments (see :mod:`~lightning_sd.callbacks.rate_measurement`)."""
+        return MeasurementSettings(
+            budget=self.budget,
+            p_min=self.p_min,
+            num_batches=self.sensitivity_batches,
+            sensitivity_loss=self.sensitivity_loss,
+            regularization_loss=self.regularization_loss,  # type: ignore[arg-type]
+            input_fn=self.input_fn,
+            estimator=self.regularization_estimator,  # type: ignore[arg-type]
+        )
+
     def _initial_rates(self, num_blocks: int) -> Tensor:
         if self.mode == "custom":
             return survival_rates("custom", num_blocks, rates=self.custom_survival)
@@ -264,7 +305,7 @@ class StochasticDepth(Callback):
         """
         rates = self.mode
         if self.mode in _MEASURED_MODES:
-            measured = self.sensitivities if self.mode == "sensemode" else self.g
+            measured = self.sensitivities if self.mode == "sensemode" else self.regularization_terms
             if not self._measured:
                 rates = "uniform until measured"
             elif measured is not None and not bool(measured.any()):
@@ -480,8 +521,8 @@ class StochasticDepth(Callback):
         probe.finish_reorder()
         if self.sensitivities is not None:
             self.sensitivities = self.sensitivities[order].clone()
-        if self.g is not None:
-            self.g = self.g[order].clone()
+        if self.regularization_terms is not None:
+            self.regularization_terms = self.regularization_terms[order].clone()
         self._rates_changed = True
         follow = (
             f"mode={self.mode!r} rates follow the call order (the first step already used them)"
@@ -496,21 +537,10 @@ class StochasticDepth(Callback):
 
     # ------------------------------------------------------------------ measured modes
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_sd.callbacks.rate_measurement import measure_rates
-
-        assert self.handle is not None
-        try:
-            result = measure_rates(self, trainer, pl_module)
-        except ValueError as err:
-            if self.mode == "sensemode" and self.sensitivities is not None and not bool(self.sensitivities.any()):
-                raise ValueError(
-                    f"StochasticDepth(mode='sensemode'): every sensitivity S_l is 0 at step {trainer.global_step}, so "
-                    "SenseMode cannot rank the blocks. The branches output zero (typically a zero-initialised last "
-                    "BatchNorm in each block). Measure once they have trained, e.g. measure_after_steps=100 "
-                    "(uniform rates until then), or use mode='uniform'."
-                ) from err
-            raise
-        rates = torch.as_tensor(result, dtype=torch.float64)
+        assert self.handle is not None and self._rate_measurement is not None
+        result = self._rate_measurement(trainer, pl_module, self.measurement_settings)
+        self._keep_measured(result)
+        rates = torch.as_tensor(result.rates, dtype=torch.float64)
         if self.scaling == "inverted" and bool((rates == 0).any()):
             zero = torch.nonzero(rates == 0).flatten().tolist()
             raise ValueError(
@@ -530,14 +560,22 @@ class StochasticDepth(Callback):
         )
         self._warn_large_multiplier()
 
+    def _keep_measured(self, result: RateMeasurement) -> None:
+        """Store what a measurement found besides the rates (checkpointed, shown in :meth:`rate_table`)."""
+        if result.sensitivities is not None:
+            self.sensitivities = result.sensitivities
+        if result.regularization_terms is not None:
+            self.regularization_terms = result.regularization_terms
+            self.regularization_loss_used = result.loss
+
     def _warn_large_multiplier(self) -> None:
         if self.handle is None:
             return
         m = _max_multiplier(self.handle.survival_float64, self.scaling)
         if m > MAX_MULTIPLIER:
-            l = int(torch.argmin(self.handle.survival_float64))
+            lowest = int(torch.argmin(self.handle.survival_float64))
             rank_zero_warn(
-                f"StochasticDepth: with scaling='inverted' block {l + 1} ({self.handle.branches[l].name}) has rate "
+                f"StochasticDepth: with scaling='inverted' block {lowest + 1} ({self.handle.branches[lowest].name}) has rate "
                 f"{1.0 / m:.4g}, so a kept branch is multiplied by 1/p = {m:.4g} (> {MAX_MULTIPLIER:g}); such rare, "
                 "large multipliers make training noisy. Raise p_min (p_min=0.05 caps the multiplier at 20), "
                 "raise the budget, or use scaling='expected'."
@@ -549,10 +587,10 @@ class StochasticDepth(Callback):
         p = self.handle.survival
         mean, var = depth_moments(p)
         metrics = {"sd/expected_depth": mean, "sd/budget": mean / self.handle.num_blocks}
-        for l, branch in enumerate(self.handle.branches):
-            metrics[f"sd/survival/{l + 1:03d}"] = float(p[l])
+        for block in range(self.handle.num_blocks):
+            metrics[f"sd/survival/{block + 1:03d}"] = float(p[block])
             if self.sensitivities is not None:
-                metrics[f"sd/sensitivity/{l + 1:03d}"] = float(self.sensitivities[l])
+                metrics[f"sd/sensitivity/{block + 1:03d}"] = float(self.sensitivities[block])
         log_epoch_metrics(pl_module, metrics)  # identical on every rank
         if self._rates_changed:  # one table per change of the rates (or of their numbering)
             self._write_table(trainer)
@@ -563,12 +601,12 @@ class StochasticDepth(Callback):
         assert self.handle is not None
         rows = []
         p = self.handle.survival
-        for l, branch in enumerate(self.handle.branches):
-            row: dict[str, Any] = {"block": l + 1, "name": branch.name, "survival": float(p[l])}
+        for block, branch in enumerate(self.handle.branches):
+            row: dict[str, Any] = {"block": block + 1, "name": branch.name, "survival": float(p[block])}
             if self.sensitivities is not None:
-                row["sensitivity"] = float(self.sensitivities[l])
-            if self.g is not None:
-                row["g"] = float(self.g[l])
+                row["sensitivity"] = float(self.sensitivities[block])
+            if self.regularization_terms is not None:
+                row["g"] = float(self.regularization_terms[block])
             rows.append(row)
         return rows
 
@@ -595,8 +633,8 @@ class StochasticDepth(Callback):
             state["order_checked"] = self._order_checked
         if self.sensitivities is not None:
             state["sensitivities"] = self.sensitivities.tolist()
-        if self.g is not None:
-            state["g"] = self.g.tolist()
+        if self.regularization_terms is not None:
+            state["g"] = self.regularization_terms.tolist()  # key kept: older checkpoints load
         state["measured"] = self._measured
         state["measured_at_step"] = self._measured_at_step
         state["last_measured_epoch"] = self._last_measured_epoch
@@ -635,7 +673,7 @@ class StochasticDepth(Callback):
         if state.get("sensitivities") is not None:
             self.sensitivities = torch.tensor(state["sensitivities"], dtype=torch.float32)
         if state.get("g") is not None:
-            self.g = torch.tensor(state["g"], dtype=torch.float32)
+            self.regularization_terms = torch.tensor(state["g"], dtype=torch.float32)
         self._measured = bool(state.get("measured", self._measured))
         self._measured_at_step = state.get("measured_at_step", self._measured_at_step)
         self._rates_changed = True
@@ -690,8 +728,8 @@ class _CallOrderProbe:
         self._hooks = [gate.register_forward_pre_hook(self._pre_hook) for gate in handle.gates]
 
     def _pre_hook(self, gate: nn.Module, args: tuple[Any, ...]) -> None:
-        h = self.handle
-        if h._override is not None or not gate.training:
+        handle = self.handle
+        if handle._override is not None or not gate.training:
             return
         index = int(gate.index)  # type: ignore[arg-type]
         if index in self._seen:
@@ -701,19 +739,19 @@ class _CallOrderProbe:
         self.calls.append(index)
         if not self.positional or k == index:
             return
-        h._p[index] = self._p[k]
-        h._kept_list[index] = self._kept[k]
-        if h.drop == "sample":
+        handle._p[index] = self._p[k]
+        handle._kept_list[index] = self._kept[k]
+        if handle.drop == "sample":
             first = args[0] if args and isinstance(args[0], Tensor) else None
             if self._cache is None:
-                if h._sample_cache is None and first is not None:
-                    h._sample_cache = h._draw_sample_masks(int(first.shape[0])).to(first.device)
-                self._cache = None if h._sample_cache is None else h._sample_cache.clone()
+                if handle._sample_cache is None and first is not None:
+                    handle._sample_cache = handle._draw_sample_masks(int(first.shape[0])).to(first.device)
+                self._cache = None if handle._sample_cache is None else handle._sample_cache.clone()
             if self._cache is not None:
                 cache = self._cache.clone()  # a new tensor: earlier gates' autograd graphs keep theirs
                 for j, i in enumerate(self.calls):
                     cache[:, i] = self._cache[:, j]
-                h._sample_cache = cache
+                handle._sample_cache = cache
 
     def order(self) -> list[int] | None:
         """Gate indices in call order (gates not called this step last, in definition order), or None."""
@@ -724,15 +762,15 @@ class _CallOrderProbe:
     def finish_reorder(self) -> None:
         order = self.order()
         assert order is not None
-        h = self.handle
-        h.reorder(order)
+        handle = self.handle
+        handle.reorder(order)
         if self.positional:
             # Position k keeps the rate and masks drawn for k (what its gate used in this step).
-            h.set_survival(torch.tensor(self._p, dtype=torch.float64))
-            h._kept = self._kept_tensor.clone()
-            h._kept_list = list(self._kept)
+            handle.set_survival(torch.tensor(self._p, dtype=torch.float64))
+            handle._kept = self._kept_tensor.clone()
+            handle._kept_list = list(self._kept)
             if self._cache is not None:
-                h._sample_cache = self._cache
+                handle._sample_cache = self._cache
 
     def remove(self) -> None:
         for hook in self._hooks:
