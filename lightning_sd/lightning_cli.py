@@ -13,7 +13,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that jsonargparse resolves the short names (``--model SDClassifier``, ``StochasticDepth``).
-from lightning_sd.callbacks import StochasticDepth
+from lightning_sd.callbacks import StochasticDepth  # noqa: F401
+from lightning_sd.callbacks.monitor import stochastic_depth_callbacks
 from lightning_sd.classifier import SDClassifier  # noqa: F401
 from lightning_sd.cli import cpu_num_threads, quickstart_config, uses_quickstart
 from lightning_sd.data import CIFARDataModule, DigitsDataModule, ToyRegressionDataModule  # noqa: F401
@@ -111,7 +112,7 @@ class SDLightningCLI(LightningCLI):
             return
         lines = []
         if self.quickstart and self.subcommand == "fit":
-            sd = next((c for c in self.trainer.callbacks if isinstance(c, StochasticDepth)), None)
+            sd = next(iter(stochastic_depth_callbacks(self.trainer.callbacks)), None)
             settings = f", StochasticDepth mode={sd.mode} budget={sd.budget:g}" if sd is not None else ""
             lines.append(
                 "lightning-sd: no --config/--model/--data class given: running the quickstart recipe "

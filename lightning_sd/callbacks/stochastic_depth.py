@@ -16,12 +16,12 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, r
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_sd.callbacks.strategy_support import skips_compute_under
 from lightning_sd.callbacks.output import log_epoch_metrics, publish_table
 from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, MeasurementSettings, RateMeasurement
+from lightning_sd.callbacks.strategy_support import skips_compute_under
 from lightning_sd.core.discovery import find_residual_branches
-from lightning_sd.core.regularization import REGULARIZATION_ESTIMATORS
 from lightning_sd.core.gates import (
     DROP_KINDS,
     SCALINGS,
@@ -29,6 +29,7 @@ from lightning_sd.core.gates import (
     existing_handle,
     inject_stochastic_depth,
 )
+from lightning_sd.core.regularization import REGULARIZATION_ESTIMATORS
 from lightning_sd.core.survival import SURVIVAL_MODES, depth_moments, survival_rates
 
 __all__ = ["MAX_MULTIPLIER", "StochasticDepth", "default_p_min"]
@@ -347,6 +348,7 @@ class StochasticDepth(Callback):
         return line
 
     # ------------------------------------------------------------------ attaching the gates
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         existing = existing_handle(pl_module)
         if self.handle is not None and self.handle is existing:
@@ -442,10 +444,12 @@ class StochasticDepth(Callback):
         self.handle = None
 
     # ------------------------------------------------------------------ hooks
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
             self._measure(trainer, pl_module)
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._depth_sum = self._depth_sq_sum = 0.0
         self._depth_count = 0
@@ -459,6 +463,7 @@ class StochasticDepth(Callback):
         ):
             self._measure(trainer, pl_module)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.handle is not None
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
@@ -473,6 +478,7 @@ class StochasticDepth(Callback):
         if not self._order_checked and self._order_probe is None:
             self._order_probe = _CallOrderProbe(self.handle, positional=self.mode in _POSITIONAL_MODES)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.handle is not None
         if self._order_probe is not None:
@@ -486,6 +492,7 @@ class StochasticDepth(Callback):
         if batch_idx % self.log_every_n_steps == 0:
             pl_module.log("sd/realized_depth", depth, on_step=True, on_epoch=False)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.handle is None:
             return
@@ -616,6 +623,7 @@ class StochasticDepth(Callback):
             self.table_path = path
 
     # ------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "mode": self.mode,
@@ -640,6 +648,7 @@ class StochasticDepth(Callback):
         state["last_measured_epoch"] = self._last_measured_epoch
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed") is not None:
             self.seed = int(state_dict["seed"])
