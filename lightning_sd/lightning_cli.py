@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that jsonargparse resolves the short names (``--model SDClassifier``, ``StochasticDepth``).
 from lightning_sd.callbacks import StochasticDepth  # noqa: F401
+from lightning_sd.callbacks import output
 from lightning_sd.callbacks.monitor import stochastic_depth_callbacks
 from lightning_sd.classifier import SDClassifier  # noqa: F401
 from lightning_sd.cli import cpu_num_threads, quickstart_config, uses_quickstart
@@ -135,7 +136,7 @@ class SDLightningCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it, before the rank check
+        log_dir = output.log_dir(trainer)  # a collective under DDP: every rank reads it, before the rank check
         if not trainer.is_global_zero:
             return
         lines = []

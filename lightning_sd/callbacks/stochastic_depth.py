@@ -128,11 +128,18 @@ class StochasticDepth(Callback):
     With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
     ``1/p_l > 20`` (:data:`MAX_MULTIPLIER`, ``p_l < 0.05``).
 
+    The measured modes are measured by ``RATE_MEASUREMENTS[mode]`` of
+    :mod:`lightning_sd.callbacks.rate_measurement`, chosen once here; the callback keeps what they found:
+    :attr:`sensitivities` (``S_l``, ``"sensemode"``) or :attr:`regularization_terms` (``g_l``,
+    ``"maxreg"``; ``g`` is its deprecated alias), both float32 in call order and checkpointed.
+
     Example::
 
-        trainer = Trainer(callbacks=[StochasticDepth(mode="linear", budget=0.5)])
+        sd = StochasticDepth(mode="linear", budget=0.5)
+        trainer = Trainer(callbacks=[sd])
         trainer.fit(model, datamodule=dm)
-        callback.survival  # tensor of length L
+        sd.survival      # tensor of length L: p_1..p_L
+        sd.rate_table()  # one row per block
     """
 
     def __init__(
@@ -235,6 +242,7 @@ class StochasticDepth(Callback):
         self.log_every_n_steps = int(log_every_n_steps)
         self.handle: StochasticDepthHandle | None = None
         self.table_path: str | None = None  # the last rate table written (rank 0)
+        #: S_l of the last ``"sensemode"`` measurement (float32, CPU, call order), checkpointed.
         self.sensitivities: Tensor | None = None
         #: g_l of the last ``"maxreg"`` measurement (float32, CPU, call order), checkpointed as ``"g"``.
         self.regularization_terms: Tensor | None = None
