@@ -151,6 +151,18 @@ def test_stochastic_depth_maxreg_mode_end_to_end(tmp_path) -> None:
     assert abs(float(sd.survival.double().sum()) - 0.3 * 6) < 1e-5
     assert sd.state_dict()["g"] == pytest.approx(sd.regularization_terms.tolist())
 
+    # the checkpoint format is unchanged (g_l under "g"): a state saved by the callback restores g_l without measuring
+    state = sd.state_dict()
+    restored = StochasticDepth(mode="maxreg", budget=0.3, sensitivity_batches=2, regularization_loss="cross_entropy", seed=0)
+    restored.load_state_dict(state)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False, callbacks=[restored],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    trainer.fit(_MLPModule(depth=6, out_features=3, loss=nn.functional.cross_entropy), DataLoader(data, batch_size=10))
+    torch.testing.assert_close(restored.regularization_terms, sd.regularization_terms, rtol=0, atol=0)
+    torch.testing.assert_close(restored.survival, sd.survival, rtol=0, atol=0)
+
 
 def test_renamed_and_moved_names_still_work_with_a_deprecation_warning(tmp_path) -> None:
     """StochasticDepth.g, maxreg_measurement.* and rate_measurement.measure_sensitivities are deprecated aliases."""
