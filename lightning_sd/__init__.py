@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
     from lightning_sd.callbacks import (
         LogGaussianMonitor,
         NormalityMonitor,
+        ProbeMonitor,
         RegularizationMonitor,
         StochasticDepth,
         SummaryPlots,
@@ -53,6 +54,7 @@ _SOURCES = {
     "lightning_sd.callbacks": (
         "LogGaussianMonitor",
         "NormalityMonitor",
+        "ProbeMonitor",
         "RegularizationMonitor",
         "StochasticDepth",
         "SummaryPlots",

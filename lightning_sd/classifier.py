@@ -10,30 +10,28 @@ whatever backbone is here.
 from __future__ import annotations
 
 import difflib
-import math
 import re
-from typing import Any, Literal
+from typing import Any
 
-import torch
 import torch.nn.functional as F
 from lightning import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_sd._internals import called_by_fit_loop
+from lightning_sd.optim import OptimizerName, SchedulerName, build_optimizer, check_optimizer_names, with_lr_schedule
+
 __all__ = [
     "SDClassifier",
     "build_backbone",
+    # defined in lightning_sd.optim and lightning_sd._internals; still importable from here
     "build_optimizer",
     "with_lr_schedule",
     "called_by_fit_loop",
     "OptimizerName",
     "SchedulerName",
 ]
-
-OptimizerName = Literal["sgd", "adam", "adamw"]
-SchedulerName = Literal["cosine", "multistep", "none"]
 
 _CIFAR_RESNET = re.compile(r"^(stable[-_]?)?cifar[-_]?resnet[-_]?(\d+)$", re.IGNORECASE)
 
@@ -156,64 +154,6 @@ def build_backbone(
     raise ValueError(f"Unknown backbone {name!r}: not a CifarResNet and not a {where} model name.{hint} {BACKBONE_HELP}")
 
 
-def build_optimizer(
-    params: Any,
-    optimizer: OptimizerName = "sgd",
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    nesterov: bool = False,
-) -> torch.optim.Optimizer:
-    """SGD (with ``momentum``, optional Nesterov), Adam or AdamW (decoupled ``weight_decay``)."""
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if optimizer == "sgd":
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov=True needs momentum > 0")
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    if optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
-
-
-def with_lr_schedule(module: LightningModule, scheduler: SchedulerName, optim: torch.optim.Optimizer) -> Any:
-    """Attach a per-step schedule over the whole run (``trainer.estimated_stepping_batches``)."""
-    if scheduler == "none":
-        return optim
-    if scheduler not in ("cosine", "multistep"):
-        raise ValueError(f"scheduler must be 'cosine', 'multistep' or 'none', got {scheduler!r}")
-    try:
-        total = module.trainer.estimated_stepping_batches
-    except RuntimeError:  # not attached to a Trainer
-        total = math.inf
-    if not math.isfinite(total) or total < 1:
-        rank_zero_warn(
-            f"scheduler={scheduler!r} needs a finite run length (set trainer max_epochs or max_steps); "
-            "training with a constant learning rate"
-        )
-        return optim
-    total = int(total)
-    if scheduler == "cosine":
-        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=total)
-    else:
-        sched = torch.optim.lr_scheduler.MultiStepLR(optim, milestones=[total // 2, (3 * total) // 4], gamma=0.1)
-    return {"optimizer": optim, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
-
-
-def called_by_fit_loop(module: LightningModule) -> bool:
-    """Whether ``module.training_step`` is running as the Trainer's own training step.
-
-    Callbacks that call ``training_step`` themselves (SenseMode sensitivities, regularization terms) do so
-    from other hooks, where ``self.log(on_step=True)`` is refused and metric updates would mix their
-    batches into the training accuracy: the modules here log only when this is true.
-    """
-    return module._trainer is not None and getattr(module, "_current_fx_name", None) == "training_step"
-
-
 class SDClassifier(LightningModule):
     """Image classifier trained with cross-entropy; the backbone is named (CifarResNet, torchvision, timm) or given.
 
@@ -276,10 +216,7 @@ class SDClassifier(LightningModule):
             raise ValueError(f"SDClassifier needs num_classes >= 2, got {num_classes}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
-        if scheduler not in ("cosine", "multistep", "none"):
-            raise ValueError(f"scheduler must be 'cosine', 'multistep' or 'none', got {scheduler!r}")
+        check_optimizer_names(optimizer, scheduler)
         if isinstance(backbone, str):
             self.save_hyperparameters()
             self.backbone = build_backbone(

@@ -14,7 +14,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 # Imported so that jsonargparse resolves the short names (``--model SDClassifier``, ``StochasticDepth``).
-from lightning_sd.callbacks import StochasticDepth
+from lightning_sd.callbacks import (
+    StochasticDepth,  # noqa: F401
+    output,
+)
+from lightning_sd.callbacks.monitor import stochastic_depth_callbacks
 from lightning_sd.classifier import SDClassifier  # noqa: F401
 from lightning_sd.cli import cpu_num_threads, quickstart_config, uses_quickstart
 from lightning_sd.data import CIFARDataModule, DigitsDataModule, ToyRegressionDataModule  # noqa: F401
@@ -116,7 +120,7 @@ class SDLightningCLI(LightningCLI):
             return
         lines = []
         if self.quickstart and self.subcommand == "fit":
-            sd = next((c for c in self.trainer.callbacks if isinstance(c, StochasticDepth)), None)  # type: ignore[attr-defined]
+            sd = next(iter(stochastic_depth_callbacks(self.trainer.callbacks)), None)  # type: ignore[attr-defined]
             settings = f", StochasticDepth mode={sd.mode} budget={sd.budget:g}" if sd is not None else ""
             lines.append(
                 "lightning-sd: no --config/--model/--data class given: running the quickstart recipe "
@@ -144,7 +148,7 @@ class SDLightningCLI(LightningCLI):
     def after_fit(self) -> None:
         """On rank 0: print where the logs, config and checkpoint went, and the final logged metrics."""
         trainer = self.trainer
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it, before the rank check
+        log_dir = output.log_dir(trainer)  # a collective under DDP: every rank reads it, before the rank check
         if not trainer.is_global_zero:
             return
         lines = []

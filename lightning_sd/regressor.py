@@ -9,13 +9,8 @@ from lightning import LightningModule
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sd.classifier import (
-    OptimizerName,
-    SchedulerName,
-    build_optimizer,
-    called_by_fit_loop,
-    with_lr_schedule,
-)
+from lightning_sd._internals import called_by_fit_loop
+from lightning_sd.optim import OptimizerName, SchedulerName, build_optimizer, check_optimizer_names, with_lr_schedule
 
 __all__ = ["SDRegressor"]
 
@@ -74,10 +69,7 @@ class SDRegressor(LightningModule):
         scheduler: SchedulerName = "none",
     ) -> None:
         super().__init__()
-        if optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
-        if scheduler not in ("cosine", "multistep", "none"):
-            raise ValueError(f"scheduler must be 'cosine', 'multistep' or 'none', got {scheduler!r}")
+        check_optimizer_names(optimizer, scheduler)
         if backbone is None:
             from lightning_sd.models import ResidualMLP
 

@@ -114,27 +114,31 @@ def test_maxreg_bad_input() -> None:
         survival_rates("maxreg", 2, 0.5)
 
 
+class _MLPModule(pl.LightningModule):
+    """A ResidualMLP (input 8, width 16) trained with ``loss(output, target)``."""
+
+    def __init__(self, depth: int, out_features: int, loss) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = ResidualMLP(8, width=16, depth=depth, out_features=out_features)
+        self.loss = loss
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
 def test_stochastic_depth_maxreg_mode_end_to_end(tmp_path) -> None:
-    """StochasticDepth(mode="maxreg") measures g at fit start (via rate_measurement -> measure_maxreg)."""
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = ResidualMLP(8, width=16, depth=6, out_features=3)
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
+    """StochasticDepth(mode="maxreg") measures g at fit start (RATE_MEASUREMENTS["maxreg"] = measure_maxreg_rates)."""
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(40, 8, generator=g), torch.randint(0, 3, (40,), generator=g))
-    model = Module()
+    model = _MLPModule(depth=6, out_features=3, loss=nn.functional.cross_entropy)
     expected_g = regularization_terms(model, data.tensors[0][:20], loss="cross_entropy")  # 2 batches of 10
     sd = StochasticDepth(mode="maxreg", budget=0.3, sensitivity_batches=2, regularization_loss="cross_entropy", seed=0)
     trainer = pl.Trainer(
@@ -142,7 +146,64 @@ def test_stochastic_depth_maxreg_mode_end_to_end(tmp_path) -> None:
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
     )
     trainer.fit(model, DataLoader(data, batch_size=10))
-    torch.testing.assert_close(sd.g, expected_g.float(), rtol=1e-5, atol=0.0)
-    torch.testing.assert_close(sd.survival.double(), maxreg_rates(6, 0.3, sd.g.double()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sd.regularization_terms, expected_g.float(), rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(sd.survival.double(), maxreg_rates(6, 0.3, sd.regularization_terms.double()), rtol=1e-6, atol=1e-6)
     assert abs(float(sd.survival.double().sum()) - 0.3 * 6) < 1e-5
-    assert sd.state_dict()["g"] == pytest.approx(sd.g.tolist())
+    assert sd.state_dict()["g"] == pytest.approx(sd.regularization_terms.tolist())
+
+    # the checkpoint format is unchanged (g_l under "g"): a state saved by the callback restores g_l without measuring
+    state = sd.state_dict()
+    restored = StochasticDepth(mode="maxreg", budget=0.3, sensitivity_batches=2, regularization_loss="cross_entropy", seed=0)
+    restored.load_state_dict(state)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False, callbacks=[restored],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    trainer.fit(_MLPModule(depth=6, out_features=3, loss=nn.functional.cross_entropy), DataLoader(data, batch_size=10))
+    torch.testing.assert_close(restored.regularization_terms, sd.regularization_terms, rtol=0, atol=0)
+    torch.testing.assert_close(restored.survival, sd.survival, rtol=0, atol=0)
+
+
+def test_renamed_and_moved_names_still_work_with_a_deprecation_warning(tmp_path) -> None:
+    """StochasticDepth.g, maxreg_measurement.* and rate_measurement.measure_sensitivities are deprecated aliases."""
+    import lightning_sd.callbacks.maxreg_measurement as maxreg_measurement
+    from lightning_sd.callbacks import probe_data, probing, rate_measurement
+
+    sd = StochasticDepth(mode="maxreg", budget=0.3)
+    terms = torch.tensor([0.5, 2.0])
+    with pytest.warns(DeprecationWarning, match="regularization_terms"):
+        sd.g = terms
+    assert sd.regularization_terms is terms
+    with pytest.warns(DeprecationWarning, match="regularization_terms"):
+        assert sd.g is terms
+    for name, module in [
+        ("infer_regularization_loss", probing),
+        ("reduce_mean_over_ranks", probing),
+        ("default_input_fn", probe_data),
+    ]:
+        with pytest.warns(DeprecationWarning, match=module.__name__):
+            assert getattr(maxreg_measurement, name) is getattr(module, name)
+
+    class Old(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            new = rate_measurement.measure_maxreg_rates(trainer, pl_module, sd.measurement_settings)
+            with pytest.warns(DeprecationWarning, match="measure_maxreg_rates"):
+                self.rates = maxreg_measurement.measure_maxreg(sd, trainer, pl_module)
+            with pytest.warns(DeprecationWarning, match="measure_sensemode_rates"):
+                s = rate_measurement.measure_sensitivities(sd, trainer, pl_module)
+            sensemode = rate_measurement.measure_sensemode_rates(trainer, pl_module, sd.measurement_settings)
+            torch.testing.assert_close(self.rates, new.rates, rtol=0, atol=0)
+            torch.testing.assert_close(sd.regularization_terms, new.regularization_terms, rtol=0, atol=0)
+            torch.testing.assert_close(s, sensemode.sensitivities, rtol=0, atol=0)
+            assert sd.regularization_loss_used == new.loss == "mse" and sensemode.loss == "training_step"
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(20, 8, generator=g), torch.randn(20, 1, generator=g))
+    sd = StochasticDepth(mode="uniform", budget=0.5, sensitivity_batches=2, seed=0)
+    old = Old()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False, callbacks=[sd, old],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    trainer.fit(_MLPModule(depth=4, out_features=1, loss=nn.functional.mse_loss), DataLoader(data, batch_size=10))
+    assert old.rates.dtype == torch.float64 and abs(float(old.rates.sum()) - 0.5 * 4) < 1e-6

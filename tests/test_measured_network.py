@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sd import SDClassifier, SDRegressor, StochasticDepth
-from lightning_sd.callbacks.maxreg_measurement import infer_regularization_loss
+from lightning_sd.callbacks.probing import infer_regularization_loss
 from lightning_sd.core.gates import inject_stochastic_depth
 from lightning_sd.core.regularization import regularization_terms
 from lightning_sd.data import ToyRegressionDataModule
@@ -112,7 +112,7 @@ def test_maxreg_and_sensemode_measure_the_same_training_network(tmp_path) -> Non
     _fit(copy.deepcopy(reference), sense, tmp_path / "sense", DataLoader(data, batch_size=16))
 
     assert maxreg.regularization_loss_used == "cross_entropy"  # inferred from the 3 logits
-    torch.testing.assert_close(maxreg.g.double(), g_ref, rtol=2e-4, atol=1e-7)
+    torch.testing.assert_close(maxreg.regularization_terms.double(), g_ref, rtol=2e-4, atol=1e-7)
     torch.testing.assert_close(sense.sensitivities.double(), s_ref, rtol=2e-4, atol=1e-6)
     # the test discriminates: the evaluation network (running statistics 0 and 1 at initialization) is another function
     g_eval = regularization_terms(reference, torch.cat([b[0] for b in batches]), loss="cross_entropy", mode="eval")
@@ -166,7 +166,7 @@ def test_maxreg_on_a_regression_infers_mse_and_measures_nonzero_g(tmp_path) -> N
     x = torch.stack([train[int(i)][0] for i in order])
     expected = regularization_terms(reference, x, loss="mse", mode="train")
     assert bool((expected > 0).all())
-    torch.testing.assert_close(sd.g.double(), expected, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(sd.regularization_terms.double(), expected, rtol=1e-5, atol=0.0)
     assert float(sd.survival.max() - sd.survival.min()) > 0.01  # Lemma 2 ranks the blocks: not the uniform fallback
 
 
@@ -175,7 +175,7 @@ def test_maxreg_warns_when_every_g_is_zero(tmp_path) -> None:
     sd = StochasticDepth(mode="maxreg", budget=0.3, scaling="expected", regularization_loss="cross_entropy", sensitivity_batches=1, seed=0)
     with pytest.warns(UserWarning, match="every measured regularization term g_l is 0"):
         _fit(SDRegressor(in_features=8, width=16, depth=6), sd, tmp_path, datamodule=_toy())
-    assert float(sd.g.abs().max()) == 0.0
+    assert float(sd.regularization_terms.abs().max()) == 0.0
     assert sd.survival.tolist() == pytest.approx([0.3] * 6)  # the uniform fallback the warning announces
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_sd.callbacks.maxreg_measurement import measure_maxreg
+from lightning_sd.callbacks.rate_measurement import measure_maxreg_rates
 from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor, _histogram_over_depth
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.gates import existing_handle
@@ -168,11 +168,12 @@ def test_monitor_bf16_mixed_is_fp32(tmp_path) -> None:
 
 
 def test_measure_maxreg_single_process(tmp_path) -> None:
-    """measure_maxreg on the first training batches: g = example-weighted mean, rates = Lemma 2 for the budget."""
+    """measure_maxreg_rates on the first training batches: g = example-weighted mean, rates = Lemma 2 for the budget."""
 
     class Measure(pl.Callback):
         def on_train_start(self, trainer, pl_module):
-            self.rates = measure_maxreg(sd, trainer, pl_module)
+            self.result = measure_maxreg_rates(trainer, pl_module, sd.measurement_settings)
+            self.rates = self.result.rates
 
     sd = StochasticDepth(mode="uniform", budget=0.4, sensitivity_batches=2, regularization_loss="mse", seed=0)
     measure = Measure()
@@ -182,9 +183,10 @@ def test_measure_maxreg_single_process(tmp_path) -> None:
     expected_g = regularization_terms(model, data.tensors[0][:32], loss="mse")  # batches of 16: the first two
     torch.manual_seed(5)
     trainer.fit(model, DataLoader(data, batch_size=16, shuffle=False))
-    assert sd.g.dtype == torch.float32
-    torch.testing.assert_close(sd.g, expected_g.float(), rtol=1e-5, atol=0.0)
-    torch.testing.assert_close(measure.rates, survival_rates("maxreg", 6, 0.4, g=sd.g.double()), rtol=1e-6, atol=1e-9)
+    g = measure.result.regularization_terms
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, expected_g.float(), rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(measure.rates, survival_rates("maxreg", 6, 0.4, g=g.double()), rtol=1e-6, atol=1e-9)
     assert abs(float(measure.rates.sum()) - 0.4 * 6) < 1e-6
 
 
@@ -195,7 +197,7 @@ def test_measure_maxreg_leaves_data_order_and_rng(tmp_path) -> None:
     class Record(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             if self.measure:
-                measure_maxreg(sd, trainer, pl_module)
+                measure_maxreg_rates(trainer, pl_module, sd.measurement_settings)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append(batch[0][0].clone())
@@ -256,7 +258,8 @@ def _ddp_main(out: str) -> None:
 
     class Measure(pl.Callback):
         def on_train_start(self, trainer, pl_module):
-            self.rates = measure_maxreg(sd, trainer, pl_module)
+            self.result = measure_maxreg_rates(trainer, pl_module, sd.measurement_settings)
+            self.rates = self.result.rates
 
     sd = _StochasticDepthNoTable(mode="uniform", budget=0.6, sensitivity_batches=1, regularization_loss="mse", seed=3)
     measure = Measure()
@@ -274,7 +277,7 @@ def _ddp_main(out: str) -> None:
     record = {
         "rank": rank,
         "rates": measure.rates.tolist(),
-        "g_sd": sd.g.tolist(),
+        "g_sd": measure.result.regularization_terms.tolist(),
         "g_monitor": monitor.history[0]["g"].tolist(),
         "penalty": monitor.history[0]["penalty"],
         "local_g": local.tolist(),

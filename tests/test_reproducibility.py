@@ -185,7 +185,7 @@ def test_measured_modes_train_with_defaults_at_every_budget(tmp_path, mode, mode
         assert abs(float(p.sum()) - budget * L) < 1e-6, (budget, p)
         assert float(p.min()) >= p_min - 1e-12 and float(p.max()) <= 1.0
         if mode == "maxreg":
-            g = sd.g.double().numpy()
+            g = sd.regularization_terms.double().numpy()
             best = _scipy_max(g, budget, p_min)
             np.testing.assert_allclose(p.numpy()[g > 0], best[g > 0], atol=1e-4)
         else:
@@ -259,7 +259,7 @@ def test_measured_mode_that_finds_nothing_reports_uniform(tmp_path):
     sd = StochasticDepth(mode="maxreg", budget=0.5, sensitivity_batches=2, seed=0, regularization_loss="cross_entropy")
     trainer = pl.Trainer(max_steps=1, callbacks=[sd], **trainer_kwargs(tmp_path, logger=False))
     trainer.fit(_Regression(ResidualMLP(8, 16, 4, 1, stable=True)), _regression_loader())
-    assert float(sd.g.abs().max()) == 0.0
+    assert float(sd.regularization_terms.abs().max()) == 0.0
     settings = sd.effective_settings()
     assert settings["mode"] == "maxreg" and settings["rates"] == "uniform (every measured g_l is 0)"
     assert torch.equal(sd.survival, torch.full((4,), 0.5))

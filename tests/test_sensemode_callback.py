@@ -216,8 +216,8 @@ class _Counter:
 
 
 def test_resume_keeps_stored_rates_on_other_data(tmp_path, monkeypatch):
-    counter = _Counter(rate_measurement.measure_rates)
-    monkeypatch.setattr(rate_measurement, "measure_rates", counter)
+    counter = _Counter(rate_measurement.RATE_MEASUREMENTS["sensemode"])
+    monkeypatch.setitem(rate_measurement.RATE_MEASUREMENTS, "sensemode", counter)
     seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     first = StochasticDepth(mode="sensemode", budget=0.3, sensitivity_batches=2, seed=0)
@@ -241,17 +241,17 @@ def test_resume_keeps_stored_rates_on_other_data(tmp_path, monkeypatch):
 
 
 def test_recompute_every_epoch(tmp_path, monkeypatch):
-    counter = _Counter(rate_measurement.measure_rates)
-    monkeypatch.setattr(rate_measurement, "measure_rates", counter)
+    counter = _Counter(rate_measurement.RATE_MEASUREMENTS["sensemode"])
+    monkeypatch.setitem(rate_measurement.RATE_MEASUREMENTS, "sensemode", counter)
     seed_everything(0)
     cb = StochasticDepth(mode="sensemode", budget=0.5, sensitivity_batches=2, seed=0, recompute_every_n_epochs=1)
     seen = []
     module = Regressor()
     original = counter.fn
 
-    def recording(callback, trainer, pl_module):
-        out = original(callback, trainer, pl_module)
-        seen.append(callback.sensitivities.clone())
+    def recording(trainer, pl_module, settings):
+        out = original(trainer, pl_module, settings)
+        seen.append(out.sensitivities.clone())
         return out
 
     counter.fn = recording
@@ -261,12 +261,19 @@ def test_recompute_every_epoch(tmp_path, monkeypatch):
 
 
 def test_maxreg_is_delegated(monkeypatch):
-    import lightning_sd.callbacks.maxreg_measurement as maxreg_measurement
-
+    assert rate_measurement.RATE_MEASUREMENTS["maxreg"] is rate_measurement.measure_maxreg_rates
     sentinel = torch.tensor([0.25, 0.75], dtype=torch.float64)
-    monkeypatch.setattr(maxreg_measurement, "measure_maxreg", lambda cb, trainer, module: sentinel)
+    g = torch.tensor([1.0, 2.0])
+
+    def fake(trainer, module, settings):
+        return rate_measurement.RateMeasurement(rates=sentinel, loss="mse", regularization_terms=g)
+
+    monkeypatch.setitem(rate_measurement.RATE_MEASUREMENTS, "maxreg", fake)
     cb = StochasticDepth(mode="maxreg", budget=0.5)
-    assert rate_measurement.measure_rates(cb, None, None) is sentinel
+    # the deprecated entry point still measures through the registry and stores g on the callback
+    with pytest.warns(DeprecationWarning, match="measure_rates"):
+        assert rate_measurement.measure_rates(cb, None, None) is sentinel
+    assert cb.regularization_terms is g and cb.regularization_loss_used == "mse"
 
 
 # ---------------------------------------------------------------------------------------------- DDP

@@ -1,6 +1,7 @@
 """Thin Lightning callbacks over lightning_sd.core."""
 
 from lightning_sd.callbacks.log_gaussian import LogGaussianMonitor
+from lightning_sd.callbacks.monitor import ProbeMonitor
 from lightning_sd.callbacks.normality_monitor import NormalityMonitor
 from lightning_sd.callbacks.probe_data import probe_batches, probe_inputs
 from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
@@ -10,6 +11,7 @@ from lightning_sd.callbacks.summary_plots import SummaryPlots
 __all__ = [
     "LogGaussianMonitor",
     "NormalityMonitor",
+    "ProbeMonitor",
     "RegularizationMonitor",
     "StochasticDepth",
     "SummaryPlots",

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sd.callbacks.monitor import ProbeMonitor
 from lightning_sd.callbacks.probe_data import default_input_fn, probe_inputs, resolve_input_fn
-from lightning_sd.callbacks.tables import publish_table
+from lightning_sd.callbacks.probing import mean_over_ranks
 from lightning_sd.theory.probe import ProbeResult, probe_model
 
 __all__ = ["LogGaussianMonitor"]
@@ -24,7 +22,7 @@ __all__ = ["LogGaussianMonitor"]
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-class LogGaussianMonitor(Callback):
+class LogGaussianMonitor(ProbeMonitor):
     r"""Log hypoactivation and the distribution of ``ln ||y_out||^2`` of the model when training starts.
 
     At ``on_train_start`` the callback runs the LightningModule once on probe inputs (one training
@@ -46,7 +44,11 @@ class LogGaussianMonitor(Callback):
     Two tables go to ``trainer.log_dir`` (CSV, rank zero) and to every logger with a ``log_table``
     method (e.g. ``WandbLogger``): ``<prefix>_layers.csv`` (layer, name, balanced, active_fraction, h)
     and ``<prefix>_output.csv`` (statistic, empirical, predicted). The measurements stay in
-    ``self.result`` (a :class:`~lightning_sd.theory.ProbeResult`).
+    ``self.result`` (a :class:`~lightning_sd.theory.ProbeResult`, also ``history[-1]["result"]``).
+
+    Distributed: each rank probes its own batch; the logged values are the mean over ranks of the
+    per-rank statistics (computed by the monitor, so every rank logs the same values, see
+    :func:`~lightning_sd.callbacks.output.log_epoch_metrics`); the tables hold rank 0's probe.
 
     The theory is a statement over random weights at initialization for one input: a probe over one
     network's batch shares the weights, so its spread is typically narrower than predicted; the
@@ -81,7 +83,7 @@ class LogGaussianMonitor(Callback):
         log_per_layer: bool = True,
         prefix: str = "log_gaussian",
     ) -> None:
-        super().__init__()
+        super().__init__(every_n_epochs=None, at_train_start=True)
         if probe is not None and (not isinstance(probe, Tensor) or probe.dim() < 1 or probe.shape[0] < 1):
             raise ValueError("probe must be a non-empty batch-first tensor")
         if num_probe is not None and (not isinstance(num_probe, int) or num_probe < 1):
@@ -94,7 +96,6 @@ class LogGaussianMonitor(Callback):
         self.forward = forward
         self.log_per_layer = log_per_layer
         self.prefix = prefix
-        self.result: ProbeResult | None = None
         self.layer_rows: list[dict[str, Any]] = []
         self.output_rows: list[dict[str, Any]] = []
 
@@ -114,58 +115,65 @@ class LogGaussianMonitor(Callback):
             x = x[: self.num_probe]
         return x
 
-    # ------------------------------------------------------------------------------------------ hook
+    @property
+    def result(self) -> ProbeResult | None:
+        """The last probe's measurements (``None`` before ``on_train_start``)."""
+        return self.history[-1]["result"] if self.history else None
+
+    # ------------------------------------------------------------------------------------------ probe
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Run the module once on the probe inputs: ``{"result": ProbeResult}`` (this rank's probe)."""
         x = self._probe_inputs(trainer, pl_module).to(pl_module.device)
         precision = trainer.precision_plugin
         x = precision.convert_input(x)
         with isolate_rng(), precision.forward_context():
             result = probe_model(pl_module, x, forward=self.forward)
-        self.result = result
-        self._log(trainer, pl_module, result)
-        self._tables(trainer, result)
+        return {"result": result}
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: ProbeResult) -> None:
-        sync = trainer.world_size > 1
-        p = self.prefix
-
-        def log(name: str, value: float) -> None:
-            if math.isfinite(value):
-                pl_module.log(f"{p}/{name}", float(value), on_step=False, on_epoch=True, sync_dist=sync,
-                              batch_size=1)
-
+    @override
+    def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
+        """Log the statistics (mean over ranks) and write the layer and output tables (rank 0's probe)."""
+        result: ProbeResult = record["result"]
+        metrics: dict[str, float] = {}
         if not result.layers:
             rank_zero_warn("LogGaussianMonitor: no nn.ReLU / BalancedReLU module was called by the probe")
         else:
-            log("active_fraction_mean", result.mean_active_fraction)
-            log("h_total", result.h_total)
+            metrics["active_fraction_mean"] = result.mean_active_fraction
+            metrics["h_total"] = result.h_total
         if self.log_per_layer:
             for layer in result.layers:
-                log(f"active_fraction/{layer.name}", layer.active_fraction)
-                log(f"h/{layer.name}", layer.h)
-        emp = self._summary(result.ln_out_sq)
+                metrics[f"active_fraction/{layer.name}"] = layer.active_fraction
+                metrics[f"h/{layer.name}"] = layer.h
+        empirical = self._summary(result.ln_out_sq)
         pred_samples = result.predicted_samples()
-        pred = self._summary(pred_samples) if pred_samples is not None else None
+        predicted = self._summary(pred_samples) if pred_samples is not None else None
         moments = result.predicted_ln_out_sq()
-        if pred is not None and moments is not None:
-            pred["mean"], pred["std"] = moments  # exact moments instead of the Monte-Carlo ones
-        for key, value in emp.items():
-            log(f"ln_out_sq_{key}", value)
-            if pred is not None:
-                log(f"pred_ln_out_sq_{key}", pred[key])
+        if predicted is not None and moments is not None:
+            predicted["mean"], predicted["std"] = moments  # exact moments instead of the Monte-Carlo ones
+        for key, value in empirical.items():
+            metrics[f"ln_out_sq_{key}"] = value
+            if predicted is not None:
+                metrics[f"pred_ln_out_sq_{key}"] = predicted[key]
         if result.prediction is not None:
-            log("pred_mean_G", result.prediction.mean_G)
-            log("pred_var_G", result.prediction.var_G)
-            log("pred_h_total", result.prediction.h_total)
+            metrics["pred_mean_G"] = result.prediction.mean_G
+            metrics["pred_var_G"] = result.prediction.var_G
+            metrics["pred_h_total"] = result.prediction.h_total
+        averaged = mean_over_ranks(trainer, metrics)  # every rank logs the same values (and the same keys)
+        self.log_metrics(pl_module, {f"{self.prefix}/{name}": value for name, value in averaged.items()})
         self.layer_rows = [
             {"layer": s.index, "name": s.name, "balanced": s.balanced, "active_fraction": s.active_fraction, "h": s.h}
             for s in result.layers
         ]
         self.output_rows = [
-            {"statistic": f"ln_out_sq_{k}", "empirical": v, "predicted": (pred[k] if pred is not None else float("nan"))}
-            for k, v in emp.items()
+            {"statistic": f"ln_out_sq_{k}", "empirical": v, "predicted": (predicted[k] if predicted is not None else float("nan"))}
+            for k, v in empirical.items()
         ]
+        for suffix, rows, fields in (
+            ("layers", self.layer_rows, ["layer", "name", "balanced", "active_fraction", "h"]),
+            ("output", self.output_rows, ["statistic", "empirical", "predicted"]),
+        ):
+            self.publish_table(trainer, f"{self.prefix}_{suffix}.csv", rows, key=f"{self.prefix}/{suffix}", columns=fields)
 
     @staticmethod
     def _summary(values: Tensor) -> dict[str, float]:
@@ -175,15 +183,3 @@ class LogGaussianMonitor(Callback):
         for q, val in zip(_QUANTILES, qs.tolist()):
             out[f"q{round(q * 100):02d}"] = val
         return out
-
-    def _tables(self, trainer: pl.Trainer, result: ProbeResult) -> None:
-        # trainer.log_dir broadcasts from rank 0 under DDP: every rank must read it before the rank check.
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if not trainer.is_global_zero:
-            return
-        for suffix, rows, fields in (
-            ("layers", self.layer_rows, ["layer", "name", "balanced", "active_fraction", "h"]),
-            ("output", self.output_rows, ["statistic", "empirical", "predicted"]),
-        ):
-            path = os.path.join(log_dir, f"{self.prefix}_{suffix}.csv")
-            publish_table(trainer, path, rows, key=f"{self.prefix}/{suffix}", columns=fields)

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sd.callbacks.monitor import ProbeMonitor, stochastic_depth_callbacks
 from lightning_sd.callbacks.probe_data import probe_inputs, resolve_input_fn
-from lightning_sd.core.gates import existing_handle
+from lightning_sd.callbacks.probing import gather_over_ranks
 from lightning_sd.core.normality import NORMALITY_TESTS, check_normality_test, normality_pvalues, summarize
 
 __all__ = ["NormalityMonitor"]
 
 
-class NormalityMonitor(Callback):
+class NormalityMonitor(ProbeMonitor):
     r"""Log the distribution of normality-test p-values of the model's output under stochastic-depth masks.
 
     Every ``every_n_epochs`` training epochs (and at the start of training with ``probe_at_start``),
@@ -44,13 +42,16 @@ class NormalityMonitor(Callback):
     (1-based, zero-padded). A histogram of the p-values goes to every logger whose ``experiment`` has
     ``add_histogram`` (TensorBoard's ``SummaryWriter``), and all p-values to
     ``<log_dir>/<prefix>_pvalues.csv`` (rank zero, one row per probe input per probe: epoch, step,
-    input, output p-value, then block p-values). ``self.history`` keeps the summaries,
-    ``self.last_pvalues`` / ``self.last_block_pvalues`` the last probe's p-values of all ranks.
+    input, output p-value, then block p-values). ``self.history`` keeps one record per probe: the
+    summaries (checkpointed) and, in memory only, the p-values of all ranks (``"pvalues"``,
+    ``"block_pvalues"``), which :class:`~lightning_sd.SummaryPlots` draws; ``self.last_pvalues`` /
+    ``self.last_block_pvalues`` are the last probe's.
 
     Distributed: every rank probes its own inputs (its shard of the data, as the distributed sampler
     gives it) with its own masks; all ranks all-gather the p-values (every rank calls the same
     collectives), so the logged summaries are identical on all ranks and cover ``world_size x
-    num_inputs`` inputs. The probe runs without autocast (statistics in fp32/fp64); a model in
+    num_inputs`` inputs (they are then logged with ``sync_dist=True``, the package's one policy, see
+    :func:`~lightning_sd.callbacks.output.log_epoch_metrics`). The probe runs without autocast (statistics in fp32/fp64); a model in
     ``"bf16-true"``/``"16-true"`` precision is probed in its own dtype.
 
     Args:
@@ -102,9 +103,7 @@ class NormalityMonitor(Callback):
         chunk_size: int = 4096,
         prefix: str = "normality",
     ) -> None:
-        super().__init__()
-        if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        super().__init__(every_n_epochs=every_n_epochs, at_train_start=probe_at_start, survival=survival)
         if int(num_inputs) != num_inputs or num_inputs < 1:
             raise ValueError(f"num_inputs must be an integer >= 1, got {num_inputs!r}")
         if test not in NORMALITY_TESTS:
@@ -122,50 +121,47 @@ class NormalityMonitor(Callback):
             raise ValueError("probe must be a non-empty batch-first tensor")
         if not prefix:
             raise ValueError("prefix must be a non-empty string")
-        self.every_n_epochs = int(every_n_epochs)
         self.num_inputs = int(num_inputs)
         self.num_masks = int(num_masks)
         self.test = test
         self.per_block = bool(per_block)
-        self.survival = survival
         self.neuron = int(neuron)
         self.block_neuron = block_neuron
         self.alpha = float(alpha)
         self.seed = int(seed)
         self.input_fn = resolve_input_fn("NormalityMonitor", input_fn, input_key)
         self.probe = probe
-        self.probe_at_start = bool(probe_at_start)
         self.chunk_size = int(chunk_size)
         self.prefix = prefix
-        self.history: list[dict[str, Any]] = []
-        self.last_pvalues: Tensor | None = None
-        self.last_block_pvalues: Tensor | None = None
         self.csv_path: str | None = None
-        self._sd: Any = None
         self._inputs: Tensor | None = None
+
+    @property
+    def probe_at_start(self) -> bool:
+        """Whether the network is also probed at ``on_train_start`` (:attr:`~ProbeMonitor.at_train_start`)."""
+        return self.at_train_start
+
+    @property
+    def last_pvalues(self) -> Tensor | None:
+        """The output p-values of the last probe, all ranks (``None`` before the first probe of this process)."""
+        return self.history[-1].get("pvalues") if self.history else None
+
+    @property
+    def last_block_pvalues(self) -> Tensor | None:
+        """The block p-values ``(inputs, L)`` of the last probe with ``per_block=True``, else ``None``."""
+        return self.history[-1].get("block_pvalues") if self.history else None
 
     # ------------------------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_sd.callbacks.stochastic_depth import StochasticDepth
-
-        found = [cb for cb in trainer.callbacks if isinstance(cb, StochasticDepth)]  # type: ignore[attr-defined]
+        found = stochastic_depth_callbacks(trainer.callbacks)  # type: ignore[attr-defined]
         if len(found) > 1:
             raise ValueError("NormalityMonitor: found several StochasticDepth callbacks; use one")
-        self._sd = found[0] if found else None
-        if self._sd is None and self.survival is None:
+        if not found and self.survival is None:
             raise ValueError(
                 "NormalityMonitor needs survival rates: add a StochasticDepth callback to the Trainer "
                 "(Trainer(callbacks=[StochasticDepth(...), NormalityMonitor()])) or pass survival= (e.g. 0.7)"
             )
-
-    def _rates(self, pl_module: pl.LightningModule) -> tuple[Tensor | float | Sequence[float], str | None]:
-        if self._sd is not None and self._sd.handle is not None and not self._sd.handle.removed:
-            return self._sd.handle.survival, self._sd.handle.scaling
-        if self.survival is None:
-            raise RuntimeError("NormalityMonitor: the StochasticDepth callback has no gates on the model (not set up?)")
-        handle = existing_handle(pl_module)
-        return self.survival, (handle.scaling if handle is not None else "expected")
 
     # ------------------------------------------------------------------------------------ probe inputs
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
@@ -185,26 +181,22 @@ class NormalityMonitor(Callback):
             self._inputs = x[: int(counts.min())]
         return self._inputs
 
-    # ------------------------------------------------------------------------------------ hooks
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._probe_inputs(trainer, pl_module)  # fix the probe now: the same inputs at every epoch
-        if self.probe_at_start:
-            self._run(trainer, pl_module)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._run(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------ probe
     def probe_seed(self, epoch: int, rank: int) -> int:
         """Mask seed of the probe at ``epoch`` on ``rank``: from ``(seed, epoch, rank)`` (independent per rank)."""
         return int(np.random.SeedSequence([self.seed, int(epoch), int(rank)]).generate_state(1)[0])
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Probe now: p-values of all ranks (all-gathered) and their summaries. Every rank calls it."""
         x = self._probe_inputs(trainer, pl_module).to(pl_module.device)
-        survival, scaling = self._rates(pl_module)
+        survival, scaling = self.rates_in_force(trainer, pl_module)
+        if survival is None:
+            raise RuntimeError("NormalityMonitor: the StochasticDepth callback has no gates on the model (not set up?)")
         with isolate_rng():
             res = normality_pvalues(
                 pl_module,
@@ -219,61 +211,47 @@ class NormalityMonitor(Callback):
                 seed=self.probe_seed(trainer.current_epoch, trainer.global_rank),
                 chunk_size=self.chunk_size,
             )
-        pvalues = self._gather(trainer, res.pvalues)
-        blocks = self._gather(trainer, res.block_pvalues) if res.block_pvalues is not None else None
-        self.last_pvalues, self.last_block_pvalues = pvalues, blocks
-        self._log(trainer, pl_module, pvalues, blocks)
-        # trainer.log_dir broadcasts from rank 0: every rank must call it, not only the one that writes
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        self._write(trainer, log_dir, pvalues, blocks)
-
-    @staticmethod
-    def _gather(trainer: pl.Trainer, values: Tensor) -> Tensor:
-        if trainer.world_size <= 1:
-            return values
-        device = trainer.strategy.root_device
-        gathered = trainer.strategy.all_gather(values.to(device=device, dtype=torch.float32))
-        return gathered.reshape(-1, *values.shape[1:]).double().cpu()
-
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pvalues: Tensor, blocks: Tensor | None) -> None:
+        pvalues = gather_over_ranks(trainer, res.pvalues)
+        blocks = gather_over_ranks(trainer, res.block_pvalues) if res.block_pvalues is not None else None
         s = summarize(pvalues, self.alpha)
-        metrics = {
+        record: dict[str, Any] = {
             "median_pvalue": s["median"],
             f"frac_above_{self.alpha:g}": s["frac_above"],
             "q25_pvalue": s["q25"],
             "q75_pvalue": s["q75"],
         }
-        record: dict[str, Any] = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, **metrics}
         if blocks is not None:
-            width = max(3, len(str(blocks.shape[1])))
-            medians, fracs = [], []
-            for block in range(blocks.shape[1]):
-                b = summarize(blocks[:, block], self.alpha)
-                medians.append(b["median"])
-                fracs.append(b["frac_above"])
-                metrics[f"block_median/{block + 1:0{width}d}"] = b["median"]
-                metrics[f"block_frac_above/{block + 1:0{width}d}"] = b["frac_above"]
-            record["block_median"] = medians
-            record["block_frac_above"] = fracs
-        self.history.append(record)
-        # identical on every rank (computed from the gathered values): no sync needed, and Lightning's
-        # "use sync_dist=True" advice does not apply
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-            for name, value in metrics.items():
-                if math.isfinite(value):
-                    pl_module.log(f"{self.prefix}/{name}", float(value), on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
-        if trainer.is_global_zero:
-            finite = pvalues[~torch.isnan(pvalues)].numpy()
-            for logger in trainer.loggers:
-                experiment = getattr(logger, "experiment", None)
-                add_histogram = getattr(experiment, "add_histogram", None)
-                if callable(add_histogram) and finite.size:
-                    add_histogram(f"{self.prefix}/pvalues", finite, global_step=trainer.global_step, bins=np.linspace(0.0, 1.0, 21))
+            per_block = [summarize(blocks[:, block], self.alpha) for block in range(blocks.shape[1])]
+            record["block_median"] = [b["median"] for b in per_block]
+            record["block_frac_above"] = [b["frac_above"] for b in per_block]
+        record["pvalues"] = pvalues
+        record["block_pvalues"] = blocks
+        return record
 
-    def _write(self, trainer: pl.Trainer, log_dir: str, pvalues: Tensor, blocks: Tensor | None) -> None:
+    @override
+    def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
+        """Log the summaries, the p-value histogram (TensorBoard) and append the p-values to the CSV file."""
+        metrics = {key: record[key] for key in ("median_pvalue", f"frac_above_{self.alpha:g}", "q25_pvalue", "q75_pvalue")}
+        if "block_median" in record:
+            width = max(3, len(str(len(record["block_median"]))))
+            for block, (median, frac) in enumerate(zip(record["block_median"], record["block_frac_above"])):
+                metrics[f"block_median/{block + 1:0{width}d}"] = median
+                metrics[f"block_frac_above/{block + 1:0{width}d}"] = frac
+        # computed from the all-gathered p-values: identical on every rank
+        self.log_metrics(pl_module, {f"{self.prefix}/{name}": value for name, value in metrics.items()})
+        log_dir = self.log_dir(trainer)  # every rank reads it
         if not trainer.is_global_zero:
             return
+        pvalues, blocks = record["pvalues"], record["block_pvalues"]
+        finite = pvalues[~torch.isnan(pvalues)].numpy()
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            add_histogram = getattr(experiment, "add_histogram", None)
+            if callable(add_histogram) and finite.size:
+                add_histogram(f"{self.prefix}/pvalues", finite, global_step=trainer.global_step, bins=np.linspace(0.0, 1.0, 21))
+        self._append_csv(trainer, log_dir, pvalues, blocks)
+
+    def _append_csv(self, trainer: pl.Trainer, log_dir: str, pvalues: Tensor, blocks: Tensor | None) -> None:
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, f"{self.prefix}_pvalues.csv")
         fields = ["epoch", "global_step", "input", "pvalue"]
@@ -294,9 +272,12 @@ class NormalityMonitor(Callback):
     # ------------------------------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        # the summaries only: the p-values (world_size x num_inputs per probe) stay in memory
+        return {"history": [{k: v for k, v in record.items() if k not in _IN_MEMORY_ONLY} for record in self.history]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
 
+
+_IN_MEMORY_ONLY = ("pvalues", "block_pvalues")

@@ -3,7 +3,8 @@
 Every callback of the package that needs data outside the training step (SenseMode sensitivities,
 ``mode="maxreg"``'s regularization terms, :class:`~lightning_sd.RegularizationMonitor`,
 :class:`~lightning_sd.NormalityMonitor`, :class:`~lightning_sd.LogGaussianMonitor`) reads it through
-:func:`probe_batches` / :func:`probe_inputs`. The rules (DESIGN.md, "Observing never perturbs"):
+:func:`probe_batches` / :func:`probe_inputs`, so that a run with them attached ends exactly as the run
+without them (observing never perturbs; README, "Architecture: where things live"). The rules:
 
 - **A private loader.** The trainer's dataloader is only *read* (its ``dataset``, ``batch_size``,
   ``collate_fn``); the probe builds its own ``DataLoader`` over the same dataset, in the main process
@@ -56,6 +57,8 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
+
+from lightning_sd._internals import fit_loop_combine_mode
 
 __all__ = [
     "INPUT_KEYS",
@@ -218,10 +221,7 @@ def _device_batches(trainer: pl.Trainer, loaders: Any, combined: bool, seed: int
         return probe_loader(loader, seed=seed, epoch=epoch)
 
     if combined and isinstance(loaders, (list, tuple, Mapping)):
-        fit_combined = getattr(trainer.fit_loop, "_combined_loader", None)
-        # the fit loop's CombinedLoader mode ("max_size_cycle" unless the user chose one); Lightning 2.6
-        # keeps it in a private attribute and has no public accessor
-        mode: Any = fit_combined._mode if fit_combined is not None else "max_size_cycle"
+        mode: Any = fit_loop_combine_mode(trainer)  # a CombinedLoader mode name
         if isinstance(loaders, Mapping):
             iterables: Any = {k: fresh(v) for k, v in loaders.items()}
         else:

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sd.callbacks.maxreg_measurement import infer_regularization_loss, reduce_mean_over_ranks
+from lightning_sd.callbacks.monitor import ProbeMonitor
 from lightning_sd.callbacks.probe_data import probe_inputs
-from lightning_sd.callbacks.tables import publish_table
+from lightning_sd.callbacks.probing import infer_regularization_loss, reduce_mean_over_ranks
+from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.gates import SCALINGS, existing_handle
 from lightning_sd.core.regularization import (
     REGULARIZATION_ESTIMATORS,
@@ -28,7 +27,7 @@ from lightning_sd.core.regularization import (
 __all__ = ["RegularizationMonitor"]
 
 
-class RegularizationMonitor(Callback):
+class RegularizationMonitor(ProbeMonitor):
     r"""Watch the explicit regularization of stochastic depth: ``g_l`` per block, the penalty ``R`` and its shares.
 
     Training with SD is training the average network plus the explicit penalty (Hayou & Ayed 2021,
@@ -52,12 +51,15 @@ class RegularizationMonitor(Callback):
       ``SummaryWriter``.
 
     Rates come from the :class:`~lightning_sd.callbacks.StochasticDepth` callback in
-    ``trainer.callbacks`` (its current rates and scaling); without one, from ``survival``; without both,
-    only g is logged. The probe runs in evaluation mode (BatchNorm running statistics: the network after
+    ``trainer.callbacks`` (its current rates and scaling, see :meth:`~ProbeMonitor.rates_in_force`);
+    without one, from ``survival``; without both, only g is logged. ``history`` keeps every probe's
+    :meth:`measure` result (in memory); :class:`~lightning_sd.SummaryPlots` draws from it. The probe runs
+    in evaluation mode (BatchNorm running statistics: the network after
     training; ``StochasticDepth(mode="maxreg")`` measures the training-mode network instead, see
-    :mod:`lightning_sd.callbacks.maxreg_measurement`) in fp32 (fp64 statistics), outside autocast, under
+    :mod:`lightning_sd.callbacks.rate_measurement`) in fp32 (fp64 statistics), outside autocast, under
     ``isolate_rng``; module modes, buffers and parameter gradients are left as they were. Under DDP
-    every process probes its own share of the data and the same reduction is called on every rank.
+    every process probes its own share of the data and the same reduction is called on every rank, so
+    every logged value is the same on every rank.
 
     Args:
         every_n_epochs: probe after every n-th training epoch (>= 1).
@@ -66,7 +68,7 @@ class RegularizationMonitor(Callback):
         loss: ``"cross_entropy"`` (logits), ``"mse"`` (the paper's ``||y - t||^2``) or ``"auto"`` (the
             module's ``regularization_loss`` attribute, else ``"mse"`` for one output coordinate per
             example and ``"cross_entropy"`` for more; see
-            :func:`~lightning_sd.callbacks.maxreg_measurement.infer_regularization_loss`).
+            :func:`~lightning_sd.callbacks.probing.infer_regularization_loss`).
         estimator: ``"exact"`` (one backward per output coordinate), ``"sampled"`` (``num_samples``
             backwards, unbiased) or ``"auto"`` (exact when the output has <= ``num_samples`` coordinates).
         num_samples: probe vectors of the sampled estimator (>= 1).
@@ -99,8 +101,7 @@ class RegularizationMonitor(Callback):
         input_fn: Callable[[Any], Tensor] | None = None,
         seed: int = 0,
     ) -> None:
-        if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
+        super().__init__(every_n_epochs=every_n_epochs, survival=survival, scaling=scaling)
         if int(probe_size) != probe_size or probe_size < 1:
             raise ValueError(f"probe_size must be a positive integer (examples per process), got {probe_size!r}")
         if loss != "auto" and loss not in REGULARIZATION_LOSSES:
@@ -119,17 +120,13 @@ class RegularizationMonitor(Callback):
                 raise ValueError(f"survival rates must lie in [0, 1], got {rates.flatten().tolist()}")
             if scaling == "inverted" and bool((rates == 0).any()):
                 raise ValueError("a survival rate of 0 with scaling='inverted' has infinite variance; use scaling='expected'")
-        self.every_n_epochs = int(every_n_epochs)
         self.probe_size = int(probe_size)
         self.loss = loss
         self.estimator = estimator
         self.num_samples = int(num_samples)
-        self.survival = survival
-        self.scaling = scaling
         self.blocks = blocks
         self.input_fn = input_fn
         self.seed = int(seed)
-        self.history: list[dict[str, Any]] = []
         self.table_path: str | None = None
         self._probe: list[Tensor] | None = None
         self._loss: str | None = None
@@ -139,22 +136,20 @@ class RegularizationMonitor(Callback):
         return probe_inputs(trainer, pl_module, max_examples=self.probe_size, source="val_or_train", input_fn=self.input_fn)
 
     # ------------------------------------------------------------------ rates
-    def _rates(self, trainer: pl.Trainer, num_blocks: int) -> tuple[Tensor | None, str]:
-        from lightning_sd.callbacks.stochastic_depth import StochasticDepth
-
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
-            if isinstance(cb, StochasticDepth) and cb.handle is not None:
-                return cb.handle.survival.to(torch.float64), cb.scaling
-        if self.survival is None:
-            return None, self.scaling
-        p = torch.as_tensor(self.survival, dtype=torch.float64).flatten()
+    def _rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule, num_blocks: int) -> tuple[Tensor | None, str]:
+        """The rates in force as fp64, one per block (a single ``survival`` float is used for every block)."""
+        survival, scaling = self.rates_in_force(trainer, pl_module)
+        if survival is None:
+            return None, scaling
+        p = torch.as_tensor(survival, dtype=torch.float64).flatten()
         if p.numel() == 1:
             p = p.expand(num_blocks).clone()
         if p.numel() != num_blocks:
             raise ValueError(f"RegularizationMonitor(survival=...) has {p.numel()} rates but the model has {num_blocks} residual branches")
-        return p, self.scaling
+        return p, scaling
 
     # ------------------------------------------------------------------ measurement
+    @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Probe now: g (mean over the probe, all processes), rates, R and shares. Called by every rank."""
         if self._probe is None:
@@ -176,16 +171,12 @@ class RegularizationMonitor(Callback):
                 count += x.shape[0]
         if total is None:
             # This process has no probe data: still take part in the reduction with zeros.
-            from lightning_sd.core.discovery import find_residual_branches
-
             num = handle.num_blocks if handle is not None else len(find_residual_branches(pl_module, self.blocks))
             total = torch.zeros(num, dtype=torch.float64)
         g = reduce_mean_over_ranks(trainer, pl_module, total, count)
         if names is None:
-            from lightning_sd.core.discovery import find_residual_branches
-
             names = [b.name for b in find_residual_branches(pl_module, self.blocks)]
-        p, scaling = self._rates(trainer, g.numel())
+        p, scaling = self._rates(trainer, pl_module, g.numel())
         result: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step, "names": names, "g": g, "loss": self._loss}
         if p is not None:
             var = gate_variance(p, scaling)
@@ -196,24 +187,26 @@ class RegularizationMonitor(Callback):
         return result
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
-            return
-        result = self.measure(trainer, pl_module)
-        self.history.append(result)
-        metrics = {f"reg/g/{block + 1:03d}": float(v) for block, v in enumerate(result["g"])}
-        metrics["reg/g_mean"] = float(result["g"].mean())
-        if "penalty" in result:
-            metrics["reg/penalty"] = result["penalty"]
-            for block, v in enumerate(result["share"]):
+    def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
+        """Log ``reg/*``, write ``regularization_epoch{E}.csv`` and the TensorBoard histograms over depth."""
+        g = record["g"]
+        metrics = {f"reg/g/{block + 1:03d}": float(v) for block, v in enumerate(g)}
+        metrics["reg/g_mean"] = float(g.mean())
+        if "penalty" in record:
+            metrics["reg/penalty"] = record["penalty"]
+            for block, v in enumerate(record["share"]):
                 metrics[f"reg/share/{block + 1:03d}"] = float(v)
-        # Identical on every rank after the reduction; sync_dist (a mean of equal values) keeps Lightning's
-        # epoch-level bookkeeping consistent across ranks at the cost of one small all-reduce per key.
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
-        # trainer.log_dir broadcasts under DDP: every rank asks for it, only rank 0 writes.
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if trainer.is_global_zero:
-            self._write_table(trainer, result, log_dir)
+        self.log_metrics(pl_module, metrics)  # identical on every rank after the reduction in measure()
+        path = self.publish_table(trainer, f"regularization_epoch{trainer.current_epoch}.csv", self.table(record), key="reg/blocks")
+        if not trainer.is_global_zero:
+            return
+        self.table_path = path
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if _is_summary_writer(experiment):
+                _histogram_over_depth(experiment, "reg/g_by_block", g, trainer.global_step)
+                if "terms" in record:
+                    _histogram_over_depth(experiment, "reg/penalty_by_block", record["terms"], trainer.global_step)
 
     # ------------------------------------------------------------------ tables
     @staticmethod
@@ -231,18 +224,6 @@ class RegularizationMonitor(Callback):
                 )
             rows.append(row)
         return rows
-
-    def _write_table(self, trainer: pl.Trainer, result: dict[str, Any], log_dir: str) -> None:
-        path = os.path.join(log_dir, f"regularization_epoch{trainer.current_epoch}.csv")
-        publish_table(trainer, path, self.table(result), key="reg/blocks")
-        self.table_path = path
-        g = result["g"]
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if _is_summary_writer(experiment):
-                _histogram_over_depth(experiment, "reg/g_by_block", g, trainer.global_step)
-                if "terms" in result:
-                    _histogram_over_depth(experiment, "reg/penalty_by_block", result["terms"], trainer.global_step)
 
 
 def _is_summary_writer(obj: Any) -> bool:
@@ -263,18 +244,18 @@ def _is_summary_writer(obj: Any) -> bool:
 def _histogram_over_depth(writer: Any, tag: str, values: Tensor, step: int) -> None:
     """A TensorBoard histogram whose bucket l (edges l - 1/2, l + 1/2) holds ``values[l - 1]``: the profile over depth."""
     v = values.to(torch.float64).clamp_min(0.0)
-    L = v.numel()
-    depth = torch.arange(1, L + 1, dtype=torch.float64)
+    num_blocks = v.numel()
+    depth = torch.arange(1, num_blocks + 1, dtype=torch.float64)
     total = float(v.sum())
     try:
         writer.add_histogram_raw(
             tag,
             min=1.0,
-            max=float(L),
+            max=float(num_blocks),
             num=total,
             sum=float((depth * v).sum()),
             sum_squares=float((depth * depth * v).sum()),
-            bucket_limits=[k + 0.5 for k in range(1, L + 1)],
+            bucket_limits=[block + 0.5 for block in range(1, num_blocks + 1)],
             bucket_counts=v.tolist(),
             global_step=step,
         )

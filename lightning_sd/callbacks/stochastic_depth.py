@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 import weakref
 from collections.abc import Callable
@@ -13,14 +12,15 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sd.callbacks.output import log_epoch_metrics, publish_table
+from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, MeasurementSettings, RateMeasurement
 from lightning_sd.callbacks.strategy_support import skips_compute_under
-from lightning_sd.callbacks.tables import publish_table
 from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.gates import (
     DROP_KINDS,
@@ -29,11 +29,12 @@ from lightning_sd.core.gates import (
     existing_handle,
     inject_stochastic_depth,
 )
+from lightning_sd.core.regularization import REGULARIZATION_ESTIMATORS
 from lightning_sd.core.survival import SURVIVAL_MODES, depth_moments, survival_rates
 
 __all__ = ["MAX_MULTIPLIER", "StochasticDepth", "default_p_min"]
 
-_MEASURED_MODES = ("sensemode", "maxreg")
+_MEASURED_MODES = tuple(RATE_MEASUREMENTS)  # ("sensemode", "maxreg")
 _POSITIONAL_MODES = ("linear", "custom")  # rates belong to positions 1..L, not to particular branches
 #: ``scaling="inverted"`` multiplies a kept branch by 1/p_l; above this factor the callback warns.
 MAX_MULTIPLIER = 20.0
@@ -118,17 +119,28 @@ class StochasticDepth(Callback):
             module's ``training_step`` output.
         regularization_loss: loss whose Hessian defines g_l for ``"maxreg"``: ``"cross_entropy"``, ``"mse"`` or
             ``"auto"`` (the module's ``regularization_loss`` attribute, else ``"mse"`` for one output per example
-            and ``"cross_entropy"`` for more; :func:`~lightning_sd.callbacks.maxreg_measurement.infer_regularization_loss`).
+            and ``"cross_entropy"`` for more; :func:`~lightning_sd.callbacks.probing.infer_regularization_loss`).
+        input_fn: ``batch -> model input`` for ``"maxreg"``'s g_l; ``None``:
+            :func:`~lightning_sd.callbacks.probe_data.default_input_fn` (``batch[0]`` of tuples, known keys of dicts).
+        regularization_estimator: how ``"maxreg"`` computes g_l on a model without BatchNorm: ``"exact"``,
+            ``"sampled"`` or ``"auto"`` (see :func:`~lightning_sd.core.regularization.regularization_terms`).
         log_every_n_steps: how often the realized depth is logged (it is always accumulated).
 
     With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
     ``1/p_l > 20`` (:data:`MAX_MULTIPLIER`, ``p_l < 0.05``).
 
+    The measured modes are measured by ``RATE_MEASUREMENTS[mode]`` of
+    :mod:`lightning_sd.callbacks.rate_measurement`, chosen once here; the callback keeps what they found:
+    :attr:`sensitivities` (``S_l``, ``"sensemode"``) or :attr:`regularization_terms` (``g_l``,
+    ``"maxreg"``; ``g`` is its deprecated alias), both float32 in call order and checkpointed.
+
     Example::
 
-        trainer = Trainer(callbacks=[StochasticDepth(mode="linear", budget=0.5)])
+        sd = StochasticDepth(mode="linear", budget=0.5)
+        trainer = Trainer(callbacks=[sd])
         trainer.fit(model, datamodule=dm)
-        callback.survival  # tensor of length L
+        sd.survival      # tensor of length L: p_1..p_L
+        sd.rate_table()  # one row per block
     """
 
     def __init__(
@@ -148,6 +160,8 @@ class StochasticDepth(Callback):
         sensitivity_loss: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         regularization_loss: Literal["auto", "cross_entropy", "mse"] = "auto",
         log_every_n_steps: int = 1,
+        input_fn: Callable[[Any], Tensor] | None = None,
+        regularization_estimator: Literal["auto", "exact", "sampled"] = "auto",
     ) -> None:
         if mode not in SURVIVAL_MODES:
             raise ValueError(f"unknown mode={mode!r}; choose one of {', '.join(SURVIVAL_MODES)}")
@@ -202,6 +216,10 @@ class StochasticDepth(Callback):
             )
         if regularization_loss not in ("auto", "cross_entropy", "mse"):
             raise ValueError(f"regularization_loss must be 'auto', 'cross_entropy' or 'mse', got {regularization_loss!r}")
+        if regularization_estimator not in REGULARIZATION_ESTIMATORS:
+            raise ValueError(
+                f"regularization_estimator must be one of {', '.join(REGULARIZATION_ESTIMATORS)}, got {regularization_estimator!r}"
+            )
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.mode = mode
@@ -220,10 +238,17 @@ class StochasticDepth(Callback):
         self.sensitivity_loss = sensitivity_loss
         self.regularization_loss = regularization_loss
         self.regularization_loss_used: str | None = None  # what "auto" resolved to, set by the maxreg measurement
+        self.input_fn = input_fn
+        self.regularization_estimator = regularization_estimator
         self.log_every_n_steps = int(log_every_n_steps)
         self.handle: StochasticDepthHandle | None = None
+        self.table_path: str | None = None  # the last rate table written (rank 0)
+        #: S_l of the last ``"sensemode"`` measurement (float32, CPU, call order), checkpointed.
         self.sensitivities: Tensor | None = None
-        self.g: Tensor | None = None
+        #: g_l of the last ``"maxreg"`` measurement (float32, CPU, call order), checkpointed as ``"g"``.
+        self.regularization_terms: Tensor | None = None
+        # The measurement of a measured mode, chosen once (RATE_MEASUREMENTS: name -> function).
+        self._rate_measurement = RATE_MEASUREMENTS.get(mode)
         self._measured = False
         self._measured_at_step: int | None = None
         self._last_measured_epoch = -1
@@ -246,6 +271,30 @@ class StochasticDepth(Callback):
         """L, after ``setup``."""
         return 0 if self.handle is None else self.handle.num_blocks
 
+    @property
+    def g(self) -> Tensor | None:
+        """Deprecated alias of :attr:`regularization_terms` (the g_l measured by ``mode="maxreg"``)."""
+        rank_zero_deprecation("StochasticDepth.g is deprecated; use StochasticDepth.regularization_terms (the same g_l)")
+        return self.regularization_terms
+
+    @g.setter
+    def g(self, value: Tensor | None) -> None:
+        rank_zero_deprecation("StochasticDepth.g is deprecated; use StochasticDepth.regularization_terms (the same g_l)")
+        self.regularization_terms = value
+
+    @property
+    def measurement_settings(self) -> MeasurementSettings:
+        """What the measured modes take from this callback's arguments (see :mod:`~lightning_sd.callbacks.rate_measurement`)."""
+        return MeasurementSettings(
+            budget=self.budget,
+            p_min=self.p_min,
+            num_batches=self.sensitivity_batches,
+            sensitivity_loss=self.sensitivity_loss,
+            regularization_loss=self.regularization_loss,
+            input_fn=self.input_fn,
+            estimator=self.regularization_estimator,
+        )
+
     def _initial_rates(self, num_blocks: int) -> Tensor:
         if self.mode == "custom":
             return survival_rates("custom", num_blocks, rates=self.custom_survival)
@@ -266,7 +315,7 @@ class StochasticDepth(Callback):
         """
         rates: str = self.mode
         if self.mode in _MEASURED_MODES:
-            measured = self.sensitivities if self.mode == "sensemode" else self.g
+            measured = self.sensitivities if self.mode == "sensemode" else self.regularization_terms
             if not self._measured:
                 rates = "uniform until measured"
             elif measured is not None and not bool(measured.any()):
@@ -463,16 +512,14 @@ class StochasticDepth(Callback):
         var = max(self._depth_sq_sum / self._depth_count - mean * mean, 0.0) * self._depth_count / max(self._depth_count - 1, 1)
         mean_theory, var_theory = depth_moments(self.handle.survival)
         # Lemma 1: E[L_delta] = sum p, Var[L_delta] = sum p (1 - p).
-        pl_module.log_dict(
+        log_epoch_metrics(
+            pl_module,
             {
                 "sd/depth_mean": mean,
                 "sd/depth_var": var,
                 "sd/depth_mean_theory": mean_theory,
                 "sd/depth_var_theory": var_theory,
             },
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
         )
 
     # ------------------------------------------------------------------ call order
@@ -490,8 +537,8 @@ class StochasticDepth(Callback):
         probe.finish_reorder()
         if self.sensitivities is not None:
             self.sensitivities = self.sensitivities[order].clone()
-        if self.g is not None:
-            self.g = self.g[order].clone()
+        if self.regularization_terms is not None:
+            self.regularization_terms = self.regularization_terms[order].clone()
         self._rates_changed = True
         follow = (
             f"mode={self.mode!r} rates follow the call order (the first step already used them)"
@@ -506,21 +553,10 @@ class StochasticDepth(Callback):
 
     # ------------------------------------------------------------------ measured modes
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_sd.callbacks.rate_measurement import measure_rates
-
-        assert self.handle is not None
-        try:
-            result = measure_rates(self, trainer, pl_module)
-        except ValueError as err:
-            if self.mode == "sensemode" and self.sensitivities is not None and not bool(self.sensitivities.any()):
-                raise ValueError(
-                    f"StochasticDepth(mode='sensemode'): every sensitivity S_l is 0 at step {trainer.global_step}, so "
-                    "SenseMode cannot rank the blocks. The branches output zero (typically a zero-initialised last "
-                    "BatchNorm in each block). Measure once they have trained, e.g. measure_after_steps=100 "
-                    "(uniform rates until then), or use mode='uniform'."
-                ) from err
-            raise
-        rates = torch.as_tensor(result, dtype=torch.float64)
+        assert self.handle is not None and self._rate_measurement is not None
+        result = self._rate_measurement(trainer, pl_module, self.measurement_settings)
+        self._keep_measured(result)
+        rates = torch.as_tensor(result.rates, dtype=torch.float64)
         if self.scaling == "inverted" and bool((rates == 0).any()):
             zero = torch.nonzero(rates == 0).flatten().tolist()
             raise ValueError(
@@ -540,14 +576,22 @@ class StochasticDepth(Callback):
         )
         self._warn_large_multiplier()
 
+    def _keep_measured(self, result: RateMeasurement) -> None:
+        """Store what a measurement found besides the rates (checkpointed, shown in :meth:`rate_table`)."""
+        if result.sensitivities is not None:
+            self.sensitivities = result.sensitivities
+        if result.regularization_terms is not None:
+            self.regularization_terms = result.regularization_terms
+            self.regularization_loss_used = result.loss
+
     def _warn_large_multiplier(self) -> None:
         if self.handle is None:
             return
         m = _max_multiplier(self.handle.survival_float64, self.scaling)
         if m > MAX_MULTIPLIER:
-            weakest = int(torch.argmin(self.handle.survival_float64))
+            lowest = int(torch.argmin(self.handle.survival_float64))
             rank_zero_warn(
-                f"StochasticDepth: with scaling='inverted' block {weakest + 1} ({self.handle.branches[weakest].name}) has rate "
+                f"StochasticDepth: with scaling='inverted' block {lowest + 1} ({self.handle.branches[lowest].name}) has rate "
                 f"{1.0 / m:.4g}, so a kept branch is multiplied by 1/p = {m:.4g} (> {MAX_MULTIPLIER:g}); such rare, "
                 "large multipliers make training noisy. Raise p_min (p_min=0.05 caps the multiplier at 20), "
                 "raise the budget, or use scaling='expected'."
@@ -563,7 +607,7 @@ class StochasticDepth(Callback):
             metrics[f"sd/survival/{block + 1:03d}"] = float(p[block])
             if self.sensitivities is not None:
                 metrics[f"sd/sensitivity/{block + 1:03d}"] = float(self.sensitivities[block])
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # same on every rank
+        log_epoch_metrics(pl_module, metrics)  # identical on every rank
         if self._rates_changed:  # one table per change of the rates (or of their numbering)
             self._write_table(trainer)
             self._rates_changed = False
@@ -577,19 +621,15 @@ class StochasticDepth(Callback):
             row: dict[str, Any] = {"block": block + 1, "name": branch.name, "survival": float(p[block])}
             if self.sensitivities is not None:
                 row["sensitivity"] = float(self.sensitivities[block])
-            if self.g is not None:
-                row["g"] = float(self.g[block])
+            if self.regularization_terms is not None:
+                row["g"] = float(self.regularization_terms[block])
             rows.append(row)
         return rows
 
     def _write_table(self, trainer: pl.Trainer) -> None:
-        # trainer.log_dir broadcasts from rank 0: every rank must read it, before the rank-0 check.
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if not trainer.is_global_zero:
-            return
-        path = os.path.join(log_dir, f"sd_rates_epoch{trainer.current_epoch}.csv")
-        publish_table(trainer, path, self.rate_table(), key="sd/rates")
-        self.table_path = path
+        path = publish_table(trainer, f"sd_rates_epoch{trainer.current_epoch}.csv", self.rate_table(), key="sd/rates")
+        if path is not None:  # rank 0
+            self.table_path = path
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -610,8 +650,8 @@ class StochasticDepth(Callback):
             state["order_checked"] = self._order_checked
         if self.sensitivities is not None:
             state["sensitivities"] = self.sensitivities.tolist()
-        if self.g is not None:
-            state["g"] = self.g.tolist()
+        if self.regularization_terms is not None:
+            state["g"] = self.regularization_terms.tolist()  # key kept: older checkpoints load
         state["measured"] = self._measured
         state["measured_at_step"] = self._measured_at_step
         state["last_measured_epoch"] = self._last_measured_epoch
@@ -654,7 +694,7 @@ class StochasticDepth(Callback):
         if state.get("sensitivities") is not None:
             self.sensitivities = torch.tensor(state["sensitivities"], dtype=torch.float32)
         if state.get("g") is not None:
-            self.g = torch.tensor(state["g"], dtype=torch.float32)
+            self.regularization_terms = torch.tensor(state["g"], dtype=torch.float32)
         self._measured = bool(state.get("measured", self._measured))
         self._measured_at_step = state.get("measured_at_step", self._measured_at_step)
         self._rates_changed = True
@@ -707,8 +747,8 @@ class _CallOrderProbe:
         self._hooks = [gate.register_forward_pre_hook(self._pre_hook) for gate in handle.gates]
 
     def _pre_hook(self, gate: nn.Module, args: tuple[Any, ...]) -> None:
-        h = self.handle
-        if h._override is not None or not gate.training:
+        handle = self.handle
+        if handle._override is not None or not gate.training:
             return
         index = int(gate.index)  # type: ignore[arg-type]
         if index in self._seen:
@@ -718,9 +758,9 @@ class _CallOrderProbe:
         self.calls.append(index)
         if not self.positional or k == index:
             return
-        h._p[index] = self._p[k]
+        handle._p[index] = self._p[k]
         first = args[0] if args and isinstance(args[0], Tensor) else None
-        self._masks = h.drop_kind.follow_call_order(self._masks, self.calls, first, h._p, h.scaling)
+        self._masks = handle.drop_kind.follow_call_order(self._masks, self.calls, first, handle._p, handle.scaling)
 
     def order(self) -> list[int] | None:
         """Gate indices in call order (gates not called this step last, in definition order), or None."""
@@ -731,12 +771,12 @@ class _CallOrderProbe:
     def finish_reorder(self) -> None:
         order = self.order()
         assert order is not None
-        h = self.handle
-        h.reorder(order)
+        handle = self.handle
+        handle.reorder(order)
         if self.positional:
             # Position k keeps the rate and masks drawn for k (what its gate used in this step).
-            h.set_survival(torch.tensor(self._p, dtype=torch.float64))
-            h.drop_kind.restore(self._masks)
+            handle.set_survival(torch.tensor(self._p, dtype=torch.float64))
+            handle.drop_kind.restore(self._masks)
 
     def remove(self) -> None:
         for hook in self._hooks:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -12,9 +10,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
+
+from lightning_sd.callbacks.output import log_dir_without_broadcast
 
 __all__ = ["SummaryPlots"]
 
@@ -61,7 +60,7 @@ def _block_axis(ax: Any, names: Sequence[str] | None, num_blocks: int) -> None:
     ax.set_xlim(0.4, num_blocks + 0.6)
     if names is not None and len(names) == num_blocks and num_blocks <= _MAX_NAMED_BLOCKS:
         ax.set_xticks(np.arange(1, num_blocks + 1))
-        ax.set_xticklabels([f"{block}: {n}" for block, n in enumerate(names, start=1)], rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels([f"{block}: {name}" for block, name in enumerate(names, start=1)], rotation=60, ha="right", fontsize=7)
     else:
         ax.set_xlabel("block l")
 
@@ -84,8 +83,7 @@ class SummaryPlots(Callback):
       output's normality-test p-values at every probe (uniform on [0, 1] when SD acts as Gaussian
       noise, Hayou & Ayed 2021 Fig. 5 left), the p-values per depth at the last probe when the
       monitor runs with ``per_block=True`` (Fig. 5 right), and the median p-value and fraction above
-      ``alpha`` per probe. All p-values come from the monitor's CSV file; without it, from its last
-      probe and its ``history``.
+      ``alpha`` per probe. Everything comes from the monitor's in-memory ``history``.
 
     Figures are drawn on matplotlib's Agg canvas without ``pyplot`` (no window, the global backend is
     left alone). matplotlib is an optional dependency (the ``dev`` extra): it is imported when the
@@ -137,7 +135,8 @@ class SummaryPlots(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        out_dir = self.out_dir or self._log_dir(trainer)
+        # trainer.log_dir broadcasts from rank 0, a collective this rank-0-only hook must not call.
+        out_dir = self.out_dir or log_dir_without_broadcast(trainer)
         self.paths = self.write(trainer.callbacks, out_dir)  # type: ignore[attr-defined]
         if self.paths:
             rank_zero_info("SummaryPlots: wrote " + ", ".join(self.paths.values()))
@@ -147,16 +146,6 @@ class SummaryPlots(Callback):
                 "in trainer.callbacks)"
             )
 
-    @staticmethod
-    def _log_dir(trainer: pl.Trainer) -> str:
-        # trainer.log_dir broadcasts from rank 0, a collective this rank-0-only hook must not call.
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            path = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
-            if path:
-                return str(path)
-        return str(trainer.default_root_dir)
-
     # ------------------------------------------------------------------ figures
     def write(self, callbacks: Sequence[Callback], out_dir: str) -> dict[str, str]:
         """Draw every figure whose data the ``callbacks`` hold into ``out_dir``; returns ``{figure: path}``.
@@ -164,13 +153,13 @@ class SummaryPlots(Callback):
         Usable without a Trainer, e.g. ``SummaryPlots().write(trainer.callbacks, "plots")`` after a fit.
         """
         _require_matplotlib()
+        from lightning_sd.callbacks.monitor import active_stochastic_depth
         from lightning_sd.callbacks.normality_monitor import NormalityMonitor
         from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
-        from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 
-        sd = next((c for c in callbacks if isinstance(c, StochasticDepth) and c.handle is not None), None)
+        sd = active_stochastic_depth(callbacks)
         reg = next((c for c in callbacks if isinstance(c, RegularizationMonitor) and c.history), None)
-        normality = [c for c in callbacks if isinstance(c, NormalityMonitor) and (c.history or c.last_pvalues is not None)]
+        normality = [c for c in callbacks if isinstance(c, NormalityMonitor) and c.history]
         paths: dict[str, str] = {}
         if sd is None and reg is None and not normality:
             return paths
@@ -186,32 +175,32 @@ class SummaryPlots(Callback):
 
     def _plot_rates(self, sd: Any, reg: Any, path: str) -> str:
         p = _as_array(sd.survival)
-        L = p.size
+        num_blocks = p.size
         names = [b.name for b in sd.handle.branches]
-        blocks = np.arange(1, L + 1)
+        blocks = np.arange(1, num_blocks + 1)
         panels: list[tuple[str, np.ndarray, str]] = []
         if sd.sensitivities is not None:
             panels.append(("sensitivity", _as_array(sd.sensitivities), "sensitivity $S_l$ (dLoss/dm_l at m = 1)"))
         g_title = ""
         g = None
-        if sd.g is not None:
-            g, g_title = _as_array(sd.g), "regularization term $g_l$ (measured for maxreg)"
-        elif reg is not None and len(reg.history[-1]["g"]) == L:
+        if sd.regularization_terms is not None:
+            g, g_title = _as_array(sd.regularization_terms), "regularization term $g_l$ (measured for maxreg)"
+        elif reg is not None and len(reg.history[-1]["g"]) == num_blocks:
             g = _as_array(reg.history[-1]["g"])
             g_title = f"regularization term $g_l$ (RegularizationMonitor, epoch {reg.history[-1]['epoch']})"
         if g is not None:
             panels.append(("g", g, g_title))
-        height = 2.6 * (1 + len(panels)) + (1.2 if L <= _MAX_NAMED_BLOCKS else 0.0)
-        fig, axes = _figure(1 + len(panels), 1, width=max(6.0, min(14.0, 0.12 * L + 5.0)), height=height)
+        height = 2.6 * (1 + len(panels)) + (1.2 if num_blocks <= _MAX_NAMED_BLOCKS else 0.0)
+        fig, axes = _figure(1 + len(panels), 1, width=max(6.0, min(14.0, 0.12 * num_blocks + 5.0)), height=height)
         ax = axes[0, 0]
         ax.bar(blocks, p, width=0.8, color="tab:blue")
-        mean = float(p.mean()) if L else float("nan")
+        mean = float(p.mean()) if num_blocks else float("nan")
         ax.axhline(mean, color="tab:red", linestyle="--", linewidth=1)
         ax.set_ylim(0.0, 1.05)
         ax.set_ylabel("survival rate $p_l$")
         ax.set_title(
             f"StochasticDepth mode={sd.mode}, budget={sd.budget:g}, drop={sd.drop}, scaling={sd.scaling}\n"
-            f"dashed: mean p = {mean:.3f}, expected depth {p.sum():.2f} of {L} blocks",
+            f"dashed: mean p = {mean:.3f}, expected depth {p.sum():.2f} of {num_blocks} blocks",
             fontsize=9,
         )
         for i, (kind, values, title) in enumerate(panels, start=1):
@@ -224,7 +213,7 @@ class SummaryPlots(Callback):
             axi.set_title(title, fontsize=9)
             axi.sharex(ax)
         for i in range(len(panels) + 1):
-            _block_axis(axes[i, 0], names if i == len(panels) else None, L)
+            _block_axis(axes[i, 0], names if i == len(panels) else None, num_blocks)
             if i < len(panels):
                 axes[i, 0].tick_params(labelbottom=False)
                 axes[i, 0].set_xlabel("")
@@ -264,7 +253,7 @@ class SummaryPlots(Callback):
         return _save(fig, path, self.dpi)
 
     def _plot_pvalues(self, monitor: Any, path: str) -> str:
-        probes = _read_pvalues(monitor)
+        probes = _probes(monitor)
         history = monitor.history
         last_blocks = probes[-1][2] if probes else None
         panels = ["hist"] + (["depth"] if last_blocks is not None and last_blocks.size else []) + (["summary"] if history else [])
@@ -335,33 +324,18 @@ def _linthresh(values: np.ndarray) -> float:
     return float(positive.min()) if positive.size else 1.0
 
 
-def _read_pvalues(monitor: Any) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """``(label, output p-values, block p-values or None)`` per probe, from the monitor's CSV or its last probe."""
-    path = getattr(monitor, "csv_path", None)
-    probes: list[tuple[str, np.ndarray, np.ndarray | None]] = []
-    if path and os.path.isfile(path):
-        groups: dict[tuple[int, int], list[list[float]]] = {}
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            for row in reader:
-                if len(row) < 4:
-                    continue
-                key = (int(row[0]), int(row[1]))
-                groups.setdefault(key, []).append([_to_float(v) for v in row[3:]])
-        has_blocks = header is not None and len(header) > 4
-        for (epoch, step), rows in groups.items():
-            values = np.asarray(rows, dtype=np.float64)
-            probes.append((f"epoch {epoch} (step {step})", values[:, 0], values[:, 1:] if has_blocks else None))
-    if not probes and monitor.last_pvalues is not None:
-        blocks = None if monitor.last_block_pvalues is None else _as_array(monitor.last_block_pvalues)
-        label = f"epoch {monitor.history[-1]['epoch']}" if monitor.history else "last probe"
-        probes.append((label, _as_array(monitor.last_pvalues).reshape(-1), blocks))
-    return probes
+def _probes(monitor: Any) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """``(label, output p-values, block p-values or None)`` per probe of a NormalityMonitor, from its history.
 
-
-def _to_float(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        return math.nan
+    Records restored from a checkpoint carry the summaries only (the p-values stay in memory): they
+    appear in the summary panel, not in the histograms.
+    """
+    return [
+        (
+            f"epoch {record['epoch']} (step {record['global_step']})",
+            _as_array(record["pvalues"]).reshape(-1),
+            None if record.get("block_pvalues") is None else _as_array(record["block_pvalues"]),
+        )
+        for record in monitor.history
+        if record.get("pvalues") is not None
+    ]

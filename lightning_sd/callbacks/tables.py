@@ -1,13 +1,14 @@
-"""Per-block tables: one CSV file in the log directory and ``logger.log_table`` where a logger has it."""
+"""Deprecated: the table helpers live in :mod:`lightning_sd.callbacks.output` now."""
 
 from __future__ import annotations
 
-import csv
-import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+
+from lightning_sd.callbacks.output import write_table
 
 __all__ = ["publish_table"]
 
@@ -15,17 +16,15 @@ __all__ = ["publish_table"]
 def publish_table(
     trainer: pl.Trainer, path: str, rows: Sequence[dict[str, Any]], key: str, columns: Sequence[str] | None = None
 ) -> None:
-    """Write ``rows`` to the CSV file ``path`` and to every logger with a ``log_table`` (W&B) under ``key``.
+    """Deprecated alias of :func:`lightning_sd.callbacks.output.write_table` (rank zero only, no collective).
 
-    Call it on rank zero only; it issues no collective. ``columns`` defaults to the first row's keys.
+    :func:`lightning_sd.callbacks.output.publish_table` is the rank-safe replacement: every rank calls it
+    with a file name, it finds the log directory and rank 0 writes.
     """
-    fields = list(columns) if columns is not None else list(rows[0])
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    for logger in trainer.loggers:
-        log_table = getattr(logger, "log_table", None)
-        if callable(log_table):
-            log_table(key=key, columns=fields, data=[[r[c] for c in fields] for r in rows])
+    warnings.warn(
+        "lightning_sd.callbacks.tables.publish_table is deprecated; use lightning_sd.callbacks.output.publish_table "
+        "(every rank, a file name in the log directory) or output.write_table (an explicit path, this rank only)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    write_table(trainer, path, rows, key, columns)

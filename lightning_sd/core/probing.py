@@ -1,8 +1,8 @@
 """Leave no trace: the one context manager every probe of the model runs in.
 
 Measurements (SenseMode sensitivities, regularization terms, normality p-values, gradient growth,
-log-Gaussian probes) run the model outside the training step. A run with them must end exactly as the
-run without them (DESIGN.md, "Observing never perturbs"), so each probe puts back what a forward pass
+log-Gaussian probes) run the model outside the training step. Observing never perturbs: a run with
+them must end exactly as the run without them, so each probe puts back what a forward pass
 can change: the train/eval flag of every submodule (not only the root's) and every buffer (BatchNorm
 running mean, variance and ``num_batches_tracked``, lazily drawn buffers such as BalancedReLU signs).
 The global random state is the caller's business: core functions use :func:`torch.random.fork_rng`,

@@ -1,0 +1,127 @@
+"""Where the callbacks put what they measure: one log directory, one table format, one logging policy.
+
+- :func:`log_dir`: the run's log directory, read on every rank (``trainer.log_dir`` is a collective
+  under DDP); :func:`log_dir_without_broadcast` gives the same answer for code that runs on rank 0 only.
+- :func:`publish_table`: a per-block (or per-layer) table as a CSV file in the log directory and as
+  ``logger.log_table`` for the loggers that have one (W&B).
+- :func:`log_epoch_metrics`: epoch-level scalars, logged under the package's one ``sync_dist`` policy.
+
+Example::
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module):
+        rows = [{"block": 1, "g": 0.3}, {"block": 2, "g": 0.1}]
+        log_epoch_metrics(pl_module, {"reg/g_mean": 0.2})                  # every rank
+        publish_table(trainer, "regularization_epoch0.csv", rows, key="reg/blocks")  # every rank; rank 0 writes
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+__all__ = ["log_dir", "log_dir_without_broadcast", "log_epoch_metrics", "publish_table", "write_csv", "write_table"]
+
+
+def log_dir(trainer: pl.Trainer) -> str:
+    """The run's log directory: ``trainer.log_dir`` (the first logger's), else ``trainer.default_root_dir``.
+
+    Every rank must call it: under DDP ``trainer.log_dir`` broadcasts rank 0's answer, so a call on rank 0
+    alone waits forever for the others. Call it before any ``if trainer.is_global_zero`` branch.
+    """
+    return trainer.log_dir or trainer.default_root_dir
+
+
+def log_dir_without_broadcast(trainer: pl.Trainer) -> str:
+    """The directory :func:`log_dir` returns, computed locally (no collective), for hooks that run on rank 0 only.
+
+    It repeats ``Trainer.log_dir`` of lightning 2.6 without its broadcast: the first logger's ``log_dir``
+    for TensorBoard and CSV loggers, its ``save_dir`` for others, else ``trainer.default_root_dir``.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        path = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+        if path:
+            return str(path)
+    return str(trainer.default_root_dir)
+
+
+def write_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Write ``rows`` (dicts) to the CSV file ``path`` with the header ``columns``, creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def publish_table(
+    trainer: pl.Trainer, filename: str, rows: Sequence[Mapping[str, Any]], key: str, columns: Sequence[str] | None = None
+) -> str | None:
+    """Write ``rows`` to ``<log dir>/<filename>`` (CSV) and to every logger with a ``log_table`` method under ``key``.
+
+    Every rank calls it (it reads :func:`log_dir`); rank 0 writes.
+
+    Args:
+        trainer: the running trainer.
+        filename: file name inside the log directory, e.g. ``"sd_rates_epoch3.csv"``.
+        rows: one dict per row, all with the same keys.
+        key: the table's name for ``logger.log_table`` (e.g. ``"reg/blocks"``).
+        columns: the columns, in order; default: the first row's keys.
+
+    Returns:
+        The CSV path on rank 0, ``None`` on the other ranks.
+    """
+    directory = log_dir(trainer)
+    if not trainer.is_global_zero:
+        return None
+    path = os.path.join(directory, filename)
+    write_table(trainer, path, rows, key, columns)
+    return path
+
+
+def write_table(
+    trainer: pl.Trainer, path: str, rows: Sequence[Mapping[str, Any]], key: str, columns: Sequence[str] | None = None
+) -> None:
+    """:func:`publish_table` to an explicit ``path``, on the calling rank only (no collective)."""
+    fields = list(columns) if columns is not None else list(rows[0])
+    write_csv(path, rows, fields)
+    for logger in trainer.loggers:
+        log_table = getattr(logger, "log_table", None)
+        if callable(log_table):
+            log_table(key=key, columns=fields, data=[[r[c] for c in fields] for r in rows])
+
+
+def log_epoch_metrics(pl_module: pl.LightningModule, metrics: Mapping[str, Any]) -> None:
+    """Log epoch-level scalars the package's one way: finite values only, ``on_epoch``, ``sync_dist=True``.
+
+    The policy, for every callback of the package (StochasticDepth and the monitors):
+
+    - A value is made **identical on every rank before it is logged**: a monitor reduces or gathers its
+      own data across ranks (weighted by examples where it averages), StochasticDepth's rates and depth
+      counts follow from the same seed on every rank. Then every rank's ``callback_metrics`` agree, and a
+      ``ModelCheckpoint``/``EarlyStopping`` that monitors one of them takes the same decision everywhere.
+      A mean over ranks of per-rank statistics (what ``sync_dist`` alone would give) is not the statistic
+      over all ranks' examples (a median, a quantile, a fraction), so the reduction is the monitor's job.
+    - It is then logged with ``sync_dist=True``. For identical values the mean over ranks is the value
+      itself, at the cost of one small all-reduce per key per probe; it is what Lightning asks of
+      epoch-level values under DDP (with ``sync_dist=False`` it warns once per key, and a ``warnings``
+      filter around ``self.log`` cannot catch that warning: it is raised later, when the epoch's metrics
+      are reduced); and a value some future code forgets to reduce is still averaged, not left to differ.
+    - Non-finite values are not logged (they would poison checkpoint monitoring and loggers); the values
+      being identical, every rank leaves out the same keys and the all-reduces stay in lockstep.
+
+    Args:
+        pl_module: the LightningModule whose ``log`` is used (from an epoch-level hook or ``on_train_start``).
+        metrics: ``{key: value}`` with float (or one-element tensor) values.
+    """
+    for name, value in metrics.items():
+        number = float(value)
+        if math.isfinite(number):
+            pl_module.log(name, number, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
