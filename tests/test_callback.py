@@ -116,7 +116,7 @@ def test_validation_runs_deterministic_network(tmp_path):
         (dict(scaling="half"), "unknown scaling"),
         (dict(mode="custom"), "needs survival"),
         (dict(mode="custom", survival=[0.5, 1.2]), r"\[0, 1\]"),
-        (dict(mode="custom", survival=[0.0, 0.5]), "divides by zero"),
+        (dict(mode="custom", survival=[0.0, 0.5]), "divide by zero"),
         (dict(survival=[0.5]), "only used with mode='custom'"),
         (dict(seed=-1), "seed must be"),
     ],

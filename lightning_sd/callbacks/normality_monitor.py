@@ -18,6 +18,7 @@ from lightning_sd.callbacks.monitor import ProbeMonitor, stochastic_depth_callba
 from lightning_sd.callbacks.probe_data import probe_inputs, resolve_input_fn
 from lightning_sd.callbacks.probing import gather_over_ranks
 from lightning_sd.core.normality import NORMALITY_TESTS, check_normality_test, normality_pvalues, summarize
+from lightning_sd.core.validation import check_unit_interval
 
 __all__ = ["NormalityMonitor"]
 
@@ -110,9 +111,7 @@ class NormalityMonitor(ProbeMonitor):
             raise ValueError(f"unknown test={test!r}; choose 'shapiro' or 'dagostino'")
         check_normality_test(test, num_masks)
         if survival is not None:
-            rates = torch.as_tensor(survival, dtype=torch.float64)
-            if not bool(torch.isfinite(rates).all()) or bool((rates < 0).any()) or bool((rates > 1).any()):
-                raise ValueError(f"survival rates must lie in [0, 1], got {survival!r}")
+            check_unit_interval(torch.as_tensor(survival, dtype=torch.float64))
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         if int(chunk_size) < 1:

@@ -16,13 +16,14 @@ from lightning_sd.callbacks.monitor import ProbeMonitor
 from lightning_sd.callbacks.probe_data import probe_inputs
 from lightning_sd.callbacks.probing import infer_regularization_loss, reduce_mean_over_ranks
 from lightning_sd.core.discovery import find_residual_branches
-from lightning_sd.core.gates import SCALINGS, existing_handle
+from lightning_sd.core.gates import existing_handle
 from lightning_sd.core.regularization import (
     REGULARIZATION_ESTIMATORS,
     REGULARIZATION_LOSSES,
     gate_variance,
     regularization_terms,
 )
+from lightning_sd.core.validation import SCALINGS, check_choice, check_unit_interval
 
 __all__ = ["RegularizationMonitor"]
 
@@ -112,12 +113,10 @@ class RegularizationMonitor(ProbeMonitor):
             raise ValueError(f"unknown estimator={estimator!r}; choose one of {', '.join(REGULARIZATION_ESTIMATORS)}")
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling={scaling!r}; choose 'inverted' (m = delta/p) or 'expected' (m = delta)")
+        check_choice("scaling", scaling, SCALINGS)
         if survival is not None:
             rates = torch.as_tensor(survival, dtype=torch.float64)
-            if not bool(torch.isfinite(rates).all()) or bool((rates < 0).any()) or bool((rates > 1).any()):
-                raise ValueError(f"survival rates must lie in [0, 1], got {rates.flatten().tolist()}")
+            check_unit_interval(rates)
             if scaling == "inverted" and bool((rates == 0).any()):
                 raise ValueError("a survival rate of 0 with scaling='inverted' has infinite variance; use scaling='expected'")
         self.probe_size = int(probe_size)

@@ -23,14 +23,25 @@ from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, Measureme
 from lightning_sd.callbacks.strategy_support import skips_compute_under
 from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.gates import (
-    DROP_KINDS,
-    SCALINGS,
     StochasticDepthHandle,
     existing_handle,
     inject_stochastic_depth,
 )
 from lightning_sd.core.regularization import REGULARIZATION_ESTIMATORS
-from lightning_sd.core.survival import SURVIVAL_MODES, depth_moments, survival_rates
+from lightning_sd.core.survival import depth_moments, survival_rates
+from lightning_sd.core.validation import (
+    DROP_KINDS,
+    SCALINGS,
+    SURVIVAL_MODES,
+    DropKind,
+    Scaling,
+    SurvivalMode,
+    check_budget,
+    check_choice,
+    check_inverted_rates,
+    check_seed,
+    check_unit_interval,
+)
 
 __all__ = ["MAX_MULTIPLIER", "StochasticDepth", "default_p_min"]
 
@@ -145,10 +156,10 @@ class StochasticDepth(Callback):
 
     def __init__(
         self,
-        mode: Literal["uniform", "linear", "custom", "sensemode", "maxreg"] = "uniform",
+        mode: SurvivalMode = "uniform",
         budget: float = 0.5,
-        drop: Literal["batch", "sample"] = "batch",
-        scaling: Literal["inverted", "expected"] = "inverted",
+        drop: DropKind = "batch",
+        scaling: Scaling = "inverted",
         blocks: str | list[str] | None = None,
         strict: bool = False,
         survival: list[float] | None = None,
@@ -163,29 +174,20 @@ class StochasticDepth(Callback):
         input_fn: Callable[[Any], Tensor] | None = None,
         regularization_estimator: Literal["auto", "exact", "sampled"] = "auto",
     ) -> None:
-        if mode not in SURVIVAL_MODES:
-            raise ValueError(f"unknown mode={mode!r}; choose one of {', '.join(SURVIVAL_MODES)}")
-        if drop not in DROP_KINDS:
-            raise ValueError(f"unknown drop={drop!r}; choose 'batch' (skip dropped blocks) or 'sample' (per-example masks)")
-        if scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling={scaling!r}; choose 'inverted' (timm/torchvision) or 'expected' (Huang et al.)")
-        budget = float(budget)
-        if mode != "custom" and (math.isnan(budget) or not 0.0 < budget <= 1.0):
-            raise ValueError(
-                f"budget must be in (0, 1] (the expected fraction of blocks kept), got {budget}; e.g. budget=0.5"
-            )
+        check_choice("mode", mode, SURVIVAL_MODES)
+        check_choice("drop", drop, DROP_KINDS)
+        check_choice("scaling", scaling, SCALINGS)
+        budget = float(budget) if mode == "custom" else check_budget(budget)
         if mode == "custom":
             if survival is None:
                 raise ValueError("mode='custom' needs survival=[p_1, ..., p_L]")
             rates = torch.as_tensor(survival, dtype=torch.float64)
-            if not bool(torch.isfinite(rates).all()) or bool((rates < 0).any()) or bool((rates > 1).any()):
-                raise ValueError(f"custom survival rates must lie in [0, 1], got {list(survival)}")
-            if scaling == "inverted" and bool((rates == 0).any()):
-                raise ValueError("a survival rate of 0 with scaling='inverted' divides by zero; use scaling='expected'")
+            check_unit_interval(rates, "custom survival rates")
+            check_inverted_rates(rates, scaling)
         elif survival is not None:
             raise ValueError(f"survival= is only used with mode='custom' (got mode={mode!r}); drop it or set mode='custom'")
-        if seed is not None and (int(seed) != seed or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        if seed is not None:
+            check_seed(seed)
         if p_min is None:
             p_min = default_p_min(mode, budget, scaling)
         elif mode not in _MEASURED_MODES:
