@@ -53,6 +53,7 @@ class DropKind:
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = int(num_blocks)
+        self._key: tuple[int, tuple[int, ...], int] = (0, (0, 0), 0)  # seed, (step, micro_batch), rank
         self.reset()
 
     def reset(self) -> None:
@@ -71,6 +72,11 @@ class DropKind:
         device: torch.device | str | None = None,
     ) -> None:
         """Draw the masks of step ``key = (step, micro_batch)`` from ``(seed, *key)`` (and ``rank`` if per-example)."""
+        self._key = (int(seed), tuple(int(k) for k in key), int(rank))
+        self._draw_step(rates, scaling, batch_size, device)
+
+    def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
+        """Draw this step's masks from ``self._key = (seed, (step, micro_batch), rank)``."""
         raise NotImplementedError
 
     def dropped(self, index: int) -> bool:
@@ -123,17 +129,8 @@ class BatchDrop(DropKind):
     def reset(self) -> None:  # noqa: D102
         self.kept = [True] * self.num_blocks
 
-    def resample(  # noqa: D102
-        self,
-        *,
-        seed: int,
-        key: tuple[int, ...],
-        rank: int,
-        rates: Sequence[float],
-        scaling: str,
-        batch_size: int | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
+        seed, key, _ = self._key
         g = mask_generator(seed, *key, 0)
         u = torch.rand(self.num_blocks, generator=g, dtype=torch.float64)
         self.kept = (u < torch.tensor(list(rates), dtype=torch.float64)).tolist()
@@ -181,20 +178,8 @@ class SampleDrop(DropKind):
 
     def reset(self) -> None:  # noqa: D102
         self.masks: Tensor | None = None
-        self._key: tuple[int, tuple[int, ...], int] = (0, (0, 0), 0)  # seed, (step, micro_batch), rank
 
-    def resample(  # noqa: D102
-        self,
-        *,
-        seed: int,
-        key: tuple[int, ...],
-        rank: int,
-        rates: Sequence[float],
-        scaling: str,
-        batch_size: int | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        self._key = (int(seed), tuple(key), int(rank))
+    def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
         self.masks = None
         if batch_size is not None:
             self.masks = self.draw(int(batch_size), rates, scaling).to(device or "cpu")
