@@ -36,7 +36,7 @@ from lightning_sd.core.gates import (
     mask_generator,
     probe_gates,
 )
-from lightning_sd.core.probing import restored_state
+from lightning_sd.core.probing import model_float_dtype, restored_state
 from lightning_sd.core.validation import resolve_survival
 
 __all__ = [
@@ -210,13 +210,6 @@ def _block_output_modules(handle: StochasticDepthHandle, model: nn.Module) -> li
     return modules
 
 
-def _first_float_dtype(model: nn.Module) -> torch.dtype:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return torch.get_default_dtype()
-
-
 def _pick(t: object, neuron: int, what: str) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{what} is a {type(t).__name__}, not a tensor; normality probes need a model (and blocks) returning tensors")
@@ -267,7 +260,7 @@ def masked_samples(
         if handle.num_blocks != num_blocks:
             raise ValueError(f"multipliers have L = {num_blocks} but the model has {handle.num_blocks} residual branches")
         device = inputs.device
-        dtype = _first_float_dtype(model)
+        dtype = model_float_dtype(model)
         x_all = inputs.to(dtype) if inputs.is_floating_point() else inputs
         m_all = multipliers.reshape(n * m_count, num_blocks).to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
         out = torch.empty(n * m_count, dtype=torch.float64)
@@ -378,7 +371,7 @@ def normality_pvalues(
     )
     # Batched rows of one input under equal masks differ by rounding only (summation order): count a
     # spread below 256 machine epsilons of the model's dtype as a point mass.
-    rtol = 256 * torch.finfo(_first_float_dtype(model)).eps
+    rtol = 256 * torch.finfo(model_float_dtype(model)).eps
     return NormalityResult(
         pvalues=normality_test(out, test, constant_rtol=rtol),
         block_pvalues=None if blocks is None else normality_test(blocks.transpose(1, 2), test, constant_rtol=rtol),

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["restored_state"]
+__all__ = ["model_device", "model_float_dtype", "restored_state"]
 
 
 @contextlib.contextmanager
@@ -64,3 +64,18 @@ def restored_state(module: nn.Module, mode: Literal["train", "eval"] | None = No
                     owner._buffers[name] = buf
                 else:  # the probe replaced it by a tensor of another shape: put the original object back
                     owner._buffers[name] = copy
+
+
+def model_float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (else buffer); torch's default without any."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (else buffer); the CPU without any."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")

@@ -41,7 +41,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from lightning_sd.core.gates import StochasticDepthHandle, mask_generator, probe_gates
-from lightning_sd.core.probing import restored_state
+from lightning_sd.core.probing import model_float_dtype, restored_state
 from lightning_sd.core.validation import SCALINGS, check_unit_interval
 
 __all__ = [
@@ -55,13 +55,6 @@ __all__ = [
 
 REGULARIZATION_LOSSES = ("cross_entropy", "mse")
 REGULARIZATION_ESTIMATORS = ("exact", "sampled", "auto")
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
 
 
 def _flat_output(out: object, batch: int) -> Tensor:
@@ -175,7 +168,7 @@ def regularization_terms(
 def _terms(
     model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss: str, estimator: str, num_samples: int, seed: int
 ) -> Tensor:
-    dtype = _model_dtype(model)
+    dtype = model_float_dtype(model)
     if inputs.is_floating_point() and inputs.dtype != dtype:
         inputs = inputs.to(dtype)
     batch, num_blocks = inputs.shape[0], handle.num_blocks
@@ -211,7 +204,7 @@ def _quadratic_form(y: Tensor, zeta: Tensor, loss: str) -> Tensor:
 
 def _terms_shared_gates(model: nn.Module, handle: StochasticDepthHandle, inputs: Tensor, loss: str) -> Tensor:
     """``(B, L)`` terms on the training network: one Jacobian-vector product per block, gates shared by the batch."""
-    dtype = _model_dtype(model)
+    dtype = model_float_dtype(model)
     if inputs.is_floating_point() and inputs.dtype != dtype:
         inputs = inputs.to(dtype)
     batch, num_blocks = inputs.shape[0], handle.num_blocks

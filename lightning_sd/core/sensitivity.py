@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sd.core.gates import StochasticDepthHandle, probe_gates
-from lightning_sd.core.probing import restored_state
+from lightning_sd.core.probing import model_device, restored_state
 
 __all__ = ["SENSITIVITY_METHODS", "estimate_sensitivities", "supervised_loss"]
 
@@ -66,14 +66,6 @@ def _scalar_loss(loss: Any) -> Tensor:
             "Reduce the loss over the batch (e.g. .mean()) inside loss_fn."
         )
     return loss.reshape(())
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for buffer in model.buffers():
-        return buffer.device
-    return torch.device("cpu")
 
 
 def estimate_sensitivities(
@@ -148,7 +140,7 @@ def estimate_sensitivities(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> loss, got {type(loss_fn).__name__}")
     context: Callable[[], AbstractContextManager[Any]] = autocast if autocast is not None else contextlib.nullcontext
-    device = _model_device(model)
+    device = model_device(model)
     rng_devices = [device] if device.type == "cuda" else []
 
     rng = torch.random.fork_rng(devices=rng_devices) if fork_rng else contextlib.nullcontext()
