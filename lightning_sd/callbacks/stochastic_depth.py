@@ -104,7 +104,8 @@ class StochasticDepth(Callback):
         budget: expected fraction of blocks kept, in (0, 1]. 0.5 trains about twice as fast per
             block with ``drop="batch"``.
         drop: ``"batch"``: one draw per block per step, dropped blocks are not computed.
-            ``"sample"``: per-example masks as timm's DropPath, nothing skipped.
+            ``"sample"``: per-example masks as timm's DropPath, nothing skipped. ``"subset"``: each block
+            runs on ``max(1, round(p_l B))`` random examples (DINOv2), the others skip it.
         scaling: ``"inverted"`` (m = delta/p in training, plain network in evaluation) or
             ``"expected"`` (m = delta in training, m = p in evaluation).
         blocks: ``None`` (automatic), a regex over block/branch names, or a list of module names.

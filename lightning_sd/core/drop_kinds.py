@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DROP_KIND_CLASSES", "BatchDrop", "DropKind", "SampleDrop", "mask_generator"]
+__all__ = ["DROP_KIND_CLASSES", "BatchDrop", "DropKind", "SampleDrop", "SubsetDrop", "mask_generator"]
 
 
 def mask_generator(*key: int) -> torch.Generator:
@@ -82,6 +82,18 @@ class DropKind:
     def dropped(self, index: int) -> bool:
         """Whether branch ``index`` is dropped for the whole batch at this step (training mode)."""
         return False
+
+    def rows(self, index: int, batch: int, rates: Sequence[float], device: torch.device) -> Tensor | None:
+        """Rows of the batch on which branch ``index`` runs at this step, or None for all of them.
+
+        A kind that answers with rows makes the gate run the branch on those rows only and index-add its
+        output, times :meth:`row_scale`, to the shortcut (the other rows skip the branch's compute).
+        """
+        return None
+
+    def row_scale(self, index: int, batch: int, rows: int, rates: Sequence[float], scaling: str) -> float:
+        """Multiplier of the branch output on the rows that run it (see :meth:`rows`)."""
+        return 1.0
 
     def multiplier(self, index: int, rates: Sequence[float], scaling: str, like: Tensor) -> Tensor | float:
         """Training-mode ``m_l`` of branch ``index`` that runs (current ``rates``): a float, or a tensor broadcastable to ``like``."""
@@ -231,5 +243,76 @@ class SampleDrop(DropKind):
         return snapshot
 
 
+class SubsetDrop(DropKind):
+    """DINOv2's efficient per-example stochastic depth (Oquab et al. 2023, ``drop_add_residual_stochastic_depth``).
+
+    At each step, block l runs its branch on a random subset of ``max(1, round(p_l B))`` of the B
+    examples; the branch output, times ``B / |subset|`` (``scaling="inverted"``) or 1 (``"expected"``), is
+    index-added to the shortcut. The other examples skip the branch's compute, every parameter gets a
+    gradient every step, and the subset size is fixed per block (static shapes). A branch that couples
+    examples (BatchNorm in training mode) computes its statistics on the subset. The subsets come from
+    ``(seed, step, micro_batch, rank, block)``.
+    """
+
+    name = "subset"
+    skips_compute = False
+
+    def reset(self) -> None:  # noqa: D102
+        self.source = list(range(self.num_blocks))  # block l uses the subset drawn for position source[l]
+        self.sizes: dict[int, int] = {}  # block -> subset size used at this step (for realized_depth)
+        self.batch = 0
+
+    def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
+        self.sizes = {}
+        self.batch = 0
+
+    def subset_size(self, rate: float, batch: int) -> int:
+        """``max(1, round(rate * batch))``, at most ``batch``."""
+        return min(batch, max(1, round(rate * batch)))
+
+    def rows(self, index: int, batch: int, rates: Sequence[float], device: torch.device) -> Tensor:  # noqa: D102
+        seed, key, rank = self._key
+        position = self.source[index]
+        size = self.subset_size(rates[index], batch)
+        g = mask_generator(seed, *key, 2, rank, position)
+        rows = torch.randperm(batch, generator=g)[:size].sort().values
+        self.sizes[index] = size
+        self.batch = batch
+        return rows.to(device)
+
+    def row_scale(self, index: int, batch: int, rows: int, rates: Sequence[float], scaling: str) -> float:  # noqa: D102
+        return batch / rows if scaling == "inverted" else 1.0
+
+    def multiplier(self, index: int, rates: Sequence[float], scaling: str, like: Tensor) -> Tensor | float:  # noqa: D102
+        # A gate that cannot run the branch on part of the batch (a drop-path slot) multiplies instead:
+        # the subset's rows by the scale, the others by 0 (the same value, without the saving).
+        batch = like.shape[0]
+        rows = self.rows(index, batch, rates, like.device)
+        m = torch.zeros(batch, dtype=like.dtype, device=like.device)
+        m[rows] = self.row_scale(index, batch, rows.numel(), rates, scaling)
+        return m.reshape((batch,) + (1,) * (like.ndim - 1))
+
+    def realized_depth(self) -> float:  # noqa: D102
+        if not self.batch:
+            return float("nan")
+        return float(sum(self.sizes.values())) / self.batch
+
+    def permute(self, order: Sequence[int]) -> None:  # noqa: D102
+        self.source = [self.source[i] for i in order]
+
+    def snapshot(self) -> list[int]:  # noqa: D102
+        return list(self.source)
+
+    def restore(self, snapshot: Any) -> None:  # noqa: D102
+        self.source = list(snapshot)
+
+    def follow_call_order(  # noqa: D102
+        self, snapshot: Any, calls: Sequence[int], like: Tensor | None, rates: Sequence[float], scaling: str
+    ) -> Any:
+        for j, i in enumerate(calls):
+            self.source[i] = snapshot[j]
+        return snapshot
+
+
 #: ``drop=`` name -> drop kind; the handle picks one at injection (and at ``reconfigure``).
-DROP_KIND_CLASSES: dict[str, type[DropKind]] = {"batch": BatchDrop, "sample": SampleDrop}
+DROP_KIND_CLASSES: dict[str, type[DropKind]] = {"batch": BatchDrop, "sample": SampleDrop, "subset": SubsetDrop}

@@ -148,11 +148,23 @@ class ResidualGate(_GateBase):
                 return self._skip(shortcut)
             # Masking without skipping (FSDP, DeepSpeed): same value, every rank runs every block.
             return shortcut + self.branch(*inputs) * 0.0
+        if handle._override is None and self.training and shortcut.ndim > 0:
+            rows = handle.drop_kind.rows(self.index, shortcut.shape[0], handle._p, shortcut.device)
+            if rows is not None:  # the branch runs on these rows only (drop="subset")
+                return self._on_rows(shortcut, inputs, rows)
         out = self.branch(*inputs)
         m = self._multiplier(out)
         if m is None or (isinstance(m, float) and m == 1.0):  # None: a sample-dropped call never gets here
             return shortcut + out
         return shortcut + out * m
+
+    def _on_rows(self, shortcut: Tensor, inputs: tuple[Any, ...], rows: Tensor) -> Tensor:
+        handle, batch = self.handle, shortcut.shape[0]
+        # batch-first tensor inputs are cut to the rows; anything else (a mask, a scalar) passes as is
+        picked = [x.index_select(0, rows) if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == batch else x for x in inputs]
+        out = self.branch(*picked)
+        scale = handle.drop_kind.row_scale(self.index, batch, rows.numel(), handle._p, handle.scaling)
+        return shortcut.index_add(0, rows, out.to(shortcut.dtype), alpha=scale)
 
 
 class SlotGate(_GateBase):
@@ -270,7 +282,7 @@ class StochasticDepthHandle:
     Attributes:
         branches: the :class:`ResidualBranch` of each gate, forward order.
         gates: the gate modules, ``gates[l - 1]`` for block l.
-        drop: ``"batch"`` or ``"sample"``.
+        drop: the drop kind's name (``"batch"``, ``"sample"`` or ``"subset"``).
         scaling: ``"inverted"`` or ``"expected"``.
         seed: base seed of the mask stream.
     """
@@ -537,8 +549,9 @@ def inject_stochastic_depth(
         model: any residual model (torchvision, timm, the reference models, your own).
         survival: rates p_1..p_L: one float for all blocks, a sequence/tensor of length L, or a
             callable ``num_blocks -> rates`` (e.g. ``lambda L: survival_rates("linear", L, 0.5)``).
-        drop: ``"batch"`` (one draw per block per step, dropped branches are skipped) or ``"sample"``
-            (per-example masks, nothing skipped).
+        drop: ``"batch"`` (one draw per block per step, dropped branches are skipped), ``"sample"``
+            (per-example masks, nothing skipped) or ``"subset"`` (each branch runs on ``round(p_l B)``
+            random examples); see :mod:`lightning_sd.core.drop_kinds`.
         scaling: ``"inverted"`` (training divides by p, evaluation runs the plain network) or
             ``"expected"`` (evaluation multiplies branch l by p_l).
         blocks: which branches, see :func:`~lightning_sd.find_residual_branches`.

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 SurvivalMode = Literal["uniform", "linear", "custom", "sensemode", "maxreg"]
-DropKind = Literal["batch", "sample"]
+DropKind = Literal["batch", "sample", "subset"]
 Scaling = Literal["inverted", "expected"]
 
 SURVIVAL_MODES: tuple[str, ...] = get_args(SurvivalMode)
@@ -45,7 +45,7 @@ DROP_KINDS: tuple[str, ...] = get_args(DropKind)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
 
 _HINTS = {
-    "drop": "choose 'batch' (skip dropped blocks) or 'sample' (per-example masks)",
+    "drop": "choose 'batch' (skip dropped blocks), 'sample' (per-example masks) or 'subset' (each block runs on part of the batch)",
     "scaling": "choose 'inverted' (timm/torchvision) or 'expected' (Huang et al.)",
 }
 
