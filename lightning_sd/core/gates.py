@@ -542,7 +542,7 @@ def inject_stochastic_depth(
     """Put a stochastic-depth gate on every residual branch of ``model``, in place.
 
     ``y_l = shortcut(y_{l-1}) + m_l f_l(y_{l-1})`` with ``m_l = delta_l`` (``"expected"``) or
-    ``delta_l / p_l`` (``"inverted"``) in training, ``delta_l ~ Bernoulli(p_l)`` (DESIGN.md).
+    ``delta_l / p_l`` (``"inverted"``) in training, ``delta_l ~ Bernoulli(p_l)`` (Hayou et al. 2021, Eq. (1)).
     Injection is all-or-nothing: every check runs before the model is touched.
 
     Args:

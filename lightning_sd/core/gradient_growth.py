@@ -20,14 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sd.core.gates import (
-    SCALINGS,
     ResidualGate,
     StochasticDepthHandle,
     probe_gates,
 )
 from lightning_sd.core.normality import sample_multipliers
 from lightning_sd.core.probing import restored_state
-from lightning_sd.core.validation import resolve_survival
+from lightning_sd.core.validation import SCALINGS, check_choice, resolve_survival
 
 __all__ = ["GradientGrowth", "gradient_growth", "gradient_growth_rates", "gradient_growth_theory"]
 
@@ -171,8 +170,7 @@ def gradient_growth(
         >>> gg = gradient_growth(model, torch.randn(8, 64), 0.7)
         >>> gg.empirical_rate[0], gg.theory_rate[0]          # about 1.7, 1.7 (Table 1, uniform)
     """
-    if scaling not in SCALINGS:
-        raise ValueError(f"unknown scaling={scaling!r}; choose 'expected' (m = delta, Prop. 1) or 'inverted' (m = delta/p)")
+    check_choice("scaling", scaling, SCALINGS)
     if int(num_masks) != num_masks or num_masks < 1:
         raise ValueError(f"num_masks must be a positive integer, got {num_masks!r}")
     if int(num_inits) != num_inits or num_inits < 1:

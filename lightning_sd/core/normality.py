@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from lightning_sd.core.discovery import ResidualBranch
 from lightning_sd.core.gates import (
-    SCALINGS,
     ResidualGate,
     StochasticDepthHandle,
     existing_handle,
@@ -37,7 +36,7 @@ from lightning_sd.core.gates import (
     probe_gates,
 )
 from lightning_sd.core.probing import model_float_dtype, restored_state
-from lightning_sd.core.validation import resolve_survival
+from lightning_sd.core.validation import SCALINGS, check_choice, resolve_survival
 
 __all__ = [
     "NORMALITY_TESTS",
@@ -181,8 +180,7 @@ def sample_multipliers(
     Returns:
         float64 tensor ``(N, M, L)``.
     """
-    if scaling not in SCALINGS:
-        raise ValueError(f"unknown scaling={scaling!r}; choose 'expected' (m = delta) or 'inverted' (m = delta/p)")
+    check_choice("scaling", scaling, SCALINGS)
     p = torch.as_tensor(survival, dtype=torch.float64).flatten()
     if scaling == "inverted" and bool((p == 0).any()):
         raise ValueError("a survival rate of 0 with scaling='inverted' divides by zero (m = delta/p); use scaling='expected'")
@@ -352,8 +350,8 @@ def normality_pvalues(
         True
     """
     check_normality_test(test, num_masks)
-    if scaling is not None and scaling not in SCALINGS:
-        raise ValueError(f"unknown scaling={scaling!r}; choose 'expected' (m = delta), 'inverted' (m = delta/p) or None (the handle's)")
+    if scaling is not None:
+        check_choice("scaling", scaling, SCALINGS)
     if not isinstance(inputs, Tensor) or inputs.ndim < 1 or inputs.shape[0] < 1:
         raise ValueError("inputs must be a tensor of shape (N, ...) with N >= 1 probe inputs")
     handle = existing_handle(model)

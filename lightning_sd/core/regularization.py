@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from lightning_sd.core.gates import StochasticDepthHandle, mask_generator, probe_gates
 from lightning_sd.core.probing import model_float_dtype, restored_state
-from lightning_sd.core.validation import SCALINGS, check_unit_interval
+from lightning_sd.core.validation import SCALINGS, check_choice, check_unit_interval
 
 __all__ = [
     "REGULARIZATION_ESTIMATORS",
@@ -266,8 +266,7 @@ def gate_variance(survival: Sequence[float] | Tensor, scaling: str) -> Tensor:
     Returns:
         float64 tensor of the rates' shape.
     """
-    if scaling not in SCALINGS:
-        raise ValueError(f"unknown scaling={scaling!r}; choose 'inverted' (m = delta/p) or 'expected' (m = delta)")
+    check_choice("scaling", scaling, SCALINGS)
     p = torch.as_tensor(survival, dtype=torch.float64).detach().cpu()
     check_unit_interval(p)
     if scaling == "expected":
