@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -96,20 +97,22 @@ def run_one(args: argparse.Namespace, mode: str, budget: float, seed: int) -> di
         p_min=args.p_min,
         sensitivity_batches=args.sensitivity_batches,
     )
-    trainer = Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        max_epochs=args.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[callback],
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    result = trainer.test(module, datamodule=dm, verbose=False)[0]
+    with tempfile.TemporaryDirectory(prefix="budget_hypothesis_") as run_dir:
+        trainer = Trainer(
+            accelerator=args.accelerator,
+            devices=1,
+            max_epochs=args.epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[callback],
+            default_root_dir=run_dir,  # the callback's rate tables (81 runs): not into the working directory
+        )
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        result = trainer.test(module, datamodule=dm, verbose=False)[0]
     value = 100.0 * (1.0 - result["test/acc"]) if metric == "error %" else result["test/loss"]
     p = callback.survival
     return {
