@@ -76,3 +76,12 @@ def test_prop1_growth_matches_design_table1_theory():
     q_none = gradient_growth_theory(None, L)
     assert float(q_none[10]) == pytest.approx(2.0 ** 40)
     assert math.isclose(float(q_none[L]), 1.0)
+
+
+def test_gradient_growth_theory_moved_with_a_deprecated_alias():
+    import lightning_sd.core.survival as survival_module
+
+    with pytest.warns(DeprecationWarning, match="gradient_growth_theory is deprecated"):
+        alias = survival_module.gradient_growth_theory
+    assert alias is gradient_growth_theory
+    assert torch.equal(alias(None, 3), torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -287,3 +288,19 @@ def depth_moments(survival: Sequence[float] | Tensor) -> tuple[float, float]:
     """Lemma 1: mean ``sum p_l`` and variance ``sum p_l (1 - p_l)`` of the sampled depth ``L_delta``."""
     p = torch.as_tensor(survival, dtype=torch.float64)
     return float(p.sum()), float((p * (1 - p)).sum())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "gradient_growth_theory":  # moved to core/gradient_growth.py (Proposition 1 is about gradients)
+        import warnings
+
+        from lightning_sd.core.gradient_growth import gradient_growth_theory
+
+        warnings.warn(
+            "lightning_sd.core.survival.gradient_growth_theory is deprecated; import it from lightning_sd (or "
+            "lightning_sd.core.gradient_growth)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return gradient_growth_theory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
