@@ -60,6 +60,7 @@ class MaskRecorder(pl.Callback):
                 "step": trainer.global_step,
                 "batch_idx": batch_idx,
                 "kept": h.kept.tolist(),
+                "rates": h.survival_float64.tolist(),
                 "sample": masks,
                 "x_sum": float(batch[0].sum()),
                 "n": int(batch[0].shape[0]),
@@ -104,6 +105,8 @@ def main():
     parser.add_argument("--drop", default="batch")
     parser.add_argument("--mode", default="uniform")
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--schedule", default="constant", help="StochasticDepth(schedule=...)")
+    parser.add_argument("--pld-gamma", type=float, default=0.001)
     parser.add_argument("--lazy", action="store_true", help="build the network in configure_model")
     parser.add_argument("--seed", default="1234", help="mask seed, or 'none': the callback's default, with the "
                         "global RNG seeded 100 + rank before fit (rank 0's must win)")
@@ -114,7 +117,8 @@ def main():
     module = LazyShardedRegression(**kwargs) if args.lazy else ShardedRegression(**kwargs)
     recorder = MaskRecorder(args.out)
     seed = None if args.seed == "none" else int(args.seed)
-    sd = StochasticDepth(mode=args.mode, budget=args.budget, drop=args.drop, seed=seed, sensitivity_batches=2)
+    sd = StochasticDepth(mode=args.mode, budget=args.budget, drop=args.drop, seed=seed, sensitivity_batches=2,
+                        schedule=args.schedule, pld_gamma=args.pld_gamma)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
