@@ -28,6 +28,7 @@ from lightning_sd.core.gates import (
     existing_handle,
     inject_stochastic_depth,
 )
+from lightning_sd.core.pruning import PRUNE_BY, PruneBy, check_keep
 from lightning_sd.core.regularization import REGULARIZATION_ESTIMATORS
 from lightning_sd.core.survival import depth_moments, maxreg_rates, sensemode_rates, survival_rates
 from lightning_sd.core.validation import (
@@ -615,6 +616,54 @@ class StochasticDepth(Callback):
             return
         self.handle.set_survival(self.rates_for_budget(budget))
         self._solved_for = key
+
+    # ------------------------------------------------------------------ depth on demand
+    def prune(self, keep: float, by: PruneBy = "sensitivity") -> list[int]:
+        """Run evaluation with ``round(keep * L)`` blocks; the others reduce to their shortcut. Returns the kept blocks.
+
+        ``by``: ``"sensitivity"`` (largest ``|S_l|`` of the evaluation network, see
+        :meth:`pruning_sensitivities`), ``"survival"`` (highest ``p_l``), ``"every_other"`` or ``"last"``
+        (:mod:`lightning_sd.core.pruning`). Training is unchanged; :meth:`unprune` restores. After ``fit``,
+        :func:`lightning_sd.export_pruned` turns the pruned module into a smaller plain one.
+
+        Args:
+            keep: fraction of the blocks kept, in (0, 1].
+            by: how the kept blocks are chosen.
+        """
+        check_keep(keep)
+        check_choice("by", by, PRUNE_BY)
+        if self.handle is None:
+            raise RuntimeError("StochasticDepth.prune needs the gates the callback puts in at setup (after fit starts)")
+        sensitivities = self.pruning_sensitivities() if by == "sensitivity" else None
+        return self.handle.prune(keep, by, sensitivities=sensitivities)
+
+    def unprune(self) -> None:
+        """Every block runs in evaluation again (undoes :meth:`prune`)."""
+        if self.handle is not None:
+            self.handle.unprune()
+
+    def pruning_sensitivities(self, num_batches: int | None = None) -> Tensor:
+        """``S_l`` for pruning by sensitivity (float32, call order).
+
+        This run's SenseMode measurement when it was taken at the current step, else measured now on
+        ``num_batches`` (default ``sensitivity_batches``) validation batches of the evaluation network
+        (:func:`~lightning_sd.callbacks.depth_on_demand.evaluation_sensitivities_on_validation`).
+        """
+        if self.handle is None:
+            raise RuntimeError("StochasticDepth has no gates yet: prune after setup (e.g. after fit)")
+        pl_module = self.handle.model
+        trainer = getattr(pl_module, "_trainer", None)
+        if trainer is None:
+            raise RuntimeError(
+                "by='sensitivity' measures S_l on the Trainer's validation data, but the module is not attached to a Trainer; "
+                "use handle.prune(keep, by='sensitivity', sensitivities=S or batches=, loss_fn=) instead"
+            )
+        if self.mode == "sensemode" and self.sensitivities is not None and self._measured_at_step == trainer.global_step:
+            return self.sensitivities
+        from lightning_sd.callbacks.depth_on_demand import evaluation_sensitivities_on_validation
+
+        batches = self.sensitivity_batches if num_batches is None else int(num_batches)
+        return evaluation_sensitivities_on_validation(trainer, pl_module, batches, self.sensitivity_loss)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ call order
     def _finish_order_check(self) -> None:
