@@ -77,8 +77,10 @@ def test_bad_schedule_arguments_are_refused_at_construction(kwargs, match) -> No
 def test_warmup_needs_a_run_with_an_end(tmp_path) -> None:
     sd = StochasticDepth(schedule="warmup", seed=0)
     trainer = pl.Trainer(max_epochs=-1, max_steps=-1, callbacks=[sd], **trainer_kwargs(tmp_path, logger=False))
-    with pytest.raises(ValueError, match="no end"):
-        trainer.fit(RegressionModule(depth=L), DataLoader(regression_data(n=16), batch_size=8))
+    module = RegressionModule(depth=L)
+    with pytest.raises(ValueError, match="number of steps is unknown"):
+        trainer.fit(module, DataLoader(regression_data(n=16), batch_size=8))
+    assert existing_handle(module) is None  # refused at setup, before any gate is put in
 
 
 # ------------------------------------------------------------------------------------------------ in a Trainer

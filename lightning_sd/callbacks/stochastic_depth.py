@@ -51,6 +51,11 @@ _MEASURED_MODES = tuple(RATE_MEASUREMENTS)  # ("sensemode", "maxreg")
 _POSITIONAL_MODES = ("linear", "custom")  # rates belong to positions 1..L, not to particular branches
 #: ``scaling="inverted"`` multiplies a kept branch by 1/p_l; above this factor the callback warns.
 MAX_MULTIPLIER = 20.0
+_ENDLESS_WARMUP = (
+    "StochasticDepth(schedule='warmup') ramps over a fraction of the run's optimizer steps, but this Trainer's number "
+    "of steps is unknown (max_epochs=-1 and max_steps=-1, or training data without a length). Set max_steps or "
+    "max_epochs, or use schedule='pld' (which needs no end)."
+)
 # Which callback drives a handle (several Trainers may use one module); weak on both sides.
 _OWNERS: weakref.WeakKeyDictionary[StochasticDepthHandle, weakref.ref[StochasticDepth]] = weakref.WeakKeyDictionary()
 
@@ -397,6 +402,8 @@ class StochasticDepth(Callback):
     # ------------------------------------------------------------------ attaching the gates
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.schedule == "warmup" and stage == "fit" and trainer.max_steps == -1 and trainer.max_epochs == -1:
+            raise ValueError(_ENDLESS_WARMUP)  # before the model is touched
         existing = existing_handle(pl_module)
         if self.handle is not None and self.handle is existing:
             # Same gates (fit then test, or this callback in a new Trainer): follow this Trainer's strategy.
@@ -495,12 +502,8 @@ class StochasticDepth(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule == "warmup" and self.schedule_total_steps is None:
             total = trainer.estimated_stepping_batches
-            if math.isinf(total):
-                raise ValueError(
-                    "StochasticDepth(schedule='warmup') ramps over a fraction of the run's optimizer steps, but this "
-                    "Trainer has no end (max_epochs=-1 and max_steps=-1). Set max_steps or max_epochs, or use "
-                    "schedule='pld' (which needs no end)."
-                )
+            if math.isinf(total):  # e.g. an iterable dataset without a length and no max_steps
+                raise ValueError(_ENDLESS_WARMUP)
             self.schedule_total_steps = int(total)
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
             self._measure(trainer, pl_module)
