@@ -199,3 +199,35 @@ def test_ddp_ranks_follow_the_same_schedule(tmp_path) -> None:
     for rec in ranks[0]["records"]:
         t = rec["step"] - 1  # recorded after the optimizer step
         assert sum(rec["rates"]) == pytest.approx(((1 - 0.5) * math.exp(-0.3 * t) + 0.5) * L, abs=1e-6)
+
+
+class _GraphCounter:
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("scaling", ["inverted", "expected"])
+def test_rates_moving_every_step_do_not_recompile_sample_drop(scaling) -> None:
+    """drop="sample" under torch.compile: a schedule's new rates each step reach the graph as mask inputs."""
+    import torch._dynamo
+
+    from lightning_sd.core.gates import inject_stochastic_depth
+    from lightning_sd.models import ResidualMLP
+
+    torch._dynamo.reset()
+    model = ResidualMLP(8, 16, 6, 2).train()
+    handle = inject_stochastic_depth(model, 1.0, drop="sample", scaling=scaling, auto_resample=False)
+    counter = _GraphCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(4, 8)
+    sums = []
+    for step in range(6):
+        handle.set_survival(survival_rates("linear", 6, scheduled_budget("pld", 0.6, step, pld_gamma=0.3)))
+        sums.append(float(handle.survival_float64.sum()))
+        handle.resample(step, batch_size=4)
+        torch.testing.assert_close(compiled(x), model(x))
+    assert len(set(sums)) == 6 and counter.graphs == 1
