@@ -36,6 +36,9 @@ class MLPClassifier(ClassifierModule):
         self.val_acc(logits, y)
         self.log("val_loss", F.cross_entropy(logits, y))
         self.log("val_acc", self.val_acc, on_epoch=True)
+        self.log("val_worst", F.cross_entropy(logits, y), reduce_fx="max")
+        self.log("val_seen", float(len(y)), reduce_fx=torch.sum)
+        self.log("train_like", 0.0, on_step=True, on_epoch=False)  # per-step only: no epoch value
 
 
 def loader(n: int, seed: int, shuffle: bool = False) -> DataLoader:
@@ -80,6 +83,9 @@ def test_each_depth_matches_a_lightning_validation_of_the_pruned_network(tmp_pat
         ref = _validate(module, tmp_path)
         assert row["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6)
         assert row["val_acc"] == pytest.approx(ref["val_acc"], abs=1e-7)
+        assert row["val_worst"] == pytest.approx(ref["val_worst"], rel=1e-6)
+        assert row["val_seen"] == ref["val_seen"] == 25
+        assert "train_like" not in row and set(row) == {"keep", "blocks", "kept"} | set(ref)
     handle.unprune()
     assert dod.results[0]["val_loss"] != dod.results[2]["val_loss"]
     if by == "last":
@@ -140,6 +146,16 @@ def test_bad_arguments(kwargs, match) -> None:
         DepthOnDemand(**kwargs)
 
 
+def test_reductions_are_lightnings() -> None:
+    from lightning_sd.callbacks.depth_on_demand import _reduction
+
+    assert [_reduction(f) for f in ("mean", "sum", "max", "min", torch.mean, torch.sum, torch.max, torch.min)] == [
+        "mean", "sum", "max", "min", "mean", "sum", "max", "min"
+    ]
+    with pytest.raises(ValueError, match="reduce_fx=<built-in method median"):  # Lightning refuses it too
+        _reduction(torch.median)
+
+
 def test_needs_stochastic_depth_and_a_validation_step(tmp_path) -> None:
     trainer = pl.Trainer(max_steps=1, callbacks=[DepthOnDemand()], **trainer_kwargs(tmp_path, logger=False))
     with pytest.raises(ValueError, match="has none"):
@@ -169,7 +185,7 @@ def test_summary_plots_draws_each_metric_against_depth(tmp_path, monkeypatch) ->
     _fit(tmp_path, dod, plots, epochs=1)
     assert Path(plots.paths["depth_on_demand"]).is_file()
     axes = figures["depth_on_demand.png"].axes
-    assert sorted(ax.get_ylabel() for ax in axes) == ["val_acc", "val_loss"]
+    assert sorted(ax.get_ylabel() for ax in axes) == ["val_acc", "val_loss", "val_seen", "val_worst"]
     rows = sorted(dod.results, key=lambda r: r["keep"])
     for ax in axes:
         (line,) = ax.get_lines()

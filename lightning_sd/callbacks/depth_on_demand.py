@@ -65,18 +65,40 @@ def evaluation_sensitivities_on_validation(
     return torch.as_tensor(reduced).detach().to(device="cpu", dtype=torch.float32)
 
 
+_REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+
+
+def _reduction(reduce_fx: Any) -> str:
+    """Lightning's ``reduce_fx`` (a name or ``torch.mean``/``sum``/``max``/``min``) as one of mean, sum, max, min."""
+    name = reduce_fx if isinstance(reduce_fx, str) else getattr(reduce_fx, "__name__", repr(reduce_fx))
+    if name not in _REDUCTIONS:
+        raise ValueError(
+            f"DepthOnDemand reduces the values validation_step logs as Lightning does for reduce_fx in "
+            f"{sorted(_REDUCTIONS)}; got reduce_fx={reduce_fx!r}. Log that value with one of those, or log a torchmetric."
+        )
+    return _REDUCTIONS[name]
+
+
 class _LogRecorder:
     """Stands in for ``LightningModule.log`` during :func:`validation_metrics`: keeps the epoch-level values."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.values: dict[str, float] = {}  # mean: sum of value * weight; sum: sum; max/min: the extreme
         self.weights: dict[str, float] = {}
+        self.reductions: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
         self.batch: Any = None
         self.suffix = ""
 
     def __call__(
-        self, name: str, value: Any, *args: Any, on_epoch: bool | None = None, batch_size: int | None = None, **kwargs: Any
+        self,
+        name: str,
+        value: Any,
+        *args: Any,
+        on_epoch: bool | None = None,
+        reduce_fx: Any = "mean",
+        batch_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
         if on_epoch is False:  # a per-step value: Lightning keeps no epoch value for it either
             return
@@ -88,9 +110,33 @@ class _LogRecorder:
         if isinstance(value, Metric):
             self.metrics[name] = value
             return
-        weight = float(batch_size) if batch_size is not None else float(extract_batch_size(self.batch))
-        self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
-        self.weights[name] = self.weights.get(name, 0.0) + weight
+        how = self.reductions.setdefault(name, _reduction(reduce_fx))
+        number = float(value)
+        if how == "mean":
+            weight = float(batch_size) if batch_size is not None else float(extract_batch_size(self.batch))
+            self.values[name] = self.values.get(name, 0.0) + number * weight
+            self.weights[name] = self.weights.get(name, 0.0) + weight
+        elif how == "sum":
+            self.values[name] = self.values.get(name, 0.0) + number
+        else:
+            pick = max if how == "max" else min
+            self.values[name] = pick(self.values.get(name, number), number)
+
+    def reduced(self, strategy: Any) -> dict[str, float]:
+        """The epoch values over this rank's batches and every rank's (the same on every rank)."""
+        out: dict[str, float] = {}
+        device = strategy.root_device
+        for how in ("mean", "sum", "max", "min"):
+            keys = sorted(k for k, v in self.reductions.items() if v == how)
+            if not keys:
+                continue
+            rows = [[self.values[k], self.weights.get(k, 1.0)] for k in keys]
+            packed = torch.tensor(rows, dtype=torch.float64, device=device)
+            op: Any = "sum" if how in ("mean", "sum") else getattr(torch.distributed.ReduceOp, how.upper())
+            totals = torch.as_tensor(strategy.reduce(packed, reduce_op=op)).tolist()
+            for k, (value, weight) in zip(keys, totals):
+                out[k] = (value / weight if weight > 0 else math.nan) if how == "mean" else value
+        return out
 
 
 @contextlib.contextmanager
@@ -157,15 +203,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
                         pl_module.validation_step(batch, batch_idx, idx)
                     else:
                         pl_module.validation_step(batch, batch_idx)
-        out: dict[str, float] = {}
-        keys = sorted(recorder.sums)
-        if keys:
-            totals = torch.tensor(
-                [[recorder.sums[k], recorder.weights[k]] for k in keys], dtype=torch.float64, device=trainer.strategy.root_device
-            )
-            totals = torch.as_tensor(trainer.strategy.reduce(totals, reduce_op="sum"))
-            for k, (total, weight) in zip(keys, totals.tolist()):
-                out[k] = total / weight if weight > 0 else math.nan
+        out = recorder.reduced(trainer.strategy)
         for name, metric in recorder.metrics.items():
             out[name] = float(metric.compute())  # syncs across ranks itself
     return out

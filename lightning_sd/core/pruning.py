@@ -48,9 +48,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PRUNE_BY",
+    "KeptBranch",
     "PruneBy",
+    "PrunedBranch",
+    "SlotScale",
     "blocks_to_keep",
     "check_keep",
+    "evaluation_sensitivities",
     "export_pruned",
     "num_kept",
     "prune_blocks",
