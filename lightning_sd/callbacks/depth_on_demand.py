@@ -176,8 +176,9 @@ def _validation_loaders(trainer: pl.Trainer) -> list[Any]:
 def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
     """One pass of ``validation_step`` over the validation data; the epoch values it logs, reduced.
 
-    Scalars are averaged weighted by ``batch_size`` (or the batch's size) as Lightning's default
-    ``reduce_fx="mean"`` does, across ranks too; logged torchmetrics are reset, updated by the pass and
+    Scalars are reduced with their ``reduce_fx`` over batches and ranks as Lightning reduces them (``"mean"``,
+    the default, weighted by ``batch_size`` or the batch's size; ``"sum"``, ``"max"``, ``"min"``); values
+    logged with ``on_epoch=False`` are left out; logged torchmetrics are reset, updated by the pass and
     ``compute()``-d (then put back as they were). ``limit_val_batches`` is honoured. Several validation
     dataloaders get Lightning's ``/dataloader_idx_i`` suffix.
     """
