@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_sd.callbacks import tensorboard_output
+from lightning_sd.callbacks.log_gaussian import LogGaussianMonitor
 from lightning_sd.callbacks.normality_monitor import NormalityMonitor
 from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
@@ -36,7 +37,7 @@ INPUTS = 4  # NormalityMonitor probe inputs
 
 
 def _fit(root: Path, with_tensorboard: bool, mode: str = "linear"):
-    """Two epochs of two steps with StochasticDepth + RegularizationMonitor + NormalityMonitor."""
+    """Two epochs of two steps with StochasticDepth + RegularizationMonitor + NormalityMonitor + LogGaussianMonitor."""
     loggers: list = [pl.loggers.CSVLogger(str(root), name="csv")]
     if with_tensorboard:
         loggers.insert(0, pl.loggers.TensorBoardLogger(str(root), name="tb", default_hp_metric=False))
@@ -47,7 +48,7 @@ def _fit(root: Path, with_tensorboard: bool, mode: str = "linear"):
     normality = NormalityMonitor(num_inputs=INPUTS, num_masks=12, per_block=True, probe_at_start=True, seed=3)
     trainer = pl.Trainer(
         **trainer_kwargs(root, logger=loggers),
-        callbacks=[sd, reg, normality],
+        callbacks=[sd, reg, normality, LogGaussianMonitor(num_probe=8)],
         max_epochs=2,
         limit_train_batches=2,
         limit_val_batches=1,
@@ -158,6 +159,16 @@ def test_per_block_histograms_images_and_text(runs) -> None:
         assert [i.step for i in images] == steps, tag
         assert all((i.width, i.height) == (width, height) for i in images), tag
 
+    # LogGaussianMonitor (probes at train start): h and the active fraction per ReLU layer, the layers table
+    layers = _csv(log_dir / "log_gaussian_layers.csv")
+    assert len(layers) == DEPTH  # one ReLU per block
+    for tag, column in (("log_gaussian/h", "h"), ("log_gaussian/active_fraction", "active_fraction")):
+        (h,) = acc.Histograms(tag)
+        assert h.step == 0 and h.histogram_value.num == len(layers)
+        assert h.histogram_value.sum == pytest.approx(sum(float(r[column]) for r in layers), rel=1e-9)
+    assert [i.step for i in acc.Images("log_gaussian/h_by_block")] == [0]
+    assert _markdown_rows(_text(acc, "log_gaussian/layers")[0][1])[0] == ["layer", "name", "balanced", "active_fraction", "h"]
+
     # the rate table as markdown text: the rows of sd_rates_epoch0.csv (written once: linear rates never change)
     (step, text), *more = _text(acc, "sd/rates")
     assert step == 2 and not more
@@ -179,7 +190,9 @@ def test_per_block_histograms_images_and_text(runs) -> None:
     assert {"sd/expected_depth", "sd/budget", "reg/g_mean", "reg/penalty", "normality/median_pvalue", "train_loss"} <= set(scalars)
     # ... while callback_metrics (checkpoint monitoring, the CLI summary) still have them
     assert float(trainer.callback_metrics[f"sd/survival/{DEPTH:03d}"]) == pytest.approx(float(sd.survival[-1]))
-    assert tensorboard_output.hidden_scalars(tb_logger) >= {"sd/survival/001", "reg/g/006", "normality/block_median/003"}
+    assert float(trainer.callback_metrics[f"log_gaussian/h/{layers[0]['name']}"]) == pytest.approx(float(layers[0]["h"]), rel=1e-6)
+    hidden = {"sd/survival/001", "reg/g/006", "normality/block_median/003", f"log_gaussian/active_fraction/{layers[-1]['name']}"}
+    assert tensorboard_output.hidden_scalars(tb_logger) >= hidden
     assert tensorboard_output.hidden_scalars(csv_logger) == frozenset()
 
 
@@ -194,9 +207,17 @@ def test_csv_output_unchanged_by_tensorboard(runs) -> None:
     assert metrics.read_bytes() == reference.read_bytes()
     header = next(csv.reader(io.StringIO(reference.read_text())))
     assert {f"sd/survival/{b:03d}" for b in range(1, DEPTH + 1)} <= set(header) and "reg/g/001" in header
+    assert len([c for c in header if c.startswith("log_gaussian/h/")]) == DEPTH
     # the CSV tables in the log directory (the first logger's): the same files with the same bytes
     tables = sorted(p.name for p in Path(trainer_csv.log_dir).glob("*.csv") if p.name != "metrics.csv")
-    assert tables == ["normality_pvalues.csv", "regularization_epoch0.csv", "regularization_epoch1.csv", "sd_rates_epoch0.csv"]
+    assert tables == [
+        "log_gaussian_layers.csv",
+        "log_gaussian_output.csv",
+        "normality_pvalues.csv",
+        "regularization_epoch0.csv",
+        "regularization_epoch1.csv",
+        "sd_rates_epoch0.csv",
+    ]
     assert sorted(p.name for p in Path(trainer.log_dir).glob("*.csv")) == tables
     for name in tables:
         assert (Path(trainer.log_dir) / name).read_bytes() == (Path(trainer_csv.log_dir) / name).read_bytes(), name
@@ -248,3 +269,10 @@ def test_hidden_scalars_survive_pickling(tmp_path) -> None:
     copy.log_metrics({"x/001": 1.0, "x/002": 2.0, "y": 3.0}, step=0)
     copy.finalize("success")
     assert _events(copy.log_dir).Tags()["scalars"] == ["y"]
+
+
+def test_log_per_block_labels_must_match_the_values() -> None:
+    from lightning_sd.callbacks.output import log_per_block
+
+    with pytest.raises(ValueError, match="2 labels for values of lengths"):
+        log_per_block(None, None, {"x": [1.0, 2.0, 3.0]}, labels=["a", "b"])  # type: ignore[arg-type]

@@ -173,13 +173,18 @@ class ProbeMonitor(Callback):
 
     @staticmethod
     def log_per_block(
-        trainer: pl.Trainer, pl_module: pl.LightningModule, quantities: Mapping[str, Tensor | Sequence[float]], width: int = 3
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        quantities: Mapping[str, Tensor | Sequence[float]],
+        width: int = 3,
+        labels: Sequence[str] | None = None,
+        axis: str = "block",
     ) -> None:
         """Per-block values (identical on every rank): scalars ``<name>/<l>``, on TensorBoard a histogram and an image.
 
         Every rank calls it; see :func:`~lightning_sd.callbacks.output.log_per_block`.
         """
-        output.log_per_block(trainer, pl_module, quantities, width)
+        output.log_per_block(trainer, pl_module, quantities, width, labels, axis)
 
     @staticmethod
     def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor | Sequence[float], bins: Any = "tensorflow") -> None:

@@ -153,7 +153,12 @@ def log_epoch_metrics(pl_module: pl.LightningModule, metrics: Mapping[str, Any])
 
 
 def log_per_block(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, quantities: Mapping[str, Tensor | Sequence[float]], width: int = 3
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    quantities: Mapping[str, Tensor | Sequence[float]],
+    width: int = 3,
+    labels: Sequence[str] | None = None,
+    axis: str = "block",
 ) -> None:
     """Log per-block quantities: scalars ``<name>/<l>`` for the loggers, a histogram and an image on TensorBoard.
 
@@ -175,6 +180,9 @@ def log_per_block(
         pl_module: the LightningModule whose ``log`` is used (from an epoch-level hook or ``on_train_start``).
         quantities: ``{name: values}``, one float per block, block 1 first.
         width: digits of the zero-padded block number in the scalar names (>= 1).
+        labels: names of the entries used in the scalar names instead of the numbers
+            (``f"{name}/{labels[l - 1]}"``, e.g. layer names), one per value.
+        axis: what one entry is, the x-axis label of the images (``"block"``, ``"layer"``).
 
     Example::
 
@@ -183,7 +191,11 @@ def log_per_block(
         # TensorBoard: histogram sd/survival (num 3, sum 2.7), image sd/survival_by_block
     """
     lists = {name: _as_list(values) for name, values in quantities.items()}
-    scalars = {f"{name}/{block + 1:0{width}d}": value for name, values in lists.items() for block, value in enumerate(values)}
+    if labels is not None and any(len(values) != len(labels) for values in lists.values()):
+        lengths = {name: len(values) for name, values in lists.items()}
+        raise ValueError(f"log_per_block: {len(labels)} labels for values of lengths {lengths}; give one label per value")
+    names = list(labels) if labels is not None else [f"{block + 1:0{width}d}" for block in range(max(map(len, lists.values()), default=0))]
+    scalars = {f"{name}/{names[block]}": value for name, values in lists.items() for block, value in enumerate(values)}
     tensorboards = [logger for logger in trainer.loggers if tensorboard_output.is_tensorboard(logger)]
     for logger in tensorboards:  # every rank, before the epoch's values are flushed; local
         tensorboard_output.hide_scalars(logger, list(scalars))
@@ -193,7 +205,7 @@ def log_per_block(
     for logger in tensorboards:
         for name, values in lists.items():
             if values:
-                tensorboard_output.add_per_block(logger.experiment, name, values, trainer.global_step)
+                tensorboard_output.add_per_block(logger.experiment, name, values, trainer.global_step, axis=axis)
 
 
 def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor | np.ndarray | Sequence[float], bins: Any = "tensorflow") -> None:

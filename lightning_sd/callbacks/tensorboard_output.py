@@ -160,10 +160,10 @@ def bar_image(values: Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
     return image.numpy()
 
 
-def profile_image(values: Tensor | np.ndarray | Sequence[float], title: str, ylabel: str) -> np.ndarray:
+def profile_image(values: Tensor | np.ndarray | Sequence[float], title: str, ylabel: str, xlabel: str = "block") -> np.ndarray:
     """The profile of ``values`` over depth as an ``(H, W, 3)`` uint8 image (HWC, RGB).
 
-    With matplotlib: a step plot (one filled step per block, x = block 1..L, axes labelled ``block`` and
+    With matplotlib: a step plot (one filled step per block, x = block 1..L, axes labelled ``xlabel`` and
     ``ylabel``, ``title`` on top) of :data:`IMAGE_SIZE_INCHES` at :data:`IMAGE_DPI` (640 x 240 pixels),
     drawn on the Agg canvas without ``pyplot`` (the global backend is left alone); non-finite values
     are drawn as 0 and counted in the title. Without matplotlib: :func:`bar_image`.
@@ -183,7 +183,7 @@ def profile_image(values: Tensor | np.ndarray | Sequence[float], title: str, yla
     ax.stairs(v, np.arange(num_blocks + 1, dtype=np.float64) + 0.5, fill=True, color="C0")
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_xlim(0.5, num_blocks + 0.5)
-    ax.set_xlabel("block")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title + (f" ({bad} non-finite shown as 0)" if bad else ""), fontsize=9)
     fig.tight_layout()
@@ -191,7 +191,7 @@ def profile_image(values: Tensor | np.ndarray | Sequence[float], title: str, yla
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def add_per_block(writer: Any, name: str, values: Tensor | np.ndarray | Sequence[float], step: int) -> None:
+def add_per_block(writer: Any, name: str, values: Tensor | np.ndarray | Sequence[float], step: int, axis: str = "block") -> None:
     """Write one per-block quantity to a ``SummaryWriter``: histogram ``name`` and image ``<name>_by_block``.
 
     Args:
@@ -199,10 +199,11 @@ def add_per_block(writer: Any, name: str, values: Tensor | np.ndarray | Sequence
         name: the quantity's key, e.g. ``"sd/survival"`` (its CSV scalars are ``sd/survival/001 ..``).
         values: one value per block, block 1 first.
         step: the x position (the trainer's ``global_step``).
+        axis: what one value belongs to (``"block"``, ``"layer"``): the image's x-axis label.
     """
     add_values_histogram(writer, name, values, step)
-    title = f"{name} by block (step {step})"
-    writer.add_image(f"{name}_by_block", profile_image(values, title, name.rsplit("/", 1)[-1]), global_step=step, dataformats="HWC")
+    image = profile_image(values, f"{name} by {axis} (step {step})", name.rsplit("/", 1)[-1], xlabel=axis)
+    writer.add_image(f"{name}_by_block", image, global_step=step, dataformats="HWC")
 
 
 # ---------------------------------------------------------------------------------- tables
