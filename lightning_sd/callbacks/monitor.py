@@ -171,22 +171,8 @@ class ProbeMonitor(Callback):
         """Log epoch-level values that are identical on every rank (see :func:`~lightning_sd.callbacks.output.log_epoch_metrics`)."""
         output.log_epoch_metrics(pl_module, metrics)
 
-    @staticmethod
-    def log_per_block(
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        quantities: Mapping[str, Tensor | Sequence[float]],
-        width: int = 3,
-        labels: Sequence[str] | None = None,
-        axis: str = "block",
-    ) -> None:
-        """Per-block values (identical on every rank): scalars ``<name>/<l>``, on TensorBoard a histogram and an image.
-
-        Every rank calls it; see :func:`~lightning_sd.callbacks.output.log_per_block`.
-        """
-        output.log_per_block(trainer, pl_module, quantities, width, labels, axis)
-
-    @staticmethod
-    def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor | Sequence[float], bins: Any = "tensorflow") -> None:
-        """A histogram of ``values`` on every TensorBoardLogger; rank 0 writes (:func:`~lightning_sd.callbacks.output.log_histogram`)."""
-        output.log_histogram(trainer, tag, values, bins)
+    #: Per-block values (identical on every rank): scalars ``<name>/<l>``, on TensorBoard a histogram and an
+    #: image; every rank calls it (:func:`lightning_sd.callbacks.output.log_per_block`).
+    log_per_block = staticmethod(output.log_per_block)
+    #: A histogram on every TensorBoardLogger; rank 0 writes (:func:`lightning_sd.callbacks.output.log_histogram`).
+    log_histogram = staticmethod(output.log_histogram)
