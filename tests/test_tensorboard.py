@@ -4,14 +4,20 @@ Per-block values are one histogram and one image per epoch on a ``TensorBoardLog
 scalar tags there), tables are markdown text, and the CSV logger's ``metrics.csv`` and the CSV tables
 of a run with ``[TensorBoardLogger, CSVLogger]`` are byte-identical to those of the same run with the
 CSV logger alone (and the trajectory is the same).
+
+The DDP test runs this file as a script (``python tests/test_tensorboard.py OUT``) in a subprocess:
+Lightning's DDP launcher re-runs that command for rank 1, so both ranks run only :func:`_ddp_main`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,6 +31,7 @@ from lightning_sd.callbacks.log_gaussian import LogGaussianMonitor
 from lightning_sd.callbacks.normality_monitor import NormalityMonitor
 from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
+from tests.distributed import run_script
 from tests.helpers import RegressionModule, regression_data, trainer_kwargs
 
 pytest.importorskip("tensorboard")
@@ -276,3 +283,61 @@ def test_log_per_block_labels_must_match_the_values() -> None:
 
     with pytest.raises(ValueError, match="2 labels for values of lengths"):
         log_per_block(None, None, {"x": [1.0, 2.0, 3.0]}, labels=["a", "b"])  # type: ignore[arg-type]
+
+
+def _ddp_main(out: str) -> None:
+    """Both ranks: one epoch over 2 processes (gloo) with a TensorBoardLogger and a CSVLogger."""
+    loggers = [pl.loggers.TensorBoardLogger(out, name="tb", default_hp_metric=False), pl.loggers.CSVLogger(out, name="csv")]
+    sd = StochasticDepth(mode="linear", budget=BUDGET, scaling="expected", seed=1)
+    reg = RegularizationMonitor(probe_size=4, loss="mse", estimator="exact")
+    normality = NormalityMonitor(num_inputs=INPUTS, num_masks=12, per_block=True, seed=3)
+    trainer = pl.Trainer(
+        **trainer_kwargs(out, logger=loggers, strategy="ddp", devices=2),
+        callbacks=[sd, reg, normality],
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    torch.manual_seed(0)
+    model = RegressionModule(depth=DEPTH)
+    trainer.fit(model, DataLoader(regression_data(64), batch_size=8), DataLoader(regression_data(16, seed=1), batch_size=4))
+    record = {
+        "rank": trainer.global_rank,
+        "log_dir": trainer.loggers[0].log_dir,
+        "csv_dir": trainer.loggers[1].log_dir,
+        "hidden": sorted(tensorboard_output.hidden_scalars(trainer.loggers[0])),
+        "survival": [float(trainer.callback_metrics[f"sd/survival/{b:03d}"]) for b in range(1, DEPTH + 1)],
+        "g": [float(trainer.callback_metrics[f"reg/g/{b:03d}"]) for b in range(1, DEPTH + 1)],
+    }
+    with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+@pytest.mark.slow
+def test_ddp_rank_zero_writes_tensorboard(tmp_path) -> None:
+    run_script(Path(__file__).resolve(), str(tmp_path), timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # both ranks logged the same per-block values and keep them out of their TensorBoardLogger
+    assert r0["survival"] == r1["survival"] and r0["g"] == r1["g"]
+    assert r0["hidden"] == r1["hidden"] and "reg/g/001" in r0["hidden"]
+    # one event file, rank 0's, with the histograms of the values both ranks logged
+    files = sorted(p for p in tmp_path.rglob("events.out.tfevents.*"))
+    assert len(files) == 1 and files[0].parent == Path(r0["log_dir"])
+    acc = _events(r0["log_dir"])
+    (survival,) = acc.Histograms("sd/survival")
+    assert survival.histogram_value.num == DEPTH and survival.histogram_value.sum == pytest.approx(BUDGET * DEPTH, abs=1e-6)
+    (g,) = acc.Histograms("reg/g")
+    assert g.histogram_value.sum == pytest.approx(sum(r0["g"]), rel=1e-6)
+    # the p-values of both ranks (all-gathered), as rank 0's CSV file has them
+    pvalues = _csv(Path(r0["log_dir"]) / "normality_pvalues.csv")
+    (hist,) = acc.Histograms("normality/pvalues")
+    assert hist.histogram_value.num == len(pvalues) == 2 * INPUTS
+    assert not [t for t in acc.Tags()["scalars"] if re.search(r"/\d+$", t)]
+    header = (Path(r0["csv_dir"]) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {f"sd/survival/{b:03d}" for b in range(1, DEPTH + 1)} <= set(header)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _ddp_main(sys.argv[1])
