@@ -278,11 +278,13 @@ def test_hidden_scalars_survive_pickling(tmp_path) -> None:
     assert _events(copy.log_dir).Tags()["scalars"] == ["y"]
 
 
-def test_log_per_block_labels_must_match_the_values() -> None:
+def test_log_per_block_bad_arguments() -> None:
     from lightning_sd.callbacks.output import log_per_block
 
     with pytest.raises(ValueError, match="2 labels for values of lengths"):
         log_per_block(None, None, {"x": [1.0, 2.0, 3.0]}, labels=["a", "b"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="width must be an integer >= 1"):
+        log_per_block(None, None, {"x": [1.0]}, width=0)  # type: ignore[arg-type]
 
 
 def _ddp_main(out: str) -> None:

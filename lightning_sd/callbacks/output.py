@@ -169,8 +169,9 @@ def log_per_block(
       ``trainer.callback_metrics`` and every logger except a ``TensorBoardLogger``, which
       :func:`~lightning_sd.callbacks.tensorboard_output.hide_scalars` spares L charts;
     - on rank 0, every ``TensorBoardLogger`` gets the histogram ``name`` of the L values (``num = L``,
-      ``sum = sum_l values[l - 1]``) and the image ``<name>_by_block`` (the profile over depth), at the
-      trainer's ``global_step`` (:func:`~lightning_sd.callbacks.tensorboard_output.add_per_block`).
+      ``sum = sum_l values[l - 1]``; non-finite values left out of it) and the image ``<name>_by_block``
+      (the profile over depth), at the trainer's ``global_step``
+      (:func:`~lightning_sd.callbacks.tensorboard_output.add_per_block`).
 
     Every rank calls it, with values identical on every rank (as for :func:`log_epoch_metrics`); only
     the all-reduces of ``self.log`` are collective.
@@ -190,6 +191,8 @@ def log_per_block(
         # CSV: sd/survival/001, sd/survival/002, sd/survival/003
         # TensorBoard: histogram sd/survival (num 3, sum 2.7), image sd/survival_by_block
     """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"log_per_block: width must be an integer >= 1 (digits of the block number), got {width!r}")
     lists = {name: _as_list(values) for name, values in quantities.items()}
     if labels is not None and any(len(values) != len(labels) for values in lists.values()):
         lengths = {name: len(values) for name, values in lists.items()}
