@@ -24,6 +24,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # the dev extra installs tensorboard
+from tensorboard.util import tensor_util
 from torch.utils.data import DataLoader
 
 from lightning_sd.callbacks import tensorboard_output
@@ -33,10 +35,6 @@ from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from tests.distributed import run_script
 from tests.helpers import RegressionModule, regression_data, trainer_kwargs
-
-pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.util import tensor_util  # noqa: E402
 
 DEPTH = 6  # blocks of the RegressionModule's ResidualMLP
 BUDGET = 0.7
