@@ -154,7 +154,7 @@ def cpu_num_threads(
         default) and a phrase saying why. ``--num_threads`` wins; then ``OMP_NUM_THREADS`` (torch already
         honours it); a CPU run without either gets 1 thread: on a small or shared CPU, torch's default of
         one thread per core fights other processes (the digits recipe took 2 min 43 s with the default
-        and 12 s with one thread on a shared 2-core machine; README, "Command line").
+        and 12 s with one thread on a shared 2-core machine; docs/cli.md, "Command line").
     """
     if num_threads is not None:
         return int(num_threads), "--num_threads"

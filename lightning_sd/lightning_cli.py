@@ -154,10 +154,15 @@ class SDLightningCLI(LightningCLI):
         lines = []
         if log_dir:
             lines.append(f"lightning-sd: logs in {os.path.abspath(log_dir)}")
+            # metrics.csv lies in the CSVLogger's directory, which is not trainer.log_dir when another logger
+            # comes first (e.g. [TensorBoardLogger, CSVLogger]); each logger's log_dir is local (no collective)
+            directories = [log_dir] + [str(d) for d in (getattr(lg, "log_dir", None) for lg in trainer.loggers[1:]) if d]
             for name in ("metrics.csv", "config.yaml"):
-                path = os.path.join(log_dir, name)
-                if os.path.isfile(path):
-                    lines.append(f"  {name}: {os.path.abspath(path)}")
+                for directory in dict.fromkeys(directories):
+                    path = os.path.join(directory, name)
+                    if os.path.isfile(path):
+                        lines.append(f"  {name}: {os.path.abspath(path)}")
+                        break
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") or getattr(ckpt, "last_model_path", "")
         if best:

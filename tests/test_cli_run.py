@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -182,6 +183,20 @@ def test_fit_sets_one_thread_on_cpu_and_prints_the_banner_and_final_metrics(
     cli = _tiny_fit(tmp_path, "--num_threads", "2")
     assert torch.get_num_threads() == 2 and cli.threads_reason == "--num_threads"
     assert "lightning-sd: torch threads: 2 (--num_threads)" in capsys.readouterr().out
+
+
+def test_fit_summary_finds_metrics_csv_behind_a_tensorboard_logger(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # trainer.log_dir is the first logger's (TensorBoard's); metrics.csv is in the CSVLogger's directory
+    loggers = json.dumps([
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "tb")}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}},
+    ])
+    cli = SDLightningCLI(args=["fit", *TINY, "--trainer.logger", loggers, "--trainer.default_root_dir", str(tmp_path)])
+    csv_dir = Path(cli.trainer.loggers[1].log_dir)
+    assert Path(cli.trainer.log_dir) != csv_dir
+    out = capsys.readouterr().out
+    assert f"  metrics.csv: {(csv_dir / 'metrics.csv').resolve()}" in out
+    assert f"lightning-sd: logs in {Path(cli.trainer.log_dir).resolve()}" in out
 
 
 def test_no_logger_writes_nothing_into_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

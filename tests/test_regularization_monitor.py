@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_sd.callbacks.rate_measurement import measure_maxreg_rates
-from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor, _histogram_over_depth
+from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.gates import existing_handle
 from lightning_sd.core.regularization import explicit_penalty, regularization_terms
@@ -214,19 +214,6 @@ def test_measure_maxreg_leaves_data_order_and_rng(tmp_path) -> None:
         trainer.fit(Regressor(), DataLoader(data, batch_size=16, shuffle=True))
         orders.append(torch.stack(seen))
     assert torch.equal(orders[0], orders[1])
-
-
-def test_histogram_over_depth_buckets() -> None:
-    calls = {}
-
-    class Writer:
-        def add_histogram_raw(self, tag, **kw):
-            calls[tag] = kw
-
-    _histogram_over_depth(Writer(), "reg/g_by_block", torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64), 7)
-    kw = calls["reg/g_by_block"]
-    assert kw["bucket_counts"] == [1.0, 3.0, 2.0] and kw["bucket_limits"] == [1.5, 2.5, 3.5]
-    assert kw["num"] == 6.0 and kw["sum"] == 1 + 6 + 6 and kw["sum_squares"] == 1 + 12 + 18 and kw["global_step"] == 7
 
 
 def test_monitor_bad_arguments() -> None:

@@ -288,7 +288,7 @@ def _zero_init_resnet() -> CifarResNet:
     net = CifarResNet(8, num_classes=4, in_channels=1, width=4)  # 3 blocks
     for m in net.modules():
         if hasattr(m, "bn2"):
-            nn.init.zeros_(m.bn2.weight)  # the README FAQ's zero-initialised last BatchNorm
+            nn.init.zeros_(m.bn2.weight)  # the FAQ's (docs/faq.md) zero-initialised last BatchNorm
     return net
 
 

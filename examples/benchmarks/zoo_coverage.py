@@ -11,7 +11,7 @@ Usage (from the repository root; ``PYTHONPATH=$PWD`` picks this checkout's ``lig
 Flags: ``--models`` (comma list of names or globs), ``--families`` (comma list: timm module names such
 as ``byobnet``, torchvision module names such as ``resnet``), ``--limit N`` (first N models after
 filtering), ``--skip-timm``, ``--skip-torchvision``, ``--out PATH`` (JSON with one record per model;
-default ``/work/zoo/results.json`` when ``/work/zoo`` exists, else ``lightning_logs/zoo/results.json``;
+default ``lightning_logs/zoo/results.json``;
 records are also appended to ``PATH`` with suffix ``.jsonl`` as they finish), ``--jobs N`` (worker
 processes, default 1), ``--timeout S`` (seconds per model, default 300), ``--resume`` (keep the records of an
 interrupted run found in the ``.jsonl`` and run the rest), ``--report PATH`` (print the
@@ -650,8 +650,6 @@ def _select_models(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _default_out() -> Path:
-    if Path("/work/zoo").is_dir():
-        return Path("/work/zoo/results.json")
     return Path("lightning_logs/zoo/results.json")
 
 
@@ -662,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="only the first N models after filtering")
     parser.add_argument("--skip-timm", action="store_true")
     parser.add_argument("--skip-torchvision", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="JSON of per-model records (default: /work/zoo/results.json if /work/zoo exists)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON of per-model records (default: lightning_logs/zoo/results.json)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--resume", action="store_true", help="keep the records already in the --out .jsonl and run only the other models")
     parser.add_argument("--report", type=Path, default=None, help="only print the table of a saved --out JSON (or its .jsonl)")

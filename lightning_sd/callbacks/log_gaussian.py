@@ -40,7 +40,9 @@ class LogGaussianMonitor(ProbeMonitor):
 
     Logged (``on_epoch``, keys under ``prefix``): ``active_fraction_mean``, ``h_total``,
     ``ln_out_sq_mean``, ``ln_out_sq_std``, ``ln_out_sq_q05 .. q95``, with ``pred_`` twins when there
-    is a prediction, and per layer ``active_fraction/<name>`` and ``h/<name>`` (``log_per_layer``).
+    is a prediction, and per layer ``active_fraction/<name>`` and ``h/<name>`` (``log_per_layer``; on a
+    ``TensorBoardLogger`` one histogram and one image over the layers per probe instead, see
+    :func:`~lightning_sd.callbacks.output.log_per_block`).
     Two tables go to ``trainer.log_dir`` (CSV, rank zero) and to every logger with a ``log_table``
     method (e.g. ``WandbLogger``): ``<prefix>_layers.csv`` (layer, name, balanced, active_fraction, h)
     and ``<prefix>_output.csv`` (statistic, empirical, predicted). The measurements stay in
@@ -141,10 +143,10 @@ class LogGaussianMonitor(ProbeMonitor):
         else:
             metrics["active_fraction_mean"] = result.mean_active_fraction
             metrics["h_total"] = result.h_total
-        if self.log_per_layer:
-            for layer in result.layers:
-                metrics[f"active_fraction/{layer.name}"] = layer.active_fraction
-                metrics[f"h/{layer.name}"] = layer.h
+        per_layer = ("active_fraction", "h") if self.log_per_layer else ()
+        for layer in result.layers:  # a layer called twice: its last call, as one metric key holds one value
+            for quantity in per_layer:
+                metrics[f"{quantity}/{layer.name}"] = getattr(layer, quantity)
         empirical = self._summary(result.ln_out_sq)
         pred_samples = result.predicted_samples()
         predicted = self._summary(pred_samples) if pred_samples is not None else None
@@ -160,7 +162,12 @@ class LogGaussianMonitor(ProbeMonitor):
             metrics["pred_var_G"] = result.prediction.var_G
             metrics["pred_h_total"] = result.prediction.h_total
         averaged = mean_over_ranks(trainer, metrics)  # every rank logs the same values (and the same keys)
-        self.log_metrics(pl_module, {f"{self.prefix}/{name}": value for name, value in averaged.items()})
+        names = list(dict.fromkeys(layer.name for layer in result.layers)) if per_layer else []
+        layer_keys = {f"{quantity}/{name}" for quantity in per_layer for name in names}
+        self.log_metrics(pl_module, {f"{self.prefix}/{key}": value for key, value in averaged.items() if key not in layer_keys})
+        if names:  # per layer: scalars <prefix>/h/<layer name>; on TensorBoard a histogram and an image
+            values = {f"{self.prefix}/{quantity}": [averaged[f"{quantity}/{name}"] for name in names] for quantity in per_layer}
+            self.log_per_block(trainer, pl_module, values, labels=names, axis="layer")
         self.layer_rows = [
             {"layer": s.index, "name": s.name, "balanced": s.balanced, "active_fraction": s.active_fraction, "h": s.h}
             for s in result.layers

@@ -55,9 +55,11 @@ class ProbeMonitor(Callback):
       :class:`~lightning_sd.StochasticDepth` callback that drives the model's gates
       (:func:`active_stochastic_depth`), else the monitor's own ``survival``/``scaling``.
     - **Output**: :meth:`log_dir` (read on every rank: ``trainer.log_dir`` is a collective under DDP),
-      :meth:`publish_table` (CSV in the log directory plus ``logger.log_table``), :meth:`log_metrics`
-      (the package's one ``sync_dist`` policy, see :func:`lightning_sd.callbacks.output.log_epoch_metrics`:
-      values made identical on every rank by the monitor, then logged with ``sync_dist=True``).
+      :meth:`publish_table` (CSV in the log directory plus ``logger.log_table``, text on TensorBoard),
+      :meth:`log_metrics` (the package's one ``sync_dist`` policy, see
+      :func:`lightning_sd.callbacks.output.log_epoch_metrics`: values made identical on every rank by
+      the monitor, then logged with ``sync_dist=True``), :meth:`log_per_block` (one scalar per block,
+      on TensorBoard a histogram and an image instead) and :meth:`log_histogram` (TensorBoard).
     - **History**: :attr:`history` keeps one dict per probe, in memory, with ``"epoch"`` and
       ``"global_step"`` and what :meth:`measure` returned; :class:`~lightning_sd.SummaryPlots` draws from it.
 
@@ -168,3 +170,9 @@ class ProbeMonitor(Callback):
     def log_metrics(pl_module: pl.LightningModule, metrics: Mapping[str, Any]) -> None:
         """Log epoch-level values that are identical on every rank (see :func:`~lightning_sd.callbacks.output.log_epoch_metrics`)."""
         output.log_epoch_metrics(pl_module, metrics)
+
+    #: Per-block values (identical on every rank): scalars ``<name>/<l>``, on TensorBoard a histogram and an
+    #: image; every rank calls it (:func:`lightning_sd.callbacks.output.log_per_block`).
+    log_per_block = staticmethod(output.log_per_block)
+    #: A histogram on every TensorBoardLogger; rank 0 writes (:func:`lightning_sd.callbacks.output.log_histogram`).
+    log_histogram = staticmethod(output.log_histogram)

@@ -40,8 +40,10 @@ class NormalityMonitor(ProbeMonitor):
 
     Logged (``on_epoch``, under ``prefix``): ``median_pvalue``, ``frac_above_<alpha>``, ``q25_pvalue``,
     ``q75_pvalue``; with ``per_block`` per block l ``block_median/<l>`` and ``block_frac_above/<l>``
-    (1-based, zero-padded). A histogram of the p-values goes to every logger whose ``experiment`` has
-    ``add_histogram`` (TensorBoard's ``SummaryWriter``), and all p-values to
+    (1-based, zero-padded). On a ``TensorBoardLogger``: a histogram of the p-values ``<prefix>/pvalues``
+    (20 bins on [0, 1]) and, with ``per_block``, ``<prefix>/block_pvalues`` (all inputs and blocks) and
+    one histogram and one image per probe of ``block_median`` and ``block_frac_above`` over depth in
+    place of their per-block scalars (:func:`~lightning_sd.callbacks.output.log_per_block`). All p-values go to
     ``<log_dir>/<prefix>_pvalues.csv`` (rank zero, one row per probe input per probe: epoch, step,
     input, output p-value, then block p-values). ``self.history`` keeps one record per probe: the
     summaries (checkpointed) and, in memory only, the p-values of all ranks (``"pvalues"``,
@@ -231,23 +233,19 @@ class NormalityMonitor(ProbeMonitor):
     def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
         """Log the summaries, the p-value histogram (TensorBoard) and append the p-values to the CSV file."""
         metrics = {key: record[key] for key in ("median_pvalue", f"frac_above_{self.alpha:g}", "q25_pvalue", "q75_pvalue")}
-        if "block_median" in record:
-            width = max(3, len(str(len(record["block_median"]))))
-            for block, (median, frac) in enumerate(zip(record["block_median"], record["block_frac_above"])):
-                metrics[f"block_median/{block + 1:0{width}d}"] = median
-                metrics[f"block_frac_above/{block + 1:0{width}d}"] = frac
         # computed from the all-gathered p-values: identical on every rank
         self.log_metrics(pl_module, {f"{self.prefix}/{name}": value for name, value in metrics.items()})
+        pvalues, blocks = record["pvalues"], record["block_pvalues"]
+        if "block_median" in record:
+            per_block = {f"{self.prefix}/{name}": record[name] for name in ("block_median", "block_frac_above")}
+            self.log_per_block(trainer, pl_module, per_block, width=max(3, len(str(len(record["block_median"])))))
         log_dir = self.log_dir(trainer)  # every rank reads it
         if not trainer.is_global_zero:
             return
-        pvalues, blocks = record["pvalues"], record["block_pvalues"]
-        finite = pvalues[~torch.isnan(pvalues)].numpy()
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            add_histogram = getattr(experiment, "add_histogram", None)
-            if callable(add_histogram) and finite.size:
-                add_histogram(f"{self.prefix}/pvalues", finite, global_step=trainer.global_step, bins=np.linspace(0.0, 1.0, 21))
+        bins = np.linspace(0.0, 1.0, 21)
+        self.log_histogram(trainer, f"{self.prefix}/pvalues", pvalues, bins=bins)
+        if blocks is not None:
+            self.log_histogram(trainer, f"{self.prefix}/block_pvalues", blocks, bins=bins)
         self._append_csv(trainer, log_dir, pvalues, blocks)
 
     def _append_csv(self, trainer: pl.Trainer, log_dir: str, pvalues: Tensor, blocks: Tensor | None) -> None:

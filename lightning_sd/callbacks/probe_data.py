@@ -4,7 +4,7 @@ Every callback of the package that needs data outside the training step (SenseMo
 ``mode="maxreg"``'s regularization terms, :class:`~lightning_sd.RegularizationMonitor`,
 :class:`~lightning_sd.NormalityMonitor`, :class:`~lightning_sd.LogGaussianMonitor`) reads it through
 :func:`probe_batches` / :func:`probe_inputs`, so that a run with them attached ends exactly as the run
-without them (observing never perturbs; README, "Architecture: where things live"). The rules:
+without them (observing never perturbs; docs/architecture.md). The rules:
 
 - **A private loader.** The trainer's dataloader is only *read* (its ``dataset``, ``batch_size``,
   ``collate_fn``); the probe builds its own ``DataLoader`` over the same dataset, in the main process

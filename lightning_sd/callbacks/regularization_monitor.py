@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
@@ -47,9 +46,11 @@ class RegularizationMonitor(ProbeMonitor):
     - ``reg/g/{l:03d}`` for every block, ``reg/penalty`` (R), ``reg/share/{l:03d}`` (``R_l / R``),
       ``reg/g_mean``;
     - a per-block table ``regularization_epoch{E}.csv`` in ``trainer.log_dir`` (block, name, g,
-      survival, variance, penalty, share), ``logger.log_table`` where a logger has it (W&B), and a
-      TensorBoard histogram of g over depth (bucket l holds g_l) when a logger's experiment is a
-      ``SummaryWriter``.
+      survival, variance, penalty, share), and ``logger.log_table`` where a logger has it (W&B);
+    - on a ``TensorBoardLogger``, instead of the per-block scalars: one histogram (``reg/g``,
+      ``reg/share``) and one image of the profile over depth (``reg/g_by_block``,
+      ``reg/share_by_block``) per probe, and the table as markdown text ``reg/blocks`` (see
+      :func:`~lightning_sd.callbacks.output.log_per_block`).
 
     Rates come from the :class:`~lightning_sd.callbacks.StochasticDepth` callback in
     ``trainer.callbacks`` (its current rates and scaling, see :meth:`~ProbeMonitor.rates_in_force`);
@@ -189,23 +190,17 @@ class RegularizationMonitor(ProbeMonitor):
     def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
         """Log ``reg/*``, write ``regularization_epoch{E}.csv`` and the TensorBoard histograms over depth."""
         g = record["g"]
-        metrics = {f"reg/g/{block + 1:03d}": float(v) for block, v in enumerate(g)}
-        metrics["reg/g_mean"] = float(g.mean())
+        metrics = {"reg/g_mean": float(g.mean())}
+        per_block = {"reg/g": g}
         if "penalty" in record:
             metrics["reg/penalty"] = record["penalty"]
-            for block, v in enumerate(record["share"]):
-                metrics[f"reg/share/{block + 1:03d}"] = float(v)
-        self.log_metrics(pl_module, metrics)  # identical on every rank after the reduction in measure()
+            per_block["reg/share"] = record["share"]
+        # identical on every rank after the reduction in measure()
+        self.log_metrics(pl_module, metrics)
+        self.log_per_block(trainer, pl_module, per_block)  # reg/g/001 ..; on TensorBoard a histogram and an image
         path = self.publish_table(trainer, f"regularization_epoch{trainer.current_epoch}.csv", self.table(record), key="reg/blocks")
-        if not trainer.is_global_zero:
-            return
-        self.table_path = path
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if _is_summary_writer(experiment):
-                _histogram_over_depth(experiment, "reg/g_by_block", g, trainer.global_step)
-                if "terms" in record:
-                    _histogram_over_depth(experiment, "reg/penalty_by_block", record["terms"], trainer.global_step)
+        if trainer.is_global_zero:
+            self.table_path = path
 
     # ------------------------------------------------------------------ tables
     @staticmethod
@@ -223,42 +218,4 @@ class RegularizationMonitor(ProbeMonitor):
                 )
             rows.append(row)
         return rows
-
-
-def _is_summary_writer(obj: Any) -> bool:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed
-        pass
-    else:
-        if isinstance(obj, SummaryWriter):
-            return True
-    try:
-        from tensorboardX import SummaryWriter as XWriter
-    except Exception:
-        return False
-    return isinstance(obj, XWriter)
-
-
-def _histogram_over_depth(writer: Any, tag: str, values: Tensor, step: int) -> None:
-    """A TensorBoard histogram whose bucket l (edges l - 1/2, l + 1/2) holds ``values[l - 1]``: the profile over depth."""
-    v = values.to(torch.float64).clamp_min(0.0)
-    num_blocks = v.numel()
-    depth = torch.arange(1, num_blocks + 1, dtype=torch.float64)
-    total = float(v.sum())
-    try:
-        writer.add_histogram_raw(
-            tag,
-            min=1.0,
-            max=float(num_blocks),
-            num=total,
-            sum=float((depth * v).sum()),
-            sum_squares=float((depth * depth * v).sum()),
-            bucket_limits=[block + 0.5 for block in range(1, num_blocks + 1)],
-            bucket_counts=v.tolist(),
-            global_step=step,
-        )
-    except Exception as err:  # a writer without add_histogram_raw: fall back to the plain histogram of values
-        rank_zero_warn(f"RegularizationMonitor: add_histogram_raw failed ({err}); logging a plain histogram of {tag}")
-        writer.add_histogram(tag, v, step)
 

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sd.callbacks.output import log_epoch_metrics, publish_table
+from lightning_sd.callbacks.output import log_epoch_metrics, log_per_block, publish_table
 from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, MeasurementSettings, RateMeasurement
 from lightning_sd.callbacks.strategy_support import skips_compute_under
 from lightning_sd.core.budget_schedule import DEFAULT_PLD_GAMMA, BudgetSchedule, check_schedule, scheduled_budget
@@ -157,6 +157,14 @@ class StochasticDepth(Callback):
 
     With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
     ``1/p_l > 20`` (:data:`MAX_MULTIPLIER`, ``p_l < 0.05``).
+
+    Logged: ``sd/realized_depth`` and ``sd/budget`` (``b(t)`` of the schedule) on step; at every training
+    epoch end ``sd/expected_depth``, ``sd/depth_mean``/``var`` with their ``_theory`` twins (Lemma 1), and per block
+    ``sd/survival/<l>`` and, when measured, ``sd/sensitivity/<l>`` (l = 001 ..); a table
+    ``sd_rates_epoch{E}.csv`` in the log directory whenever the rates change (:meth:`rate_table`). On a
+    ``TensorBoardLogger`` the per-block values are one histogram (``sd/survival``, ``sd/sensitivity``)
+    and one image (``sd/survival_by_block``, ...) per epoch instead of L scalar charts, and the table
+    is markdown text ``sd/rates`` (:func:`~lightning_sd.callbacks.output.log_per_block`).
 
     The measured modes are measured by ``RATE_MEASUREMENTS[mode]`` of
     :mod:`lightning_sd.callbacks.rate_measurement`, chosen once here; the callback keeps what they found:
@@ -748,12 +756,9 @@ class StochasticDepth(Callback):
         assert self.handle is not None
         p = self.handle.survival
         mean, var = depth_moments(p)
-        metrics = {"sd/expected_depth": mean}
-        for block in range(self.handle.num_blocks):
-            metrics[f"sd/survival/{block + 1:03d}"] = float(p[block])
-            if self.sensitivities is not None:
-                metrics[f"sd/sensitivity/{block + 1:03d}"] = float(self.sensitivities[block])
-        log_epoch_metrics(pl_module, metrics)  # identical on every rank
+        log_epoch_metrics(pl_module, {"sd/expected_depth": mean})  # identical on every rank; sd/budget is logged per step
+        per_block = {"sd/survival": p} if self.sensitivities is None else {"sd/survival": p, "sd/sensitivity": self.sensitivities}
+        log_per_block(trainer, pl_module, per_block)  # scalars sd/survival/001 ..; on TensorBoard a histogram and an image
         if self._rates_changed:  # one table per change of the rates (or of their numbering)
             self._write_table(trainer)
             self._rates_changed = False

@@ -1,7 +1,7 @@
 """Find the residual branches of a model, in forward order, without knowing its classes.
 
 A residual branch is the part of a block whose output is added to the shortcut,
-``y = shortcut(x) + f(x)`` (README, "How blocks are found"). Every module with
+``y = shortcut(x) + f(x)`` (docs/discovery.md). Every module with
 children is traced one level deep with ``torch.fx`` (its children are leaves) and its ``add`` nodes
 are classified by these rules, in order:
 
