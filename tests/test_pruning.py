@@ -205,3 +205,36 @@ def test_export_pruned_cnn_with_batchnorm_and_projection_shortcuts() -> None:
 def test_export_pruned_needs_gates() -> None:
     with pytest.raises(ValueError, match="no stochastic-depth gates"):
         export_pruned(mlp())
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)),  # 2 branches per block
+        ("convnext_atto", {}),
+        ("resnet18", {}),  # projection shortcuts
+    ],
+)
+def test_export_pruned_timm_models_round_trip(name, kwargs) -> None:
+    timm = pytest.importorskip("timm")
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+        handle = inject_stochastic_depth(model, 0.5)
+        handle.prune(0.5, by="every_other")
+        return model, handle
+
+    model, handle = build(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        small = export_pruned(model)
+        assert torch.equal(small(x), want)
+    gone = {m for i in handle.pruned for m in handle.branches[i].modules}
+    assert gone and not any(k.startswith(m + ".") for m in gone for k in small.state_dict())  # their weights left
+    other = export_pruned(build(1)[0])
+    with torch.no_grad():
+        assert not torch.equal(other(x), want)  # other weights
+        other.load_state_dict(small.state_dict())
+        assert torch.equal(other(x), want)
