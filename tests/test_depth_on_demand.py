@@ -191,3 +191,22 @@ def test_summary_plots_draws_each_metric_against_depth(tmp_path, monkeypatch) ->
         (line,) = ax.get_lines()
         assert list(line.get_xdata()) == [0.25, 0.5, 1.0]
         assert list(line.get_ydata()) == pytest.approx([r[ax.get_ylabel()] for r in rows])
+
+
+@pytest.mark.slow
+def test_ddp_ranks_evaluate_the_same_depths_as_one_process(tmp_path) -> None:
+    """Two DDP ranks, each with half the validation data: same kept blocks and metrics on both, as one process."""
+    import json
+
+    from tests.distributed import run_script
+
+    single = tmp_path / "single"
+    single.mkdir()
+    run_script("fit_regression.py", "--out", str(single), "--devices", "1", "--batch-size", "16", "--depth-on-demand")
+    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp", "--batch-size", "8", "--depth-on-demand")
+    ranks = [json.load(open(tmp_path / f"depth_rank{r}.json")) for r in (0, 1)]
+    ref = json.load(open(single / "depth_rank0.json"))
+    assert ranks[0] == ranks[1]  # identical on every rank
+    assert [r["kept"] for r in ranks[0]] == [r["kept"] for r in ref]
+    assert [r["val_loss"] for r in ranks[0]] == pytest.approx([r["val_loss"] for r in ref], rel=1e-5)
+    assert len({r["val_loss"] for r in ref}) == 3  # the depths differ
