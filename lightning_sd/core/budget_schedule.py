@@ -6,7 +6,7 @@ Three schedules, each a pure function of the step ``t`` (optimizer steps done, 0
 - ``"warmup"``: ``b(t) = 1 - (1 - budget) * min(1, t / (warmup_fraction * T))``, a linear ramp of the
   drop rate from 0 to ``1 - budget`` over the first ``warmup_fraction`` of the ``T`` total steps, then
   constant (Composer's ``drop_warmup``). ``warmup_fraction = 0`` is the constant schedule.
-- ``"pld"``: Progressive Layer Dropping (Zhang & He, NeurIPS 2020, their Eq. (4)):
+- ``"pld"``: Progressive Layer Dropping (Zhang & He, NeurIPS 2020):
   ``b(t) = (1 - budget) * exp(-gamma * t) + budget``, from 1 at ``t = 0`` towards ``budget``; ``gamma``
   is per optimizer step (DeepSpeed's default 0.001).
 
