@@ -156,6 +156,23 @@ def test_reductions_are_lightnings() -> None:
         _reduction(torch.median)
 
 
+def test_validation_that_never_ran_is_loaded_at_fit_end_and_no_validation_is_refused(tmp_path) -> None:
+    torch.manual_seed(0)
+    dod = DepthOnDemand(keeps=(1.0, 0.5), by="survival")
+    trainer = pl.Trainer(max_epochs=1, check_val_every_n_epoch=5, callbacks=[StochasticDepth(seed=0), dod],
+                         **trainer_kwargs(tmp_path, logger=False))
+    module = MLPClassifier()
+    trainer.fit(module, loader(40, 0), loader(25, 1))
+    assert [r["blocks"] for r in dod.results] == [8, 4] and dod.results[0]["val_seen"] == 25
+    assert dod.results[0]["val_loss"] == pytest.approx(_validate(module, tmp_path)["val_loss"], rel=1e-6)
+    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, callbacks=[StochasticDepth(), DepthOnDemand()],
+                         **trainer_kwargs(tmp_path, logger=False))
+    module = MLPClassifier()
+    with pytest.raises(ValueError, match="limit_val_batches=0"):
+        trainer.fit(module, loader(40, 0), loader(25, 1))
+    assert module.global_step == 0
+
+
 def test_needs_stochastic_depth_and_a_validation_step(tmp_path) -> None:
     trainer = pl.Trainer(max_steps=1, callbacks=[DepthOnDemand()], **trainer_kwargs(tmp_path, logger=False))
     with pytest.raises(ValueError, match="has none"):

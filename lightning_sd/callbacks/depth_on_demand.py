@@ -294,6 +294,11 @@ class DepthOnDemand(Callback):
                 f"DepthOnDemand evaluates each depth with validation_step, which {type(pl_module).__name__} does not "
                 "define; define validation_step (logging the metrics to compare) and give the Trainer validation data"
             )
+        if trainer.limit_val_batches == 0:
+            raise ValueError(
+                "DepthOnDemand evaluates each depth on the validation data, but limit_val_batches=0 turns it off; "
+                "give the Trainer validation batches (limit_val_batches > 0)"
+            )
         self._sd = found[-1]
 
     @override
@@ -310,6 +315,10 @@ class DepthOnDemand(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.history and self.history[-1][1] == trainer.global_step:
             return  # already evaluated at this step (the last epoch's end)
+        if getattr(trainer, "val_dataloaders", None) is None:
+            # Validation never ran (check_val_every_n_epoch larger than the run): load the validation data now.
+            # Lightning 2.6 has no public call for it; the fit loop's validation loop loads it the same way.
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
         self.evaluate(trainer, pl_module)
         metrics = self.metrics()
         for logger in trainer.loggers:
