@@ -51,6 +51,7 @@ def test_recipe_set_and_quickstart_file_match_the_embedded_default() -> None:
         "cifar100_stable_resnet56.yaml",
         "cifar10_stable_resnet110.yaml",
         "digits.yaml",
+        "digits_depth_on_demand.yaml",
         "quickstart.yaml",
         "timm_cifar.yaml",
     ]
@@ -64,6 +65,7 @@ def test_recipe_set_and_quickstart_file_match_the_embedded_default() -> None:
 EXPECTED = {
     "quickstart.yaml": (SDRegressor, 100, ToyRegressionDataModule, "sensemode", 0.5),
     "digits.yaml": (SDClassifier, "CifarResNet-20", DigitsDataModule, "uniform", 0.5),
+    "digits_depth_on_demand.yaml": (SDClassifier, "CifarResNet-20", DigitsDataModule, "uniform", 0.5),
     "cifar10_stable_resnet110.yaml": (SDClassifier, "CifarResNet-110", CIFARDataModule, "sensemode", 0.3),
     "cifar100_stable_resnet56.yaml": (SDClassifier, "CifarResNet-56", CIFARDataModule, "sensemode", 0.4),
     "timm_cifar.yaml": (SDClassifier, "timm:vit_tiny_patch16_224", CIFARDataModule, "linear", 0.9),
@@ -151,6 +153,24 @@ def test_digits_recipe_fits_a_few_steps(tmp_path: Path, capsys: pytest.CaptureFi
     assert sd.num_blocks == 9 and float(sd.survival.sum()) == pytest.approx(4.5, abs=1e-5)
     assert 0.0 <= float(cli.trainer.callback_metrics["val/acc"]) <= 1.0
     assert "lightning-sd: logs in" in capsys.readouterr().out
+
+
+def test_digits_depth_on_demand_recipe_fits_and_evaluates_each_depth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cli = SDLightningCLI(
+        args=["fit", "--config", str(CONFIGS / "digits_depth_on_demand.yaml"), "--trainer.max_epochs", "1",
+              "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--trainer.logger.init_args.save_dir",
+              str(tmp_path), "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks.init_args.schedule", "pld", *QUIET]
+    )
+    (sd,) = [c for c in cli.trainer.callbacks if isinstance(c, StochasticDepth)]
+    assert sd.schedule == "pld"  # the last callback takes the --trainer.callbacks.init_args flags
+    (dod,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "DepthOnDemand"]
+    assert [(r["keep"], r["blocks"]) for r in dod.results] == [(1.0, 9), (0.75, 7), (0.5, 5), (0.25, 2)]
+    assert all(0.0 <= r["val/acc"] <= 1.0 for r in dod.results)
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "depth_on_demand_step3.csv").is_file() and (log_dir / "depth_on_demand.png").is_file()
+    with open(log_dir / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("depth/val/acc@0.5")]
+    assert len(rows) == 1 and float(rows[0]["depth/val/acc@0.5"]) == pytest.approx(dod.results[2]["val/acc"])
 
 
 @pytest.mark.parametrize(

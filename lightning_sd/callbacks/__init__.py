@@ -1,5 +1,6 @@
 """Thin Lightning callbacks over lightning_sd.core."""
 
+from lightning_sd.callbacks.depth_on_demand import DepthOnDemand
 from lightning_sd.callbacks.log_gaussian import LogGaussianMonitor
 from lightning_sd.callbacks.monitor import ProbeMonitor
 from lightning_sd.callbacks.normality_monitor import NormalityMonitor
@@ -9,6 +10,7 @@ from lightning_sd.callbacks.stochastic_depth import StochasticDepth, default_p_m
 from lightning_sd.callbacks.summary_plots import SummaryPlots
 
 __all__ = [
+    "DepthOnDemand",
     "LogGaussianMonitor",
     "NormalityMonitor",
     "ProbeMonitor",

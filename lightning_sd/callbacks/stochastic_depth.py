@@ -21,14 +21,16 @@ from typing_extensions import override
 from lightning_sd.callbacks.output import log_epoch_metrics, log_per_block, publish_table
 from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, MeasurementSettings, RateMeasurement
 from lightning_sd.callbacks.strategy_support import skips_compute_under
+from lightning_sd.core.budget_schedule import DEFAULT_PLD_GAMMA, BudgetSchedule, check_schedule, scheduled_budget
 from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.gates import (
     StochasticDepthHandle,
     existing_handle,
     inject_stochastic_depth,
 )
+from lightning_sd.core.pruning import PRUNE_BY, PruneBy, check_keep
 from lightning_sd.core.regularization import REGULARIZATION_ESTIMATORS
-from lightning_sd.core.survival import depth_moments, survival_rates
+from lightning_sd.core.survival import depth_moments, maxreg_rates, sensemode_rates, survival_rates
 from lightning_sd.core.validation import (
     DROP_KINDS,
     SCALINGS,
@@ -49,6 +51,11 @@ _MEASURED_MODES = tuple(RATE_MEASUREMENTS)  # ("sensemode", "maxreg")
 _POSITIONAL_MODES = ("linear", "custom")  # rates belong to positions 1..L, not to particular branches
 #: ``scaling="inverted"`` multiplies a kept branch by 1/p_l; above this factor the callback warns.
 MAX_MULTIPLIER = 20.0
+_ENDLESS_WARMUP = (
+    "StochasticDepth(schedule='warmup') ramps over a fraction of the run's optimizer steps, but this Trainer's number "
+    "of steps is unknown (max_epochs=-1 and max_steps=-1, or training data without a length). Set max_steps or "
+    "max_epochs, or use schedule='pld' (which needs no end)."
+)
 # Which callback drives a handle (several Trainers may use one module); weak on both sides.
 _OWNERS: weakref.WeakKeyDictionary[StochasticDepthHandle, weakref.ref[StochasticDepth]] = weakref.WeakKeyDictionary()
 
@@ -137,12 +144,22 @@ class StochasticDepth(Callback):
         regularization_estimator: how ``"maxreg"`` computes g_l on a model without BatchNorm: ``"exact"``,
             ``"sampled"`` or ``"auto"`` (see :func:`~lightning_sd.core.regularization.regularization_terms`).
         log_every_n_steps: how often the realized depth is logged (it is always accumulated).
+        schedule: how the budget moves over the optimizer steps t (:mod:`lightning_sd.core.budget_schedule`):
+            ``"constant"`` (``b(t) = budget``), ``"warmup"`` (``b`` falls linearly from 1 to ``budget`` over
+            the first ``warmup_fraction`` of ``trainer.estimated_stepping_batches``, Composer's
+            ``drop_warmup``) or ``"pld"`` (Progressive Layer Dropping, Zhang & He 2020:
+            ``b(t) = (1 - budget) exp(-pld_gamma t) + budget``). At every step the rates are the mode's
+            rates for ``b(t)`` (``sum_l p_l = b(t) L``), re-solved from the stored measurements for
+            ``"sensemode"``/``"maxreg"``; ``"custom"`` rates are fixed and take no schedule. ``b(t)`` is
+            logged per step as ``sd/budget``.
+        warmup_fraction: ``schedule="warmup"``: fraction of the training steps the ramp lasts, in [0, 1].
+        pld_gamma: ``schedule="pld"``: decay per optimizer step, > 0 (DeepSpeed's default 0.001).
 
     With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
     ``1/p_l > 20`` (:data:`MAX_MULTIPLIER`, ``p_l < 0.05``).
 
-    Logged: ``sd/realized_depth`` (on step); at every training epoch end ``sd/expected_depth``,
-    ``sd/budget``, ``sd/depth_mean``/``var`` with their ``_theory`` twins (Lemma 1), and per block
+    Logged: ``sd/realized_depth`` and ``sd/budget`` (``b(t)`` of the schedule) on step; at every training
+    epoch end ``sd/expected_depth``, ``sd/depth_mean``/``var`` with their ``_theory`` twins (Lemma 1), and per block
     ``sd/survival/<l>`` and, when measured, ``sd/sensitivity/<l>`` (l = 001 ..); a table
     ``sd_rates_epoch{E}.csv`` in the log directory whenever the rates change (:meth:`rate_table`). On a
     ``TensorBoardLogger`` the per-block values are one histogram (``sd/survival``, ``sd/sensitivity``)
@@ -182,8 +199,18 @@ class StochasticDepth(Callback):
         log_every_n_steps: int = 1,
         input_fn: Callable[[Any], Tensor] | None = None,
         regularization_estimator: Literal["auto", "exact", "sampled"] = "auto",
+        schedule: BudgetSchedule = "constant",
+        warmup_fraction: float = 0.1,
+        pld_gamma: float = DEFAULT_PLD_GAMMA,
     ) -> None:
         check_choice("mode", mode, SURVIVAL_MODES)
+        warmup_fraction, pld_gamma = check_schedule(schedule, warmup_fraction, pld_gamma)
+        if mode == "custom" and schedule != "constant":
+            raise ValueError(
+                f"mode='custom' fixes every rate, so there is no budget for schedule={schedule!r} to move; use "
+                "schedule='constant' with mode='custom', or a mode that solves rates for a budget "
+                "('uniform', 'linear', 'sensemode', 'maxreg') with the schedule"
+            )
         check_choice("drop", drop, DROP_KINDS)
         check_choice("scaling", scaling, SCALINGS)
         budget = float(budget) if mode == "custom" else check_budget(budget)
@@ -252,6 +279,14 @@ class StochasticDepth(Callback):
         self.input_fn = input_fn
         self.regularization_estimator = regularization_estimator
         self.log_every_n_steps = int(log_every_n_steps)
+        self.schedule = schedule
+        self.warmup_fraction = warmup_fraction
+        self.pld_gamma = pld_gamma
+        #: T of the schedule: the run's optimizer steps (``"warmup"``), set at train start or from a checkpoint.
+        self.schedule_total_steps: int | None = None
+        #: b(t) of the current training step (the budget the rates in force were solved for).
+        self.current_budget: float = float(budget)
+        self._solved_for: tuple[float, int | None] | None = None  # (b, measured at step) of the rates in force
         self.handle: StochasticDepthHandle | None = None
         self.table_path: str | None = None  # the last rate table written (rank 0)
         #: S_l of the last ``"sensemode"`` measurement (float32, CPU, call order), checkpointed.
@@ -321,7 +356,7 @@ class StochasticDepth(Callback):
         from: the mode, ``"uniform until measured"``, or ``"uniform (every measured S_l/g_l is 0)"`` when
         a measured mode found nothing to rank), ``budget``, ``drop``, ``scaling``, ``seed``,
         ``seed_source`` (``"argument"``, ``"checkpoint"`` or ``"torch.initial_seed()"``), ``p_min``,
-        ``max_multiplier`` (``max 1/p_l`` with ``"inverted"``, else 1), and for the measured modes
+        ``max_multiplier`` (``max 1/p_l`` with ``"inverted"``, else 1), ``schedule``, and for the measured modes
         ``measure`` (when), ``measure_batches`` and ``measure_loss`` (what is differentiated).
         """
         rates: str = self.mode
@@ -343,6 +378,7 @@ class StochasticDepth(Callback):
             "seed_source": self._seed_source,
             "p_min": self.p_min,
             "max_multiplier": _max_multiplier(p, self.scaling),
+            "schedule": self.schedule,
         }
         if self.mode in _MEASURED_MODES:
             out["measure"] = (
@@ -365,11 +401,17 @@ class StochasticDepth(Callback):
         )
         if "measure" in s:
             line += f", measured {s['measure']} on {s['measure_batches']} training batches ({s['measure_loss']})"
+        if self.schedule == "warmup":
+            line += f", schedule=warmup (budget from 1 to {self.budget} over the first {self.warmup_fraction:g} of the steps)"
+        elif self.schedule == "pld":
+            line += f", schedule=pld (b(t) = (1 - {self.budget}) exp(-{self.pld_gamma:g} t) + {self.budget})"
         return line
 
     # ------------------------------------------------------------------ attaching the gates
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.schedule == "warmup" and stage == "fit" and trainer.max_steps == -1 and trainer.max_epochs == -1:
+            raise ValueError(_ENDLESS_WARMUP)  # before the model is touched
         existing = existing_handle(pl_module)
         if self.handle is not None and self.handle is existing:
             # Same gates (fit then test, or this callback in a new Trainer): follow this Trainer's strategy.
@@ -466,6 +508,11 @@ class StochasticDepth(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule == "warmup" and self.schedule_total_steps is None:
+            total = trainer.estimated_stepping_batches
+            if math.isinf(total):  # e.g. an iterable dataset without a length and no max_steps
+                raise ValueError(_ENDLESS_WARMUP)
+            self.schedule_total_steps = int(total)
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
             self._measure(trainer, pl_module)
 
@@ -488,6 +535,7 @@ class StochasticDepth(Callback):
         assert self.handle is not None
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
             self._measure(trainer, pl_module)
+        self._follow_schedule(trainer.global_step)
         try:
             batch_size: int | None = extract_batch_size(batch)
         except Exception:  # no tensor to read it from: the gates draw at their first call
@@ -503,6 +551,7 @@ class StochasticDepth(Callback):
         assert self.handle is not None
         if self._order_probe is not None:
             self._finish_order_check()
+        pl_module.log("sd/budget", self.current_budget, on_step=True, on_epoch=False, batch_size=1)
         depth = self.handle.realized_depth()
         if math.isnan(depth):
             return
@@ -532,6 +581,100 @@ class StochasticDepth(Callback):
                 "sd/depth_var_theory": var_theory,
             },
         )
+
+    # ------------------------------------------------------------------ budget schedule
+    def budget_at(self, step: int) -> float:
+        """``b(t)`` of this callback's schedule at optimizer step ``step`` (``"warmup"``: after train start)."""
+        if self.schedule == "warmup" and self.schedule_total_steps is None:
+            raise RuntimeError("schedule='warmup' knows its total steps from on_train_start on (trainer.estimated_stepping_batches)")
+        return scheduled_budget(
+            self.schedule,
+            self.budget,
+            step,
+            total_steps=self.schedule_total_steps,
+            warmup_fraction=self.warmup_fraction,
+            pld_gamma=self.pld_gamma,
+        )
+
+    def rates_for_budget(self, budget: float) -> Tensor:
+        """This mode's rates for ``budget`` (float64, call order), from the stored measurements where measured.
+
+        ``"uniform"``/``"linear"``: the formula; ``"sensemode"``/``"maxreg"``: :func:`sensemode_rates` /
+        :func:`maxreg_rates` of the stored ``S_l``/``g_l`` with this callback's ``p_min`` (uniform until measured).
+        """
+        assert self.handle is not None
+        num_blocks = self.handle.num_blocks
+        if self.mode == "custom":
+            return survival_rates("custom", num_blocks, rates=self.custom_survival)
+        if self.mode == "sensemode" and self._measured and self.sensitivities is not None:
+            return sensemode_rates(num_blocks, budget, self.sensitivities, self.p_min)
+        if self.mode == "maxreg" and self._measured and self.regularization_terms is not None:
+            return maxreg_rates(num_blocks, budget, self.regularization_terms, self.p_min)
+        if self.mode in _MEASURED_MODES:
+            return survival_rates("uniform", num_blocks, budget)
+        return survival_rates(self.mode, num_blocks, budget)
+
+    def _follow_schedule(self, step: int) -> None:
+        """Set the rates of step ``step``: the mode's rates for ``b(step)`` (re-solved when b or the measurement changed)."""
+        assert self.handle is not None
+        if self.schedule == "constant":
+            self.current_budget = self.budget
+            return
+        budget = self.budget_at(step)
+        self.current_budget = budget
+        key = (budget, self._measured_at_step)
+        if key == self._solved_for:
+            return
+        self.handle.set_survival(self.rates_for_budget(budget))
+        self._solved_for = key
+
+    # ------------------------------------------------------------------ depth on demand
+    def prune(self, keep: float, by: PruneBy = "sensitivity") -> list[int]:
+        """Run evaluation with ``round(keep * L)`` blocks; the others reduce to their shortcut. Returns the kept blocks.
+
+        ``by``: ``"sensitivity"`` (largest ``|S_l|`` of the evaluation network, see
+        :meth:`pruning_sensitivities`), ``"survival"`` (highest ``p_l``), ``"every_other"`` or ``"last"``
+        (:mod:`lightning_sd.core.pruning`). Training is unchanged; :meth:`unprune` restores. After ``fit``,
+        :func:`lightning_sd.export_pruned` turns the pruned module into a smaller plain one.
+
+        Args:
+            keep: fraction of the blocks kept, in (0, 1].
+            by: how the kept blocks are chosen.
+        """
+        check_keep(keep)
+        check_choice("by", by, PRUNE_BY)
+        if self.handle is None:
+            raise RuntimeError("StochasticDepth.prune needs the gates the callback puts in at setup (after fit starts)")
+        sensitivities = self.pruning_sensitivities() if by == "sensitivity" else None
+        return self.handle.prune(keep, by, sensitivities=sensitivities)
+
+    def unprune(self) -> None:
+        """Every block runs in evaluation again (undoes :meth:`prune`)."""
+        if self.handle is not None:
+            self.handle.unprune()
+
+    def pruning_sensitivities(self, num_batches: int | None = None) -> Tensor:
+        """``S_l`` for pruning by sensitivity (float32, call order).
+
+        This run's SenseMode measurement when it was taken at the current step, else measured now on
+        ``num_batches`` (default ``sensitivity_batches``) validation batches of the evaluation network
+        (:func:`~lightning_sd.callbacks.depth_on_demand.evaluation_sensitivities_on_validation`).
+        """
+        if self.handle is None:
+            raise RuntimeError("StochasticDepth has no gates yet: prune after setup (e.g. after fit)")
+        pl_module = self.handle.model
+        trainer = getattr(pl_module, "_trainer", None)
+        if trainer is None:
+            raise RuntimeError(
+                "by='sensitivity' measures S_l on the Trainer's validation data, but the module is not attached to a Trainer; "
+                "use handle.prune(keep, by='sensitivity', sensitivities=S or batches=, loss_fn=) instead"
+            )
+        if self.mode == "sensemode" and self.sensitivities is not None and self._measured_at_step == trainer.global_step:
+            return self.sensitivities
+        from lightning_sd.callbacks.depth_on_demand import evaluation_sensitivities_on_validation
+
+        batches = self.sensitivity_batches if num_batches is None else int(num_batches)
+        return evaluation_sensitivities_on_validation(trainer, pl_module, batches, self.sensitivity_loss)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ call order
     def _finish_order_check(self) -> None:
@@ -613,7 +756,7 @@ class StochasticDepth(Callback):
         assert self.handle is not None
         p = self.handle.survival
         mean, var = depth_moments(p)
-        log_epoch_metrics(pl_module, {"sd/expected_depth": mean, "sd/budget": mean / self.handle.num_blocks})  # identical on every rank
+        log_epoch_metrics(pl_module, {"sd/expected_depth": mean})  # identical on every rank; sd/budget is logged per step
         per_block = {"sd/survival": p} if self.sensitivities is None else {"sd/survival": p, "sd/sensitivity": self.sensitivities}
         log_per_block(trainer, pl_module, per_block)  # scalars sd/survival/001 ..; on TensorBoard a histogram and an image
         if self._rates_changed:  # one table per change of the rates (or of their numbering)
@@ -650,6 +793,10 @@ class StochasticDepth(Callback):
             "scaling": self.scaling,
             "p_min": self.p_min,
             "measure_after_steps": self.measure_after_steps,
+            "schedule": self.schedule,
+            "warmup_fraction": self.warmup_fraction,
+            "pld_gamma": self.pld_gamma,
+            "schedule_total_steps": self.schedule_total_steps,
         }
         if self.handle is not None:
             # float64: masks compare u < p_l and scale by 1/p_l, so a float32 round trip would change them.
@@ -677,6 +824,11 @@ class StochasticDepth(Callback):
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         assert self.handle is not None
+        if state.get("schedule", "constant") != self.schedule:
+            rank_zero_warn(
+                f"StochasticDepth: checkpoint was trained with schedule={state.get('schedule', 'constant')!r}, this callback has "
+                f"schedule={self.schedule!r}; the resumed run follows this callback's schedule"
+            )
         for key in ("mode", "drop", "scaling"):
             if key in state and state[key] != getattr(self, key):
                 rank_zero_warn(
@@ -694,6 +846,10 @@ class StochasticDepth(Callback):
             self.handle.reorder([names.index(n) for n in state["branches"]])
         if state.get("order_checked"):
             self._order_checked = True
+        if state.get("schedule_total_steps") is not None and self.schedule == state.get("schedule"):
+            # The schedule continues over the steps it started with (a resumed run may estimate another T).
+            self.schedule_total_steps = int(state["schedule_total_steps"])
+        self._solved_for = None  # the next step re-solves its rates for b(t)
         if state.get("seed") is not None:
             self.seed = int(state["seed"])
             self.handle.seed = self.seed

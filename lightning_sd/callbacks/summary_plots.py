@@ -153,6 +153,7 @@ class SummaryPlots(Callback):
         Usable without a Trainer, e.g. ``SummaryPlots().write(trainer.callbacks, "plots")`` after a fit.
         """
         _require_matplotlib()
+        from lightning_sd.callbacks.depth_on_demand import DepthOnDemand
         from lightning_sd.callbacks.monitor import active_stochastic_depth
         from lightning_sd.callbacks.normality_monitor import NormalityMonitor
         from lightning_sd.callbacks.regularization_monitor import RegularizationMonitor
@@ -160,14 +161,17 @@ class SummaryPlots(Callback):
         sd = active_stochastic_depth(callbacks)
         reg = next((c for c in callbacks if isinstance(c, RegularizationMonitor) and c.history), None)
         normality = [c for c in callbacks if isinstance(c, NormalityMonitor) and c.history]
+        depth = next((c for c in callbacks if isinstance(c, DepthOnDemand) and c.results), None)
         paths: dict[str, str] = {}
-        if sd is None and reg is None and not normality:
+        if sd is None and reg is None and not normality and depth is None:
             return paths
         os.makedirs(out_dir, exist_ok=True)
         if sd is not None:
             paths["rates"] = self._plot_rates(sd, reg, os.path.join(out_dir, f"{self.prefix}sd_rates.png"))
         if reg is not None:
             paths["regularization"] = self._plot_regularization(reg, os.path.join(out_dir, f"{self.prefix}regularization.png"))
+        if depth is not None:
+            paths["depth_on_demand"] = self._plot_depth(depth, os.path.join(out_dir, f"{self.prefix}depth_on_demand.png"))
         for monitor in normality:
             key = monitor.prefix if monitor.prefix not in paths else f"{monitor.prefix}_{len(paths)}"
             paths[key] = self._plot_pvalues(monitor, os.path.join(out_dir, f"{self.prefix}{key}_pvalues.png"))
@@ -217,6 +221,22 @@ class SummaryPlots(Callback):
             if i < len(panels):
                 axes[i, 0].tick_params(labelbottom=False)
                 axes[i, 0].set_xlabel("")
+        return _save(fig, path, self.dpi)
+
+    def _plot_depth(self, depth: Any, path: str) -> str:
+        """Each metric :class:`~lightning_sd.callbacks.depth_on_demand.DepthOnDemand` measured against the fraction of blocks kept."""
+        rows = sorted(depth.results, key=lambda r: r["keep"])
+        names = [k for k in rows[0] if k not in ("keep", "blocks", "kept")][:4]
+        fig, axes = _figure(1, max(1, len(names)), width=4.2 * max(1, len(names)), height=3.4)
+        keeps = np.array([r["keep"] for r in rows])
+        for i, name in enumerate(names):
+            ax = axes[0, i]
+            ax.plot(keeps, [float(r[name]) for r in rows], marker="o", color="tab:blue")
+            for r in rows:
+                ax.annotate(str(r["blocks"]), (r["keep"], float(r[name])), fontsize=7, textcoords="offset points", xytext=(3, 3))
+            ax.set_xlabel("fraction of blocks kept (labels: blocks)")
+            ax.set_ylabel(name)
+            ax.set_title(f"{name} vs depth (by={depth.by})", fontsize=9)
         return _save(fig, path, self.dpi)
 
     def _plot_regularization(self, reg: Any, path: str) -> str:

@@ -69,6 +69,8 @@ class _GateBase(nn.Module):
     """Shared plumbing: index l, a reference to the handle (not a submodule), no state_dict entries."""
 
     handle: StochasticDepthHandle  # in __dict__, so nn.Module.__getattr__ never sees it
+    #: Left out in evaluation (``handle.prune``, :mod:`lightning_sd.core.pruning`): the block returns its shortcut.
+    pruned: bool = False
 
     def __init__(self, index: int, handle: StochasticDepthHandle) -> None:
         super().__init__()
@@ -88,6 +90,8 @@ class _GateBase(nn.Module):
                 return m[index]
             return _broadcast_over_batch(m[:, index], branch_out)
         if not self.training:
+            if self.pruned:
+                return 0.0
             return handle._p[index] if handle.scaling == "expected" else 1.0
         kind = handle.drop_kind
         if kind.dropped(index):
@@ -143,6 +147,8 @@ class ResidualGate(_GateBase):
     @override
     def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
         handle = self.handle
+        if self.pruned and not self.training and handle._override is None:
+            return shortcut  # pruned for inference: the branch is not called
         if handle._override is None and self.training and handle.drop_kind.dropped(self.index):
             if handle.skip_compute:
                 return self._skip(shortcut)
@@ -362,6 +368,36 @@ class StochasticDepthHandle:
             seed=self.seed, key=self._key, rank=self._rank, rates=self._p, scaling=self.scaling, batch_size=batch_size, device=device
         )
         return self.kept
+
+    def prune(
+        self,
+        keep: float,
+        by: str = "survival",
+        *,
+        sensitivities: Sequence[float] | Tensor | None = None,
+        batches: Any = None,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+    ) -> list[int]:
+        """Keep ``round(keep * L)`` blocks in evaluation, the others return their shortcut; returns the kept blocks.
+
+        ``by``: ``"sensitivity"`` (largest ``|S_l|``: ``sensitivities=`` or measured on ``batches`` with
+        ``loss_fn``), ``"survival"`` (highest ``p_l``), ``"every_other"`` or ``"last"`` (the last blocks go).
+        See :func:`lightning_sd.core.pruning.prune_blocks`; training is unchanged.
+        """
+        from lightning_sd.core.pruning import prune_blocks
+
+        return prune_blocks(self, keep, by, sensitivities=sensitivities, batches=batches, loss_fn=loss_fn)
+
+    def unprune(self) -> None:
+        """Every block runs again in evaluation."""
+        from lightning_sd.core.pruning import unprune_blocks
+
+        unprune_blocks(self)
+
+    @property
+    def pruned(self) -> list[int]:
+        """The blocks (0-based) left out in evaluation by :meth:`prune`."""
+        return [i for i, gate in enumerate(self.gates) if gate.pruned]
 
     def realized_depth(self) -> float:
         """Number of branches executed at the current step (batch drop) or their mean over examples (sample)."""

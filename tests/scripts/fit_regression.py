@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
+from lightning_sd.callbacks.depth_on_demand import DepthOnDemand  # noqa: E402
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth  # noqa: E402
 from lightning_sd.core.gates import existing_handle  # noqa: E402
 from tests.helpers import RegressionModule, regression_data  # noqa: E402
@@ -60,6 +61,7 @@ class MaskRecorder(pl.Callback):
                 "step": trainer.global_step,
                 "batch_idx": batch_idx,
                 "kept": h.kept.tolist(),
+                "rates": h.survival_float64.tolist(),
                 "sample": masks,
                 "x_sum": float(batch[0].sum()),
                 "n": int(batch[0].shape[0]),
@@ -76,6 +78,30 @@ class ShardedRegression(RegressionModule):
         data = regression_data(n=128, in_features=8)
         sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+
+class ValidatedRegression(ShardedRegression):
+    """With validation data sharded as the training data, and a validation loss (for DepthOnDemand)."""
+
+    def val_dataloader(self):
+        data = regression_data(n=32, in_features=8, seed=1)
+        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+
+class DepthRecorder(pl.Callback):
+    """After DepthOnDemand's fit-end evaluation, each rank writes its rows."""
+
+    def __init__(self, out, dod):
+        self.out, self.dod = out, dod
+
+    def on_fit_end(self, trainer, pl_module):
+        with open(os.path.join(self.out, f"depth_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(self.dod.results, f)
 
 
 class LazyShardedRegression(ShardedRegression):
@@ -104,6 +130,9 @@ def main():
     parser.add_argument("--drop", default="batch")
     parser.add_argument("--mode", default="uniform")
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--schedule", default="constant", help="StochasticDepth(schedule=...)")
+    parser.add_argument("--pld-gamma", type=float, default=0.001)
+    parser.add_argument("--depth-on-demand", action="store_true", help="validation data and DepthOnDemand(by='sensitivity')")
     parser.add_argument("--lazy", action="store_true", help="build the network in configure_model")
     parser.add_argument("--seed", default="1234", help="mask seed, or 'none': the callback's default, with the "
                         "global RNG seeded 100 + rank before fit (rank 0's must win)")
@@ -111,16 +140,22 @@ def main():
 
     torch.manual_seed(0)
     kwargs = dict(in_features=8, width=16, depth=8, lr=0.01)
-    module = LazyShardedRegression(**kwargs) if args.lazy else ShardedRegression(**kwargs)
+    module_class = LazyShardedRegression if args.lazy else ValidatedRegression if args.depth_on_demand else ShardedRegression
+    module = module_class(**kwargs)
     recorder = MaskRecorder(args.out)
+    extra = []
+    if args.depth_on_demand:
+        dod = DepthOnDemand(keeps=(1.0, 0.5, 0.25), by="sensitivity", sensitivity_batches=2)
+        extra = [dod, DepthRecorder(args.out, dod)]
     seed = None if args.seed == "none" else int(args.seed)
-    sd = StochasticDepth(mode=args.mode, budget=args.budget, drop=args.drop, seed=seed, sensitivity_batches=2)
+    sd = StochasticDepth(mode=args.mode, budget=args.budget, drop=args.drop, seed=seed, sensitivity_batches=2,
+                        schedule=args.schedule, pld_gamma=args.pld_gamma)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy=DDPStrategy(static_graph=True) if args.strategy == "ddp_static_graph" else args.strategy,
         max_steps=args.steps,
-        callbacks=[sd, recorder],
+        callbacks=[sd, recorder, *extra],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
