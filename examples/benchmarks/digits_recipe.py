@@ -100,7 +100,7 @@ def mean_spread(values: Sequence[float], digits: int = 2) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table (pasted into docs/schedules_and_depth_on_demand.md)."""
+    """A Markdown table (pasted into docs/schedules-and-depth-on-demand.md)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
