@@ -137,6 +137,12 @@ class StochasticDepth(Callback):
         regularization_estimator: how ``"maxreg"`` computes g_l on a model without BatchNorm: ``"exact"``,
             ``"sampled"`` or ``"auto"`` (see :func:`~lightning_sd.core.regularization.regularization_terms`).
         log_every_n_steps: how often the realized depth is logged (it is always accumulated).
+        compile: compile each residual branch as its own region after injection
+            (:meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile`): ``True`` with
+            ``torch.compile``'s defaults, or a dict of its keyword arguments (``{"mode": "max-autotune"}``).
+            Identical blocks share one compiled graph, the skip decision stays eager, and neither the masks
+            nor the rates recompile. A model compiled by the user (``torch.compile(model)``) needs nothing
+            here: see :mod:`lightning_sd.core.compilation`.
 
     With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
     ``1/p_l > 20`` (:data:`MAX_MULTIPLIER`, ``p_l < 0.05``).
@@ -174,6 +180,7 @@ class StochasticDepth(Callback):
         log_every_n_steps: int = 1,
         input_fn: Callable[[Any], Tensor] | None = None,
         regularization_estimator: Literal["auto", "exact", "sampled"] = "auto",
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         check_choice("mode", mode, SURVIVAL_MODES)
         check_choice("drop", drop, DROP_KINDS)
@@ -225,6 +232,11 @@ class StochasticDepth(Callback):
             )
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        if not isinstance(compile, (bool, dict)) or (isinstance(compile, dict) and not all(isinstance(k, str) for k in compile)):
+            raise ValueError(
+                f"compile must be True/False or a dict of torch.compile keyword arguments, got {compile!r}; "
+                "e.g. compile=True or compile={'mode': 'max-autotune'}"
+            )
         self.mode = mode
         self.budget = budget
         self.drop = drop
@@ -244,6 +256,7 @@ class StochasticDepth(Callback):
         self.input_fn = input_fn
         self.regularization_estimator = regularization_estimator
         self.log_every_n_steps = int(log_every_n_steps)
+        self.compile = compile if isinstance(compile, bool) else dict(compile)
         self.handle: StochasticDepthHandle | None = None
         self.table_path: str | None = None  # the last rate table written (rank 0)
         #: S_l of the last ``"sensemode"`` measurement (float32, CPU, call order), checkpointed.
@@ -436,6 +449,8 @@ class StochasticDepth(Callback):
             existing.reconfigure(self._initial_rates, drop=self.drop, scaling=self.scaling, seed=self.seed, auto_resample=False)
             self.handle = existing
         _OWNERS[self.handle] = weakref.ref(self)
+        if self.compile is not False:
+            self.handle.compile(**({} if self.compile is True else self.compile))
         self.handle.set_rank(trainer.global_rank)
         self.handle.skip_compute = skip
         if message is not None and self.drop == "batch":
@@ -762,6 +777,7 @@ class _CallOrderProbe:
         if not self.positional or k == index:
             return
         handle._p[index] = self._p[k]
+        handle._refresh_rates()
         first = args[0] if args and isinstance(args[0], Tensor) else None
         self._masks = handle.drop_kind.follow_call_order(self._masks, self.calls, first, handle._p, handle.scaling)
 
