@@ -136,7 +136,9 @@ class StochasticDepth(Callback):
             :func:`~lightning_sd.callbacks.probe_data.default_input_fn` (``batch[0]`` of tuples, known keys of dicts).
         regularization_estimator: how ``"maxreg"`` computes g_l on a model without BatchNorm: ``"exact"``,
             ``"sampled"`` or ``"auto"`` (see :func:`~lightning_sd.core.regularization.regularization_terms`).
-        log_every_n_steps: how often the realized depth is logged (it is always accumulated).
+        log_every_n_steps: how often the realized depth is logged (it is always accumulated): every
+            ``log_every_n_steps``-th batch among the steps the Trainer's loggers write
+            (``Trainer(log_every_n_steps=...)``); not at all without a logger.
         compile: compile each residual branch as its own region after injection
             (:meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile`): ``True`` with
             ``torch.compile``'s defaults, or a dict of its keyword arguments (``{"mode": "max-autotune"}``).
@@ -516,7 +518,7 @@ class StochasticDepth(Callback):
         self._depth_sum += depth
         self._depth_sq_sum += depth * depth
         self._depth_count += 1
-        if batch_idx % self.log_every_n_steps == 0:
+        if batch_idx % self.log_every_n_steps == 0 and _loggers_write_this_step(trainer):
             pl_module.log("sd/realized_depth", depth, on_step=True, on_epoch=False)
 
     @override
@@ -726,6 +728,18 @@ class StochasticDepth(Callback):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+def _loggers_write_this_step(trainer: pl.Trainer) -> bool:
+    """Whether a step-level ``self.log`` now reaches a logger (each call costs about a millisecond on CPU).
+
+    Lightning writes step metrics only at every ``Trainer(log_every_n_steps)``-th step
+    (``_LoggerConnector.should_update_logs``, evaluated again after ``on_train_batch_end`` with the
+    same step count), and nowhere without loggers.
+    """
+    if not trainer.loggers:
+        return False
+    return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
 
 
 def _max_multiplier(p: Tensor | None, scaling: str) -> float:

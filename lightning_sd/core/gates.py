@@ -62,6 +62,17 @@ __all__ = [
 _GATE_PREFIX = "_sd_gate"
 
 
+def _walk(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)`` through the ``_modules`` dicts (falls back to it for anything unusual)."""
+    module = root
+    for part in path.split("."):
+        child = module._modules.get(part)
+        if child is None:
+            return root.get_submodule(path)
+        module = child
+    return module
+
+
 def _broadcast_over_batch(m: Tensor, like: Tensor) -> Tensor:
     return m.reshape((m.shape[0],) + (1,) * (like.ndim - 1))
 
@@ -158,11 +169,18 @@ class ResidualGate(_GateBase):
         return regions[0](*regions[2], *inputs)
 
     def _weights(self) -> Iterator[Tensor]:
+        # Looked up at every call (modules and parameters may be replaced after injection: SyncBatchNorm,
+        # pruning, load_state_dict(assign=True)), through the ``_modules`` dicts: a fraction of the cost
+        # of ``get_submodule(...).parameters()`` for the usual leaf modules.
         for name in self.weight_modules:
-            yield from self.block.get_submodule(name).parameters()
+            module = _walk(self.block, name)
+            if module._modules:
+                yield from module.parameters()
+            else:
+                yield from (w for w in module._parameters.values() if w is not None)
         for name in self.weight_attrs:
-            obj = self.block.get_parameter(name)
-            yield obj
+            owner, _, attr = name.rpartition(".")
+            yield _walk(self.block, owner)._parameters[attr] if owner else self.block._parameters[attr]
 
     def _skip(self, shortcut: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
