@@ -7,22 +7,24 @@ One training step = resample, forward, backward, SGD step. The model is compiled
 ``torch.compile(model, backend=...)`` (default inductor) after ``torch._dynamo.reset()``; graphs are
 counted by Dynamo's ``CompileCounterWithBackend``.
 
-Columns: eager and compiled step time (median over ``--repeats`` of the mean over ``--steps`` steps,
-after the warm-up), compiled time / compiled no-SD time, the ideal ratio
+Every configuration is compiled first (its warm-up steps), then timed: in each of ``--repeats``
+repeats every configuration runs ``--steps`` eager and ``--steps`` compiled steps, in alternating
+order, so that drift of a shared machine affects all alike. Columns: eager and compiled step time
+(median over repeats of the mean over steps), compiled time / compiled no-SD time (median over
+repeats of the ratio within a repeat), the ideal ratio
 ``(T_0 + f (T_plain - T_0)) / T_plain`` (``T_0``: compiled step with every block dropped, ``f``: the
 fraction of branch compute that ran: the kept fraction for batch drop, the subset fraction for subset
 drop, 1 otherwise), the compile time (the warm-up steps' time minus as many steady steps), the number
 of graphs, and the peak memory (CUDA only: ``torch.cuda.max_memory_allocated``; "-" on CPU).
 
     python examples/benchmarks/bench_compile.py                       # CifarResNet-56 and vit_tiny, CPU
-    python examples/benchmarks/bench_compile.py --models vit_tiny --steps 3 --repeats 3
+    python examples/benchmarks/bench_compile.py --models vit_tiny --configs "batch 0.5" "subset 0.5"
     python examples/benchmarks/bench_compile.py --device cuda --dtype bfloat16 --models resnet50 cifar110 vit_small
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 import warnings
@@ -116,8 +118,11 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     shape = build(name)[1]
     x = torch.randn(args.batch_size, *shape, device=DEVICE)
     y = torch.randint(0, 10, (args.batch_size,), device=DEVICE)
-    rows = []
+    runs: list[tuple[str, dict[str, Any] | None, Run, Run, CompileCounterWithBackend, float]] = []
+    torch._dynamo.reset()
     for label, inject, drop_path in configurations(name, timm_model):
+        if args.configs and label not in args.configs and label != "no SD" and not label.startswith("all dropped"):
+            continue
         torch.manual_seed(0)
         model, _ = build(name, drop_path)
         model = model.to(DEVICE).train()
@@ -127,37 +132,50 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             handle = inject_stochastic_depth(model, kwargs.pop("survival"), auto_resample=False, seed=0, **kwargs)
         eager = Run(model, handle, x, y)
         eager.step()
-        eager_times = [eager.timed(args.steps) for _ in range(args.repeats)]
-        torch._dynamo.reset()
-        counter = CompileCounterWithBackend(args.backend)
+        counter = CompileCounterWithBackend(args.backend)  # its own counter: graphs of this configuration
         compiled = Run(model, handle, x, y)
         compiled.forward = torch.compile(model, backend=counter)
         warm = compiled.timed(args.warmup) * args.warmup
-        times = [compiled.timed(args.steps) for _ in range(args.repeats)]
+        steady = compiled.timed(1)
+        print(f"  {name} {label}: compiled in {max(warm - args.warmup * steady, 0.0):.1f} s, {counter.frame_count} graphs", flush=True)
+        runs.append((label, inject, eager, compiled, counter, max(warm - args.warmup * steady, 0.0)))
+    # Timing: every configuration in each repeat, in alternating order, so that drift of a shared
+    # machine affects all of them alike.
+    eager_times: dict[str, list[float]] = {r[0]: [] for r in runs}
+    compiled_times: dict[str, list[float]] = {r[0]: [] for r in runs}
+    ratios: dict[str, list[float]] = {r[0]: [] for r in runs}
+    for repeat in range(args.repeats):
+        order = runs if repeat % 2 == 0 else list(reversed(runs))
+        this: dict[str, float] = {}
+        for label, _, eager, compiled, _, _ in order:
+            eager_times[label].append(eager.timed(args.steps))
+            this[label] = compiled.timed(args.steps)
+            compiled_times[label].append(this[label])
+        for label in this:
+            ratios[label].append(this[label] / this["no SD"])
+    rows = []
+    for label, inject, _, compiled, counter, compile_s in runs:
+        kept = statistics.mean(compiled.fractions[args.warmup + 1 :]) if compiled.fractions else 1.0
+        if inject is not None and inject["drop"] == "sample":
+            kept = 1.0  # every branch computed
+        peak = "-"
         if DEVICE.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             compiled.timed(1)
             peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}"
-        else:
-            peak = "-"
-        step = statistics.median(times)
-        kept = statistics.mean(compiled.fractions[args.warmup:]) if compiled.fractions else 1.0
-        if inject is not None and inject["drop"] == "sample":
-            kept = 1.0  # every branch computed
         rows.append(
             {
                 "model": name,
                 "config": label,
-                "eager": statistics.median(eager_times),
-                "compiled": step,
-                "compile_s": max(warm - args.warmup * step, 0.0),
+                "eager": statistics.median(eager_times[label]),
+                "compiled": statistics.median(compiled_times[label]),
+                "ratio": statistics.median(ratios[label]),
+                "compile_s": compile_s,
                 "graphs": counter.frame_count,
                 "fraction": kept,
                 "peak": peak,
             }
         )
-        print(f"  {name} {label}: eager {rows[-1]['eager'] * 1e3:.1f} ms, compiled {step * 1e3:.1f} ms, "
-              f"compile {rows[-1]['compile_s']:.1f} s, graphs {counter.frame_count}", flush=True)
     return rows
 
 
@@ -170,7 +188,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="compiled steps before timing (compilation happens here)")
     parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--configs", nargs="*", default=[], help='only these (e.g. "batch 0.5" "subset 0.5"); "no SD" and T_0 always run')
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache", action="store_true", help="allow inductor's on-disk caches (compile times then depend on earlier runs)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     args = parser.parse_args()
@@ -179,6 +199,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    # One model copy per configuration: the same code objects are compiled once for each.
+    torch._dynamo.config.recompile_limit = 64
+    if not args.cache:  # compile times from scratch, not from an earlier run's on-disk caches
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     rows = []
     for name in args.models:
         rows += bench_model(name, args)
@@ -192,7 +221,7 @@ def main() -> None:
         t0 = next(r for r in mine if r["config"].startswith("all dropped"))["compiled"]
         for r in mine:
             ideal = (t0 + r["fraction"] * (plain - t0)) / plain
-            print(f"| {name} | {r['config']} | {r['eager'] * 1e3:.1f} | {r['compiled'] * 1e3:.1f} | {r['compiled'] / plain:.3f} | "
+            print(f"| {name} | {r['config']} | {r['eager'] * 1e3:.1f} | {r['compiled'] * 1e3:.1f} | {r['ratio']:.3f} | "
                   f"{ideal:.3f} | {r['compile_s']:.1f} | {r['graphs']} | {r['peak']} |")
 
 

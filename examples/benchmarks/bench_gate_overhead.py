@@ -123,7 +123,7 @@ def main() -> None:
             results[name].append(step_time(model, handle, x, args.steps))
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"ResidualMLP, {DEPTH} blocks, width {WIDTH}, batch {BATCH}, 1 thread; forward + backward, median of {args.repeats} x {args.steps} steps")
-    print(f"| configuration | step (us) | per gate (us) |\n|---|---|---|")
+    print("| configuration | step (us) | per gate (us) |\n|---|---|---|")
     for name, t in med.items():
         if name in ("plain", "no blocks"):
             per = "-"

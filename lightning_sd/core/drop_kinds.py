@@ -260,7 +260,9 @@ class SubsetDrop(DropKind):
     index-added to the shortcut. The other examples skip the branch's compute, every parameter gets a
     gradient every step, and the subset size is fixed per block (static shapes). A branch that couples
     examples (BatchNorm in training mode) computes its statistics on the subset. The subsets come from
-    ``(seed, step, micro_batch, rank, block)``.
+    ``(seed, step, micro_batch, rank, block)``; they are drawn in :meth:`resample` when the batch size is
+    known (outside the forward, so that a compiled model reads them as inputs: one graph), else at the
+    first gate call.
     """
 
     name = "subset"

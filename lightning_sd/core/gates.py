@@ -180,7 +180,8 @@ class ResidualGate(_GateBase):
                 yield from (w for w in module._parameters.values() if w is not None)
         for name in self.weight_attrs:
             owner, _, attr = name.rpartition(".")
-            yield _walk(self.block, owner)._parameters[attr] if owner else self.block._parameters[attr]
+            weight = (_walk(self.block, owner) if owner else self.block)._parameters.get(attr)
+            yield weight if weight is not None else self.block.get_parameter(name)
 
     def _skip(self, shortcut: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
@@ -403,6 +404,8 @@ class StochasticDepthHandle:
         self._compile_route = "auto"
         self._compile_kwargs: dict[str, Any] | None = None
         self._rates_key: tuple[Any, ...] | None = None
+        self._train_multipliers: Tensor = torch.ones(len(branches))
+        self._eval_multipliers: Tensor = torch.ones(len(branches))
         self._refresh_rates()
 
     def _refresh_rates(self, device: torch.device | str | None = None) -> None:
