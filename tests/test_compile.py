@@ -91,7 +91,6 @@ def _pair(model: nn.Module, **inject):
     return handle, ref, ref_handle
 
 
-@pytest.mark.slow
 def test_whole_model_batch_drop_without_buffers_is_one_graph_over_60_steps(caplog) -> None:
     """Route "cond": one graph for 60 random masks and a change of rates; outputs and gradients as eager."""
     caplog.set_level(logging.WARNING)
@@ -108,7 +107,6 @@ def test_whole_model_batch_drop_without_buffers_is_one_graph_over_60_steps(caplo
     assert counts[-1] == counts[WARM_UP - 1] == 1  # bound: one graph, whatever the masks and rates
 
 
-@pytest.mark.slow
 def test_whole_model_batch_drop_with_batchnorm_graphs_do_not_depend_on_masks(caplog) -> None:
     """Route "graph_break" (BatchNorm statistics cannot live in torch.cond): bounded graphs, BN buffers as eager."""
     caplog.set_level(logging.WARNING)
@@ -124,7 +122,6 @@ def test_whole_model_batch_drop_with_batchnorm_graphs_do_not_depend_on_masks(cap
         torch.testing.assert_close(buf, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
-@pytest.mark.slow
 def test_graph_break_route_gives_the_same_graph_count_for_any_depth() -> None:
     counts = []
     for depth in (14, 26):
@@ -201,6 +198,19 @@ def test_regional_compilation_shares_one_graph_per_block_type(caplog) -> None:
     assert all("_compiled" not in g.__dict__ for g in copied.modules() if hasattr(g, "branch_target"))
 
 
+def test_whole_model_and_regional_compilation_together() -> None:
+    """Route "graph_break" with compiled regions: the pieces between gates and the branches are both compiled."""
+    torch.manual_seed(0)
+    model = CifarResNet(8, width=4).train()
+    handle, ref, ref_handle = _pair(model)
+    regions = CompileCounterWithBackend("aot_eager")
+    handle.compile(backend=regions)
+    compiled = _Compiled(model)
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(4, 3, 8, 8), 24)
+    assert counts[-1] == counts[WARM_UP - 1] >= 1
+    assert 1 <= regions.frame_count <= 6
+
+
 def test_subset_drop_compiles_to_one_graph_over_30_steps(caplog) -> None:
     caplog.set_level(logging.WARNING)
     torch.manual_seed(0)
@@ -238,7 +248,6 @@ def _sensemode(**kwargs) -> StochasticDepth:
     return StochasticDepth(mode="sensemode", budget=0.5, seed=3, sensitivity_batches=2, recompute_every_n_epochs=1, **kwargs)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("route", ["callback", "user"])
 def test_trainer_with_sensemode_recomputation_does_not_recompile(tmp_path, route) -> None:
     """``StochasticDepth(compile=...)`` and a user-compiled LightningModule: same weights as eager, no new graph."""
@@ -263,7 +272,6 @@ def test_trainer_with_sensemode_recomputation_does_not_recompile(tmp_path, route
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
 
 
-@pytest.mark.slow
 def test_trainer_user_compiled_resnet_with_batchnorm(tmp_path) -> None:
     counter = CompileCounterWithBackend("aot_eager")
     watch = _GraphsAtEpochEnd(counter)

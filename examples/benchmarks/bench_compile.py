@@ -1,7 +1,9 @@
 """Stochastic depth eager vs ``torch.compile`` (whole model): step time, compile time, graphs.
 
 Configurations per model: no SD; batch drop at budgets 0.25, 0.5, 0.75, 1.0 (uniform rates,
-inverted scaling; dropped blocks skipped); sample drop and subset drop at budget 0.5; and, for timm
+inverted scaling; dropped blocks skipped); sample drop and subset drop at budget 0.5; batch drop at
+0.5 and 1.0 with the model eager and each branch compiled as a region (``handle.compile``, "regional"
+rows: the eager column is then the model without regions); and, for timm
 models, timm's own ``DropPath`` with drop probability 0.5 in every block (the same expected depth).
 One training step = resample, forward, backward, SGD step. The model is compiled whole with
 ``torch.compile(model, backend=...)`` (default inductor) after ``torch._dynamo.reset()``; graphs are
@@ -106,6 +108,8 @@ def configurations(name: str, timm_model: bool) -> list[tuple[str, dict[str, Any
     out: list[tuple[str, dict[str, Any] | None, float]] = [("no SD", None, 0.0)]
     out += [(f"batch {b}", {"survival": b, "drop": "batch"}, 0.0) for b in BUDGETS]
     out += [("sample 0.5", {"survival": 0.5, "drop": "sample"}, 0.0), ("subset 0.5", {"survival": 0.5, "drop": "subset"}, 0.0)]
+    # Route 2: the model stays eager, each branch compiled as a region (handle.compile)
+    out += [(f"batch {b}, regional", {"survival": b, "drop": "batch", "regional": True}, 0.0) for b in (0.5, 1.0)]
     if timm_model:
         out.append(("timm DropPath 0.5", None, 0.5))
     out.append(("all dropped (T_0)", {"survival": 0.0, "drop": "batch", "scaling": "expected"}, 0.0))
@@ -127,14 +131,19 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         model, _ = build(name, drop_path)
         model = model.to(DEVICE).train()
         handle = None
+        regional = False
         if inject is not None:
             kwargs = dict(inject)
+            regional = bool(kwargs.pop("regional", False))
             handle = inject_stochastic_depth(model, kwargs.pop("survival"), auto_resample=False, seed=0, **kwargs)
         eager = Run(model, handle, x, y)
         eager.step()
         counter = CompileCounterWithBackend(args.backend)  # its own counter: graphs of this configuration
         compiled = Run(model, handle, x, y)
-        compiled.forward = torch.compile(model, backend=counter)
+        if regional and handle is not None:
+            handle.compile(backend=counter)  # the model itself stays eager
+        else:
+            compiled.forward = torch.compile(model, backend=counter)
         warm = compiled.timed(args.warmup) * args.warmup
         steady = compiled.timed(1)
         print(f"  {name} {label}: compiled in {max(warm - args.warmup * steady, 0.0):.1f} s, {counter.frame_count} graphs", flush=True)

@@ -12,9 +12,9 @@ handle refreshes outside the forward (at ``resample``, ``set_survival``, ``recon
   ``find_unused_parameters=False`` keeps working). ``torch.cond`` refuses branches that mutate state:
   BatchNorm's running statistics in training mode, in-place ops on the branch's inputs.
 - ``drop="batch"``, route ``"graph_break"``: the gate is a graph break; the decision runs eagerly
-  *between* compiled regions and the branch's own code is compiled as a separate frame (the
-  regional-compilation recipe, with the user's backend). Identical blocks share their compiled code,
-  so the number of graphs depends on the block types, never on the masks.
+  *between* the compiled pieces of the model, and the branch runs through the regions compiled by
+  :meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile` (eagerly without them). The number of
+  graphs depends on the block types and stage shapes, never on the masks or the depth.
 - route ``"auto"`` (the default, :attr:`StochasticDepthHandle.compile_route`): ``"cond"`` for a branch
   whose modules hold no buffers, ``"graph_break"`` for the others (BatchNorm).
 - ``drop="batch"`` where compute is not skipped (FSDP, DeepSpeed): ``shortcut + (kept_l m_l) f_l(x)``.
@@ -97,35 +97,11 @@ def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:
     return x * (m * kept).to(x.dtype)
 
 
-@torch.compiler.disable(recursive=False)
+@torch.compiler.disable
 def _decide_between_regions(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
-    # Runs eagerly (a graph break in the traced model). Only the branch's code is a Python frame that
-    # Dynamo compiles (with the caller's backend); the helpers around it are disabled, so that no frame
-    # holding the gate's index is compiled (that would give one graph per gate).
-    fn, args = _branch_target(gate)
-    if _dropped(gate):
-        return _skip(gate, shortcut)
-    return _add_scaled(gate, shortcut, fn(*args, *inputs))
-
-
-@torch.compiler.disable
-def _dropped(gate: ResidualGate) -> bool:
-    return gate.handle.drop_kind.dropped(gate.index)
-
-
-@torch.compiler.disable
-def _skip(gate: ResidualGate, shortcut: Tensor) -> Tensor:
-    return gate._skip(shortcut)
-
-
-@torch.compiler.disable
-def _add_scaled(gate: ResidualGate, shortcut: Tensor, out: Tensor) -> Tensor:
-    return shortcut + out * gate.handle._train_multipliers[gate.index].to(out.dtype)
-
-
-@torch.compiler.disable
-def _branch_target(gate: ResidualGate) -> tuple[Callable[..., Tensor], tuple[Any, ...]]:
-    return gate.branch_target()
+    # Runs eagerly: a graph break in the traced model, the decision outside any graph. The branch runs
+    # through the compiled regions of handle.compile() when there are, else eagerly.
+    return gate.forward_outside_graph(shortcut, *inputs)
 
 
 def _region_source(name: str) -> str:

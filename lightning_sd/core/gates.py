@@ -12,13 +12,17 @@ that ``shortcut + f_l(x)`` becomes ``gate_l(shortcut, inputs)``. The gate owns t
 - :meth:`StochasticDepthHandle.override`: explicit multipliers ``m`` of shape ``(L,)`` or
   ``(B, L)``, differentiable, for sensitivities, regularization terms and normality probes.
 
-Parameters of a skipped branch get an exact zero gradient (``0 * w``), so every parameter takes
-part in every backward: DDP with ``find_unused_parameters=False`` works, and single-process and
+Parameters of a skipped branch get an exact zero gradient (one autograd node whose backward returns
+zeros), so every parameter takes part in every backward: DDP with ``find_unused_parameters=False`` works, and single-process and
 multi-process runs update the same parameters. Gates hold no state in ``state_dict``: an injected
 model saves and loads the plain model's keys. A whole injected model pickles (``torch.save(model)``,
 multiprocessing spawn) and copies (``copy.deepcopy``, EMA, SWA) into a model with its own live gates
 and handle (rates, drop, scaling, seed, position in the mask stream); ``remove()`` on the copy
 restores the copy only.
+
+Under ``torch.compile`` the gates read masks and rates as tensor data (no graph per mask pattern), and
+:meth:`StochasticDepthHandle.compile` compiles each branch as a region: see
+:mod:`lightning_sd.core.compilation`.
 """
 
 from __future__ import annotations
@@ -193,11 +197,15 @@ class ResidualGate(_GateBase):
 
     @override
     def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
-        handle = self.handle
-        if handle._override is None and torch.compiler.is_compiling():
+        if self.handle._override is None and torch.compiler.is_compiling():
             traced = traced_gate_forward(self, shortcut, inputs)  # masks and rates as data, not guards
             if traced is not None:
                 return traced
+        return self.forward_outside_graph(shortcut, *inputs)
+
+    def forward_outside_graph(self, shortcut: Tensor, *inputs: Any) -> Tensor:
+        """The eager gate: the decision in Python, the branch through :meth:`StochasticDepthHandle.compile`'s regions if any."""
+        handle = self.handle
         if handle._override is None and self.training and handle.drop_kind.dropped(self.index):
             if handle.skip_compute:
                 return self._skip(shortcut)
