@@ -3,7 +3,7 @@
 Configurations per model: no SD; batch drop at budgets 0.25, 0.5, 0.75, 1.0 (uniform rates,
 inverted scaling; dropped blocks skipped); sample drop and subset drop at budget 0.5; batch drop at
 0.5 and 1.0 with the model eager and each branch compiled as a region (``handle.compile``, "regional"
-rows: the eager column is then the model without regions); and, for timm
+rows: the eager column is the same model without regions); and, for timm
 models, timm's own ``DropPath`` with drop probability 0.5 in every block (the same expected depth).
 One training step = resample, forward, backward, SGD step. The model is compiled whole with
 ``torch.compile(model, backend=...)`` (default inductor) after ``torch._dynamo.reset()``; graphs are
@@ -27,6 +27,7 @@ of graphs, and the peak memory (CUDA only: ``torch.cuda.max_memory_allocated``; 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from lightning_sd.core.gates import StochasticDepthHandle, inject_stochastic_depth
+from lightning_sd.core.gates import StochasticDepthHandle, existing_handle, inject_stochastic_depth
 from lightning_sd.models import CifarResNet
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -140,8 +141,12 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         eager.step()
         counter = CompileCounterWithBackend(args.backend)  # its own counter: graphs of this configuration
         compiled = Run(model, handle, x, y)
-        if regional and handle is not None:
-            handle.compile(backend=counter)  # the model itself stays eager
+        if regional:
+            copied = copy.deepcopy(model)  # a copy runs plain branches: the eager column stays eager
+            copied_handle = existing_handle(copied)
+            assert copied_handle is not None
+            copied_handle.compile(backend=counter)  # the model itself stays eager
+            compiled = Run(copied, copied_handle, x, y)
         else:
             compiled.forward = torch.compile(model, backend=counter)
         warm = compiled.timed(args.warmup) * args.warmup
