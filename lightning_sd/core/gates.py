@@ -31,6 +31,7 @@ import contextlib
 import functools
 import linecache
 import pickle
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -572,6 +573,7 @@ class StochasticDepthHandle:
             check_seed(seed)
         p = resolve_survival(survival, self.num_blocks)
         check_inverted_rates(p, scaling)
+        switched_to_subset = drop == "subset" and self.drop != "subset"
         self.drop_kind = DROP_KIND_CLASSES[drop](self.num_blocks)  # fresh masks: all kept until the next resample
         self.scaling = scaling
         if seed is not None:
@@ -580,6 +582,8 @@ class StochasticDepthHandle:
             self.auto_resample = bool(auto_resample)
         self._p = [float(x) for x in p]
         self._refresh_rates()
+        if switched_to_subset:
+            _warn_if_branches_couple_examples(self)
 
     def reorder(self, order: Sequence[int]) -> None:
         """Renumber the blocks: new block ``l`` is old block ``order[l]`` (a permutation of 0..L-1).
@@ -805,7 +809,33 @@ def inject_stochastic_depth(
         raise
     handle._undo = done
     model.__dict__["_lightning_sd_handle"] = handle
+    if drop == "subset":
+        _warn_if_branches_couple_examples(handle)
     return handle
+
+
+def _warn_if_branches_couple_examples(handle: StochasticDepthHandle) -> None:
+    """``drop="subset"`` runs a branch on part of the batch: BatchNorm there normalizes with the subset's statistics."""
+    coupled = [
+        branch.name
+        for branch, gate in zip(handle.branches, handle.gates)
+        if isinstance(gate, ResidualGate)
+        and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for name in gate.weight_modules
+            for m in gate.block.get_submodule(name).modules()
+        )
+    ]
+    if coupled:
+        shown = ", ".join(coupled[:4]) + (f" and {len(coupled) - 4} more" if len(coupled) > 4 else "")
+        warnings.warn(
+            f"drop='subset': {len(coupled)} residual branch(es) contain BatchNorm ({shown}), which couples the examples "
+            "of a batch: in training, each such branch normalizes with the statistics of its subset of round(p_l B) "
+            "examples (and updates its running statistics from them), not of the whole batch. Use drop='batch' or "
+            "drop='sample' to keep whole-batch statistics.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _add_gate(block: nn.Module, name: str, gate: nn.Module) -> Callable[[], None]:
