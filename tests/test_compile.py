@@ -260,6 +260,8 @@ def test_trainer_with_sensemode_recomputation_does_not_recompile(tmp_path, route
     if route == "callback":
         sd = _sensemode(compile={"backend": counter})
         got = _fit(tmp_path / "compiled", module, sd, [watch])
+        assert sd.effective_settings()["compile"] == {"backend": counter}
+        assert "branches compiled as regions" in sd._settings_line()
     else:
         sd = _sensemode()
         module.net = torch.compile(module.net, backend=counter)  # the user compiles the network
@@ -299,6 +301,11 @@ class _UntraceableBlock(nn.Module):
         if x.dim() == 2:
             x = x + self.drop_path(self.linear(x).relu())
         return x
+
+
+def test_compile_argument_is_checked_before_training() -> None:
+    with pytest.raises(ValueError, match="compile must be True/False or a dict"):
+        StochasticDepth(compile="yes")  # type: ignore[arg-type]
 
 
 def test_slot_gates_multiply_by_the_mask_as_data_under_compile() -> None:

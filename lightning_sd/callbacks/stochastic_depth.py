@@ -328,7 +328,7 @@ class StochasticDepth(Callback):
         from: the mode, ``"uniform until measured"``, or ``"uniform (every measured S_l/g_l is 0)"`` when
         a measured mode found nothing to rank), ``budget``, ``drop``, ``scaling``, ``seed``,
         ``seed_source`` (``"argument"``, ``"checkpoint"`` or ``"torch.initial_seed()"``), ``p_min``,
-        ``max_multiplier`` (``max 1/p_l`` with ``"inverted"``, else 1), and for the measured modes
+        ``max_multiplier`` (``max 1/p_l`` with ``"inverted"``, else 1), ``compile`` (the argument), and for the measured modes
         ``measure`` (when), ``measure_batches`` and ``measure_loss`` (what is differentiated).
         """
         rates: str = self.mode
@@ -350,6 +350,7 @@ class StochasticDepth(Callback):
             "seed_source": self._seed_source,
             "p_min": self.p_min,
             "max_multiplier": _max_multiplier(p, self.scaling),
+            "compile": self.compile,
         }
         if self.mode in _MEASURED_MODES:
             out["measure"] = (
@@ -372,6 +373,8 @@ class StochasticDepth(Callback):
         )
         if "measure" in s:
             line += f", measured {s['measure']} on {s['measure_batches']} training batches ({s['measure_loss']})"
+        if s["compile"] is not False:
+            line += f", branches compiled as regions ({'torch.compile defaults' if s['compile'] is True else s['compile']})"
         return line
 
     # ------------------------------------------------------------------ attaching the gates
