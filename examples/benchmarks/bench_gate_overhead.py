@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -88,6 +89,7 @@ def trainer_step_time(steps: int, callback: bool) -> float:
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(),  # the callback's rate tables go there, not into the working directory
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
