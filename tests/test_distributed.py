@@ -75,3 +75,47 @@ def test_strategy_decision():
     custom = mock.Mock(spec=Strategy)  # a Strategy that is none of the known families
     with pytest.raises(RuntimeError, match="does not support the strategy Mock"):
         skips_compute_under(custom)
+
+
+@pytest.mark.slow
+def test_ddp_subset_drop_equals_one_process_replaying_both_ranks(tmp_path):
+    """drop="subset" under 2-process DDP: rank r runs each branch on its own subset, keyed by r.
+
+    Independent computation in this process: for each step, each rank's shard of the batch through the
+    model with that rank's subsets (handle.set_rank), gradients averaged over the two ranks (DDP's
+    all-reduce), one SGD step.
+    """
+    from torch import nn
+    from torch.utils.data import DistributedSampler
+
+    from lightning_sd.core.gates import inject_stochastic_depth
+    from tests.helpers import RegressionModule, regression_data
+
+    steps, batch = 6, 8
+    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp", "--drop", "subset",
+               "--batch-size", str(batch), "--steps", str(steps))
+    weights = torch.load(tmp_path / "weights.pt")
+    torch.manual_seed(0)
+    module = RegressionModule(in_features=8, width=16, depth=8, lr=0.01)
+    handle = inject_stochastic_depth(module, 0.5, drop="subset", seed=1234, auto_resample=False)
+    data = regression_data(n=128, in_features=8)
+    shards = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=False)) for r in range(2)]
+    params = list(module.parameters())
+    for step in range(steps):
+        total = [torch.zeros_like(p) for p in params]
+        for rank in range(2):
+            idx = shards[rank][step * batch : (step + 1) * batch]
+            x, y = data[idx]
+            handle.set_rank(rank)
+            handle.resample(step, step, batch_size=batch)
+            grads = torch.autograd.grad(nn.functional.mse_loss(module.train()(x), y), params)
+            total = [t + g / 2 for t, g in zip(total, grads)]
+        with torch.no_grad():
+            for p, g in zip(params, total):
+                p -= 0.01 * g
+    ref = module.state_dict()
+    assert set(weights) == set(ref)
+    diff = max(float((weights[k] - ref[k]).abs().max()) for k in ref)
+    assert diff < 1e-5
+    start = RegressionModule(in_features=8, width=16, depth=8)
+    assert max(float((weights[k] - start.state_dict()[k]).abs().max()) for k in ref) > 1e-4  # it trained

@@ -89,3 +89,19 @@ def test_the_callback_trains_with_subset_drop(tmp_path) -> None:
     # realized depth of the last step: sum over blocks of max(1, round(p_l B)) / B
     sizes = [min(8, max(1, round(float(p) * 8))) for p in sd.handle.survival_float64]
     assert sd.handle.realized_depth() == pytest.approx(sum(sizes) / 8)
+
+
+def test_branches_with_batchnorm_are_named_in_one_warning() -> None:
+    from lightning_sd.models.cifar_resnet import CifarResNet
+
+    with pytest.warns(UserWarning, match=r"3 residual branch\(es\) contain BatchNorm \(layer1\.0.*subset") as record:
+        handle = inject_stochastic_depth(CifarResNet(8, width=4), 0.5, drop="subset")
+    assert len([r for r in record if "BatchNorm" in str(r.message)]) == 1
+    with pytest.warns(UserWarning, match="contain BatchNorm"):
+        handle.reconfigure(0.5, drop="batch")
+        handle.reconfigure(0.5, drop="subset")  # switching to subset warns again
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_stochastic_depth(ResidualMLP(4, 8, 3, 1), 0.5, drop="subset")  # no BatchNorm: silent

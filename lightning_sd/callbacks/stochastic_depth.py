@@ -143,7 +143,9 @@ class StochasticDepth(Callback):
             :func:`~lightning_sd.callbacks.probe_data.default_input_fn` (``batch[0]`` of tuples, known keys of dicts).
         regularization_estimator: how ``"maxreg"`` computes g_l on a model without BatchNorm: ``"exact"``,
             ``"sampled"`` or ``"auto"`` (see :func:`~lightning_sd.core.regularization.regularization_terms`).
-        log_every_n_steps: how often the realized depth is logged (it is always accumulated).
+        log_every_n_steps: how often the realized depth is logged (it is always accumulated): every
+            ``log_every_n_steps``-th batch among the steps the Trainer's loggers write
+            (``Trainer(log_every_n_steps=...)``); not at all without a logger.
         schedule: how the budget moves over the optimizer steps t (:mod:`lightning_sd.core.budget_schedule`):
             ``"constant"`` (``b(t) = budget``), ``"warmup"`` (``b`` falls linearly from 1 to ``budget`` over
             the first ``warmup_fraction`` of ``trainer.estimated_stepping_batches``, Composer's
@@ -154,6 +156,12 @@ class StochasticDepth(Callback):
             logged per step as ``sd/budget``.
         warmup_fraction: ``schedule="warmup"``: fraction of the training steps the ramp lasts, in [0, 1].
         pld_gamma: ``schedule="pld"``: decay per optimizer step, > 0 (DeepSpeed's default 0.001).
+        compile: compile each residual branch as its own region after injection
+            (:meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile`): ``True`` with
+            ``torch.compile``'s defaults, or a dict of its keyword arguments (``{"mode": "max-autotune"}``).
+            Identical blocks share one compiled graph, the skip decision stays eager, and neither the masks
+            nor the rates recompile. A model compiled by the user (``torch.compile(model)``) needs nothing
+            here: see :mod:`lightning_sd.core.compilation`.
 
     With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
     ``1/p_l > 20`` (:data:`MAX_MULTIPLIER`, ``p_l < 0.05``).
@@ -202,6 +210,7 @@ class StochasticDepth(Callback):
         schedule: BudgetSchedule = "constant",
         warmup_fraction: float = 0.1,
         pld_gamma: float = DEFAULT_PLD_GAMMA,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         check_choice("mode", mode, SURVIVAL_MODES)
         warmup_fraction, pld_gamma = check_schedule(schedule, warmup_fraction, pld_gamma)
@@ -260,6 +269,11 @@ class StochasticDepth(Callback):
             )
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        if not isinstance(compile, (bool, dict)) or (isinstance(compile, dict) and not all(isinstance(k, str) for k in compile)):
+            raise ValueError(
+                f"compile must be True/False or a dict of torch.compile keyword arguments, got {compile!r}; "
+                "e.g. compile=True or compile={'mode': 'max-autotune'}"
+            )
         self.mode = mode
         self.budget = budget
         self.drop = drop
@@ -287,6 +301,7 @@ class StochasticDepth(Callback):
         #: b(t) of the current training step (the budget the rates in force were solved for).
         self.current_budget: float = float(budget)
         self._solved_for: tuple[float, int | None] | None = None  # (b, measured at step) of the rates in force
+        self.compile = compile if isinstance(compile, bool) else dict(compile)
         self.handle: StochasticDepthHandle | None = None
         self.table_path: str | None = None  # the last rate table written (rank 0)
         #: S_l of the last ``"sensemode"`` measurement (float32, CPU, call order), checkpointed.
@@ -356,7 +371,8 @@ class StochasticDepth(Callback):
         from: the mode, ``"uniform until measured"``, or ``"uniform (every measured S_l/g_l is 0)"`` when
         a measured mode found nothing to rank), ``budget``, ``drop``, ``scaling``, ``seed``,
         ``seed_source`` (``"argument"``, ``"checkpoint"`` or ``"torch.initial_seed()"``), ``p_min``,
-        ``max_multiplier`` (``max 1/p_l`` with ``"inverted"``, else 1), ``schedule``, and for the measured modes
+        ``max_multiplier`` (``max 1/p_l`` with ``"inverted"``, else 1), ``schedule``, ``compile`` (the argument), and for the
+        measured modes
         ``measure`` (when), ``measure_batches`` and ``measure_loss`` (what is differentiated).
         """
         rates: str = self.mode
@@ -379,6 +395,7 @@ class StochasticDepth(Callback):
             "p_min": self.p_min,
             "max_multiplier": _max_multiplier(p, self.scaling),
             "schedule": self.schedule,
+            "compile": self.compile,
         }
         if self.mode in _MEASURED_MODES:
             out["measure"] = (
@@ -405,6 +422,8 @@ class StochasticDepth(Callback):
             line += f", schedule=warmup (budget from 1 to {self.budget} over the first {self.warmup_fraction:g} of the steps)"
         elif self.schedule == "pld":
             line += f", schedule=pld (b(t) = (1 - {self.budget}) exp(-{self.pld_gamma:g} t) + {self.budget})"
+        if s["compile"] is not False:
+            line += f", branches compiled as regions ({'torch.compile defaults' if s['compile'] is True else s['compile']})"
         return line
 
     # ------------------------------------------------------------------ attaching the gates
@@ -486,6 +505,8 @@ class StochasticDepth(Callback):
             existing.reconfigure(self._initial_rates, drop=self.drop, scaling=self.scaling, seed=self.seed, auto_resample=False)
             self.handle = existing
         _OWNERS[self.handle] = weakref.ref(self)
+        if self.compile is not False:
+            self.handle.compile(**({} if self.compile is True else self.compile))
         self.handle.set_rank(trainer.global_rank)
         self.handle.skip_compute = skip
         if message is not None and self.drop == "batch":
@@ -551,14 +572,16 @@ class StochasticDepth(Callback):
         assert self.handle is not None
         if self._order_probe is not None:
             self._finish_order_check()
-        pl_module.log("sd/budget", self.current_budget, on_step=True, on_epoch=False, batch_size=1)
+        writes = _loggers_write_this_step(trainer)  # a self.log costs ~1 ms: only on the steps loggers write
+        if writes:
+            pl_module.log("sd/budget", self.current_budget, on_step=True, on_epoch=False, batch_size=1)
         depth = self.handle.realized_depth()
         if math.isnan(depth):
             return
         self._depth_sum += depth
         self._depth_sq_sum += depth * depth
         self._depth_count += 1
-        if batch_idx % self.log_every_n_steps == 0:
+        if batch_idx % self.log_every_n_steps == 0 and writes:
             pl_module.log("sd/realized_depth", depth, on_step=True, on_epoch=False)
 
     @override
@@ -874,6 +897,18 @@ class StochasticDepth(Callback):
             self.handle = None
 
 
+def _loggers_write_this_step(trainer: pl.Trainer) -> bool:
+    """Whether a step-level ``self.log`` now reaches a logger (each call costs about a millisecond on CPU).
+
+    Lightning writes step metrics only at every ``Trainer(log_every_n_steps)``-th step
+    (``_LoggerConnector.should_update_logs``, evaluated again after ``on_train_batch_end`` with the
+    same step count), and nowhere without loggers.
+    """
+    if not trainer.loggers:
+        return False
+    return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
+
+
 def _max_multiplier(p: Tensor | None, scaling: str) -> float:
     """``max_l 1/p_l`` for ``"inverted"`` (inf for a rate 0), 1 for ``"expected"`` or before setup."""
     if p is None or scaling != "inverted" or p.numel() == 0:
@@ -923,6 +958,7 @@ class _CallOrderProbe:
         if not self.positional or k == index:
             return
         handle._p[index] = self._p[k]
+        handle._refresh_rates()
         first = args[0] if args and isinstance(args[0], Tensor) else None
         self._masks = handle.drop_kind.follow_call_order(self._masks, self.calls, first, handle._p, handle.scaling)
 

@@ -139,13 +139,20 @@ class BatchDrop(DropKind):
     skips_compute = True
 
     def reset(self) -> None:  # noqa: D102
-        self.kept = [True] * self.num_blocks
+        self._set_kept([True] * self.num_blocks)
+
+    def _set_kept(self, kept: list[bool]) -> None:
+        self.kept = kept
+        #: The same mask as a bool tensor (CPU): what a gate traced by ``torch.compile`` reads, as data.
+        self.kept_tensor = torch.tensor(kept, dtype=torch.bool)
 
     def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
         seed, key, _ = self._key
         g = mask_generator(seed, *key, 0)
         u = torch.rand(self.num_blocks, generator=g, dtype=torch.float64)
-        self.kept = (u < torch.tensor(list(rates), dtype=torch.float64)).tolist()
+        kept = u < torch.tensor(list(rates), dtype=torch.float64)
+        self.kept = kept.tolist()
+        self.kept_tensor = kept
 
     def dropped(self, index: int) -> bool:  # noqa: D102
         return not self.kept[index]
@@ -154,25 +161,27 @@ class BatchDrop(DropKind):
         return 1.0 / rates[index] if scaling == "inverted" else 1.0
 
     def kept_mask(self) -> Tensor:  # noqa: D102
-        return torch.tensor(self.kept, dtype=torch.bool)
+        return self.kept_tensor.clone()
 
     def realized_depth(self) -> float:  # noqa: D102
         return float(sum(self.kept))
 
     def permute(self, order: Sequence[int]) -> None:  # noqa: D102
-        self.kept = [self.kept[i] for i in order]
+        self._set_kept([self.kept[i] for i in order])
 
     def snapshot(self) -> list[bool]:  # noqa: D102
         return list(self.kept)
 
     def restore(self, snapshot: Any) -> None:  # noqa: D102
-        self.kept = list(snapshot)
+        self._set_kept(list(snapshot))
 
     def follow_call_order(  # noqa: D102
         self, snapshot: Any, calls: Sequence[int], like: Tensor | None, rates: Sequence[float], scaling: str
     ) -> Any:
+        kept = list(self.kept)
         for j, i in enumerate(calls):
-            self.kept[i] = snapshot[j]
+            kept[i] = snapshot[j]
+        self._set_kept(kept)
         return snapshot
 
 
@@ -251,7 +260,9 @@ class SubsetDrop(DropKind):
     index-added to the shortcut. The other examples skip the branch's compute, every parameter gets a
     gradient every step, and the subset size is fixed per block (static shapes). A branch that couples
     examples (BatchNorm in training mode) computes its statistics on the subset. The subsets come from
-    ``(seed, step, micro_batch, rank, block)``.
+    ``(seed, step, micro_batch, rank, block)``; they are drawn in :meth:`resample` when the batch size is
+    known (outside the forward, so that a compiled model reads them as inputs: one graph), else at the
+    first gate call.
     """
 
     name = "subset"
@@ -261,22 +272,38 @@ class SubsetDrop(DropKind):
         self.source = list(range(self.num_blocks))  # block l uses the subset drawn for position source[l]
         self.sizes: dict[int, int] = {}  # block -> subset size used at this step (for realized_depth)
         self.batch = 0
+        # block -> (position, batch, rate, rows): drawn at resample when the batch size is known
+        self._drawn: dict[int, tuple[int, int, float, Tensor]] = {}
 
     def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
         self.sizes = {}
         self.batch = 0
+        self._drawn = {}
+        if batch_size is not None and batch_size > 0:
+            # Outside the forward: a compiled model reads the rows as inputs (no graph break, no recompile).
+            for index in range(self.num_blocks):
+                position, rate = self.source[index], float(rates[index])
+                rows = self._draw_rows(position, self.subset_size(rate, batch_size), batch_size).to(device or "cpu")
+                self._drawn[index] = (position, int(batch_size), rate, rows)
 
     def subset_size(self, rate: float, batch: int) -> int:
         """``max(1, round(rate * batch))``, at most ``batch``."""
         return min(batch, max(1, round(rate * batch)))
 
-    def rows(self, index: int, batch: int, rates: Sequence[float], device: torch.device) -> Tensor:  # noqa: D102
+    def _draw_rows(self, position: int, size: int, batch: int) -> Tensor:
         seed, key, rank = self._key
-        position = self.source[index]
-        size = self.subset_size(rates[index], batch)
         g = mask_generator(seed, *key, 2, rank, position)
-        rows = torch.randperm(batch, generator=g)[:size].sort().values
-        self.sizes[index] = size
+        return torch.randperm(batch, generator=g)[:size].sort().values
+
+    def rows(self, index: int, batch: int, rates: Sequence[float], device: torch.device) -> Tensor:  # noqa: D102
+        drawn = self._drawn.get(index)
+        if drawn is not None and drawn[1] == batch and (torch.compiler.is_compiling() or drawn[::2] == (self.source[index], rates[index])):
+            # Traced by torch.compile: the rows drawn at resample, without reading the rates (a rate read
+            # here would become a guard, and the model would recompile when the rates change).
+            rows = drawn[3]
+        else:
+            rows = self._draw_rows(self.source[index], self.subset_size(rates[index], batch), batch)
+        self.sizes[index] = rows.shape[0]
         self.batch = batch
         return rows.to(device)
 

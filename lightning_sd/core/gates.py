@@ -12,13 +12,17 @@ that ``shortcut + f_l(x)`` becomes ``gate_l(shortcut, inputs)``. The gate owns t
 - :meth:`StochasticDepthHandle.override`: explicit multipliers ``m`` of shape ``(L,)`` or
   ``(B, L)``, differentiable, for sensitivities, regularization terms and normality probes.
 
-Parameters of a skipped branch get an exact zero gradient (``0 * w``), so every parameter takes
-part in every backward: DDP with ``find_unused_parameters=False`` works, and single-process and
+Parameters of a skipped branch get an exact zero gradient (one autograd node whose backward returns
+zeros), so every parameter takes part in every backward: DDP with ``find_unused_parameters=False`` works, and single-process and
 multi-process runs update the same parameters. Gates hold no state in ``state_dict``: an injected
 model saves and loads the plain model's keys. A whole injected model pickles (``torch.save(model)``,
 multiprocessing spawn) and copies (``copy.deepcopy``, EMA, SWA) into a model with its own live gates
 and handle (rates, drop, scaling, seed, position in the mask stream); ``remove()`` on the copy
 restores the copy only.
+
+Under ``torch.compile`` the gates read masks and rates as tensor data (no graph per mask pattern), and
+:meth:`StochasticDepthHandle.compile` compiles each branch as a region: see
+:mod:`lightning_sd.core.compilation`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import contextlib
 import functools
 import linecache
 import pickle
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -35,6 +40,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sd.core.compilation import COMPILE_ROUTES, compile_branches, traced_gate_forward, traced_slot_forward
 from lightning_sd.core.discovery import BlockPlan, ResidualBranch, lookup_attribute, select_branches
 from lightning_sd.core.drop_kinds import DROP_KIND_CLASSES, DropKind, mask_generator
 from lightning_sd.core.validation import (
@@ -59,6 +65,17 @@ __all__ = [
 ]
 
 _GATE_PREFIX = "_sd_gate"
+
+
+def _walk(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)`` through the ``_modules`` dicts (falls back to it for anything unusual)."""
+    module = root
+    for part in path.split("."):
+        child = module._modules.get(part)
+        if child is None:
+            return root.get_submodule(path)
+        module = child
+    return module
 
 
 def _broadcast_over_batch(m: Tensor, like: Tensor) -> Tensor:
@@ -128,24 +145,71 @@ class ResidualGate(_GateBase):
         self.__dict__["block"] = block
         self.weight_modules = tuple(weight_modules)
         self.weight_attrs = tuple(weight_attrs)
+        #: Whether the branch's modules hold buffers (BatchNorm statistics): ``torch.cond`` cannot trace them.
+        self.holds_state = any(True for name in self.weight_modules for _ in block.get_submodule(name).buffers())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_compiled", None)  # compiled code neither pickles nor copies: copies run the plain branch
+        return state
+
+    def branch_target(self, compiled: bool = True) -> tuple[Callable[..., Tensor], tuple[Any, ...]]:
+        """``(fn, args)`` with ``fn(*args, *inputs)`` the branch: its generated code and the block.
+
+        Identical blocks share ``fn`` (one code object), so ``torch.compile`` compiles them once.
+        With ``compiled=True`` and after :meth:`StochasticDepthHandle.compile`, ``fn`` is the compiled code.
+        """
+        regions = self.__dict__.get("_compiled")
+        if compiled and regions is not None:
+            return regions[0], regions[2]
+        branch = self.branch
+        if isinstance(branch, functools.partial) and isinstance(branch.func, _GeneratedFunction) and not branch.keywords:
+            return branch.func._fn, tuple(branch.args)
+        return branch, ()
+
+    def set_compiled(self, plain: Callable[..., Tensor], region: Callable[..., Tensor], args: tuple[Any, ...]) -> None:
+        """Run the branch through compiled code: ``plain(*args, *inputs)`` and ``region(shortcut, m, *args, *inputs)``."""
+        self.__dict__["_compiled"] = (plain, region, tuple(args))
+
+    def _call_branch(self, *inputs: Any) -> Tensor:
+        regions = self.__dict__.get("_compiled")
+        if regions is None:
+            return self.branch(*inputs)
+        return regions[0](*regions[2], *inputs)
 
     def _weights(self) -> Iterator[Tensor]:
+        # Looked up at every call (modules and parameters may be replaced after injection: SyncBatchNorm,
+        # pruning, load_state_dict(assign=True)), through the ``_modules`` dicts: a fraction of the cost
+        # of ``get_submodule(...).parameters()`` for the usual leaf modules.
         for name in self.weight_modules:
-            yield from self.block.get_submodule(name).parameters()
+            module = _walk(self.block, name)
+            if module._modules:
+                yield from module.parameters()
+            else:
+                yield from (w for w in module._parameters.values() if w is not None)
         for name in self.weight_attrs:
-            obj = self.block.get_parameter(name)
-            yield obj
+            owner, _, attr = name.rpartition(".")
+            weight = (_walk(self.block, owner) if owner else self.block)._parameters.get(attr)
+            yield weight if weight is not None else self.block.get_parameter(name)
 
     def _skip(self, shortcut: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return shortcut
-        touches = [w.reshape(-1)[0] for w in self._weights() if w.requires_grad and w.numel()]
-        if not touches:
+        weights = [w for w in self._weights() if w.requires_grad]
+        if not weights:
             return shortcut
-        return shortcut + torch.stack(touches).sum() * 0.0
+        return _ZeroGradients.apply(shortcut, *weights)
 
     @override
     def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
+        if self.handle._override is None and torch.compiler.is_compiling():
+            traced = traced_gate_forward(self, shortcut, inputs)  # masks and rates as data, not guards
+            if traced is not None:
+                return traced
+        return self.forward_outside_graph(shortcut, *inputs)
+
+    def forward_outside_graph(self, shortcut: Tensor, *inputs: Any) -> Tensor:
+        """The eager gate: the decision in Python, the branch through :meth:`StochasticDepthHandle.compile`'s regions if any."""
         handle = self.handle
         if self.pruned and not self.training and handle._override is None:
             return shortcut  # pruned for inference: the branch is not called
@@ -153,12 +217,18 @@ class ResidualGate(_GateBase):
             if handle.skip_compute:
                 return self._skip(shortcut)
             # Masking without skipping (FSDP, DeepSpeed): same value, every rank runs every block.
-            return shortcut + self.branch(*inputs) * 0.0
+            return shortcut + self._call_branch(*inputs) * 0.0
         if handle._override is None and self.training and shortcut.ndim > 0:
             rows = handle.drop_kind.rows(self.index, shortcut.shape[0], handle._p, shortcut.device)
             if rows is not None:  # the branch runs on these rows only (drop="subset")
                 return self._on_rows(shortcut, inputs, rows)
-        out = self.branch(*inputs)
+        regions = self.__dict__.get("_compiled")
+        if regions is not None and handle._override is None and self.training and handle.drop == "batch":
+            # kept, with compiled regions: the add and the scaling run inside the compiled code
+            return regions[1](shortcut, handle._train_multipliers[self.index], *regions[2], *inputs)
+        return self._combine(shortcut, self._call_branch(*inputs))
+
+    def _combine(self, shortcut: Tensor, out: Tensor) -> Tensor:
         m = self._multiplier(out)
         if m is None or (isinstance(m, float) and m == 1.0):  # None: a sample-dropped call never gets here
             return shortcut + out
@@ -168,7 +238,7 @@ class ResidualGate(_GateBase):
         handle, batch = self.handle, shortcut.shape[0]
         # batch-first tensor inputs are cut to the rows; anything else (a mask, a scalar) passes as is
         picked = [x.index_select(0, rows) if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == batch else x for x in inputs]
-        out = self.branch(*picked)
+        out = self._call_branch(*picked)
         scale = handle.drop_kind.row_scale(self.index, batch, rows.numel(), handle._p, handle.scaling)
         return shortcut.index_add(0, rows, out.to(shortcut.dtype), alpha=scale)
 
@@ -178,12 +248,33 @@ class SlotGate(_GateBase):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
+        if self.handle._override is None and torch.compiler.is_compiling():
+            traced = traced_slot_forward(self, x)
+            if traced is not None:
+                return traced
         m = self._multiplier(x)
         if m is None:
             return x * 0.0
         if isinstance(m, float) and m == 1.0:
             return x
         return x * m
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """``shortcut`` unchanged; in backward, exact zero gradients for the skipped branch's parameters.
+
+    Every parameter then takes part in every backward (DDP with ``find_unused_parameters=False``), at
+    the cost of one autograd node instead of a graph over the parameters.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, shortcut: Tensor, *weights: Tensor) -> Tensor:
+        ctx.like = [(w.shape, w.dtype, w.device) for w in weights]
+        return shortcut.clone()  # a new tensor, as `shortcut + 0` was: later in-place ops (ReLU) stay legal
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like))
 
 
 class _GeneratedFunction:
@@ -236,9 +327,20 @@ def _function_from_source(imports: str, src: str, label: str) -> _GeneratedFunct
     return _GeneratedFunction(src, namespace, label)
 
 
+#: Generated functions by source: identical blocks share one function (one code object), so that
+#: ``torch.compile`` compiles a block type once instead of once per block.
+_INTERNED: dict[str, list[_GeneratedFunction]] = {}
+
+
 def _compile_graph(graph: fx.Graph, label: str) -> _GeneratedFunction:
     code = graph.python_code(root_module="self")
-    return _GeneratedFunction(code.src, code.globals, label)
+    same = _INTERNED.setdefault(code.src, [])
+    for fn in same:
+        if fn._globals.keys() == code.globals.keys() and all(fn._globals[k] is v for k, v in code.globals.items()):
+            return fn
+    fn = _GeneratedFunction(code.src, code.globals, label)
+    same.append(fn)
+    return fn
 
 
 def _rewrite(plan: BlockPlan, gate_names: list[str]) -> tuple[_GeneratedFunction, list[_GeneratedFunction]]:
@@ -312,6 +414,70 @@ class StochasticDepthHandle:
         self.skip_compute = True
         #: Draw new masks at every training-mode forward (set by ``inject_stochastic_depth(auto_resample=)``).
         self.auto_resample = False
+        #: How a batch-drop gate traced by ``torch.compile`` decides: ``"auto"``, ``"cond"`` or
+        #: ``"graph_break"`` (see :mod:`lightning_sd.core.compilation`).
+        self._compile_route = "auto"
+        self._compile_kwargs: dict[str, Any] | None = None
+        self._rates_key: tuple[Any, ...] | None = None
+        self._train_multipliers: Tensor = torch.ones(len(branches))
+        self._eval_multipliers: Tensor = torch.ones(len(branches))
+        self._refresh_rates()
+
+    def _refresh_rates(self, device: torch.device | str | None = None) -> None:
+        """The rates as tensors, for gates traced by ``torch.compile`` (data, not guards): rebuilt on change.
+
+        ``_train_multipliers[l]``: ``1 / p_l`` (inverted) or 1, the multiplier of a kept branch;
+        ``_eval_multipliers[l]``: ``p_l`` (expected) or 1. fp32, on ``device`` once one is given.
+        """
+        if device is None:
+            device = self._train_multipliers.device if self._rates_key is not None else torch.device("cpu")
+        key = (tuple(self._p), self.scaling, str(device))
+        if key == self._rates_key:
+            return
+        p = torch.tensor(self._p, dtype=torch.float64)
+        ones = torch.ones_like(p)
+        train = 1.0 / p if self.scaling == "inverted" else ones
+        evaluation = p if self.scaling == "expected" else ones
+        self._train_multipliers = train.float().to(device)
+        self._eval_multipliers = evaluation.float().to(device)
+        self._rates_key = key
+
+    @property
+    def compile_route(self) -> str:
+        """How a batch-drop gate traced by ``torch.compile`` decides: ``"auto"``, ``"cond"`` or ``"graph_break"``.
+
+        ``"cond"``: ``torch.cond`` on the mask, one graph (branches must not hold buffers such as BatchNorm
+        statistics, nor modify their inputs in place). ``"graph_break"``: the decision runs eagerly between
+        compiled regions. ``"auto"``: ``"cond"`` for branches without buffers, else ``"graph_break"``.
+        See :mod:`lightning_sd.core.compilation`.
+        """
+        return self._compile_route
+
+    @compile_route.setter
+    def compile_route(self, route: str) -> None:
+        check_choice("compile_route", route, COMPILE_ROUTES)
+        self._compile_route = route
+
+    def compile(self, **compile_kwargs: Any) -> int:
+        """Compile each residual branch as its own region (``torch.compile(**compile_kwargs)``); the skip decision stays eager.
+
+        PyTorch's regional-compilation recipe: identical blocks share one compiled graph, a dropped
+        branch is not called, and neither the masks nor the rates cause a recompile (the multiplier
+        ``m_l`` is a tensor input of the compiled region). Copies and unpickled models run the plain
+        branches until ``compile`` is called on their handle. Drop-path slot gates stay eager.
+
+        Args:
+            **compile_kwargs: keyword arguments of :func:`torch.compile` (``backend``, ``mode``, ...).
+
+        Returns:
+            the number of distinct compiled branch functions (block types).
+
+        Example::
+
+            >>> handle = inject_stochastic_depth(model, 0.5)
+            >>> handle.compile(mode="max-autotune-no-cudagraphs")
+        """
+        return compile_branches(self, **compile_kwargs)
 
     @property
     def num_blocks(self) -> int:
@@ -338,6 +504,7 @@ class StochasticDepthHandle:
         p = resolve_survival(survival, self.num_blocks)
         check_inverted_rates(p, self.scaling)
         self._p = [float(x) for x in p]
+        self._refresh_rates()
 
     @property
     def kept(self) -> Tensor:
@@ -364,6 +531,7 @@ class StochasticDepthHandle:
         recompile per step); otherwise at the first gate call.
         """
         self._key = (int(step), int(micro_batch))
+        self._refresh_rates(device)
         self.drop_kind.resample(
             seed=self.seed, key=self._key, rank=self._rank, rates=self._p, scaling=self.scaling, batch_size=batch_size, device=device
         )
@@ -441,6 +609,7 @@ class StochasticDepthHandle:
             check_seed(seed)
         p = resolve_survival(survival, self.num_blocks)
         check_inverted_rates(p, scaling)
+        switched_to_subset = drop == "subset" and self.drop != "subset"
         self.drop_kind = DROP_KIND_CLASSES[drop](self.num_blocks)  # fresh masks: all kept until the next resample
         self.scaling = scaling
         if seed is not None:
@@ -448,6 +617,9 @@ class StochasticDepthHandle:
         if auto_resample is not None:
             self.auto_resample = bool(auto_resample)
         self._p = [float(x) for x in p]
+        self._refresh_rates()
+        if switched_to_subset:
+            _warn_if_branches_couple_examples(self)
 
     def reorder(self, order: Sequence[int]) -> None:
         """Renumber the blocks: new block ``l`` is old block ``order[l]`` (a permutation of 0..L-1).
@@ -463,6 +635,7 @@ class StochasticDepthHandle:
         for new, gate in enumerate(self.gates):
             gate.index = new
         self._p = [self._p[i] for i in order]
+        self._refresh_rates()
         self.drop_kind.permute(order)
 
     def _auto_resample(self, module: nn.Module, args: Any) -> None:
@@ -672,7 +845,33 @@ def inject_stochastic_depth(
         raise
     handle._undo = done
     model.__dict__["_lightning_sd_handle"] = handle
+    if drop == "subset":
+        _warn_if_branches_couple_examples(handle)
     return handle
+
+
+def _warn_if_branches_couple_examples(handle: StochasticDepthHandle) -> None:
+    """``drop="subset"`` runs a branch on part of the batch: BatchNorm there normalizes with the subset's statistics."""
+    coupled = [
+        branch.name
+        for branch, gate in zip(handle.branches, handle.gates)
+        if isinstance(gate, ResidualGate)
+        and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for name in gate.weight_modules
+            for m in gate.block.get_submodule(name).modules()
+        )
+    ]
+    if coupled:
+        shown = ", ".join(coupled[:4]) + (f" and {len(coupled) - 4} more" if len(coupled) > 4 else "")
+        warnings.warn(
+            f"drop='subset': {len(coupled)} residual branch(es) contain BatchNorm ({shown}), which couples the examples "
+            "of a batch: in training, each such branch normalizes with the statistics of its subset of round(p_l B) "
+            "examples (and updates its running statistics from them), not of the whole batch. Use drop='batch' or "
+            "drop='sample' to keep whole-batch statistics.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _add_gate(block: nn.Module, name: str, gate: nn.Module) -> Callable[[], None]:

@@ -1,0 +1,243 @@
+"""Stochastic depth eager vs ``torch.compile`` (whole model): step time, compile time, graphs.
+
+Configurations per model: no SD; batch drop at budgets 0.25, 0.5, 0.75, 1.0 (uniform rates,
+inverted scaling; dropped blocks skipped); sample drop and subset drop at budget 0.5; batch drop at
+0.5 and 1.0 with the model eager and each branch compiled as a region (``handle.compile``, "regional"
+rows: the eager column is the same model without regions); and, for timm
+models, timm's own ``DropPath`` with drop probability 0.5 in every block (the same expected depth).
+One training step = resample, forward, backward, SGD step. The model is compiled whole with
+``torch.compile(model, backend=...)`` (default inductor) after ``torch._dynamo.reset()``; graphs are
+counted by Dynamo's ``CompileCounterWithBackend``.
+
+Every configuration is compiled first (its warm-up steps), then timed: in each of ``--repeats``
+repeats every configuration runs ``--steps`` eager and ``--steps`` compiled steps, in alternating
+order, so that drift of a shared machine affects all alike. Columns: eager and compiled step time
+(median over repeats of the mean over steps), compiled time / compiled no-SD time (median over
+repeats of the ratio within a repeat), the ideal ratio
+``(T_0 + f (T_plain - T_0)) / T_plain`` (``T_0``: compiled step with every block dropped, ``f``: the
+fraction of branch compute that ran: the kept fraction for batch drop, the subset fraction for subset
+drop, 1 otherwise), the compile time (the warm-up steps' time minus as many steady steps), the number
+of graphs, and the peak memory (CUDA only: ``torch.cuda.max_memory_allocated``; "-" on CPU).
+
+    python examples/benchmarks/bench_compile.py                       # CifarResNet-56 and vit_tiny, CPU
+    python examples/benchmarks/bench_compile.py --models vit_tiny --configs "batch 0.5" "subset 0.5"
+    python examples/benchmarks/bench_compile.py --device cuda --dtype bfloat16 --models resnet50 cifar110 vit_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from lightning_sd.core.gates import StochasticDepthHandle, existing_handle, inject_stochastic_depth
+from lightning_sd.models import CifarResNet
+
+BUDGETS = (0.25, 0.5, 0.75, 1.0)
+
+
+def build(name: str, drop_path: float = 0.0) -> tuple[nn.Module, tuple[int, ...]]:
+    """The model and its input shape (without batch)."""
+    import timm
+    import torchvision
+
+    if name.startswith("cifar"):
+        return CifarResNet(int(name[5:]), num_classes=10), (3, 32, 32)
+    if name == "resnet50":
+        return torchvision.models.resnet50(num_classes=100), (3, 224, 224)
+    if name in ("vit_tiny", "vit_small"):
+        model = timm.create_model(f"{name}_patch16_224", img_size=64, num_classes=10, drop_path_rate=drop_path)
+        if drop_path:
+            for module in model.modules():
+                if type(module).__name__ == "DropPath":
+                    module.drop_prob = drop_path  # the same rate in every block (not timm's linear ramp)
+        return model, (3, 64, 64)
+    raise ValueError(f"unknown model {name!r}; choose cifar<depth>, resnet50, vit_tiny or vit_small")
+
+
+class Run:
+    """One configuration: a model, its handle (or None), and how a step draws masks."""
+
+    def __init__(self, model: nn.Module, handle: StochasticDepthHandle | None, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model, self.handle, self.x, self.y = model, handle, x, y
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        self.step_index = 0
+        self.fractions: list[float] = []
+
+    def step(self) -> None:
+        h = self.handle
+        if h is not None:
+            h.resample(self.step_index, batch_size=self.x.shape[0], device=self.x.device)
+        self.step_index += 1
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.x.device.type, dtype=DTYPE, enabled=DTYPE != torch.float32):
+            loss = nn.functional.cross_entropy(self.forward(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        if h is not None:
+            self.fractions.append(h.realized_depth() / h.num_blocks)
+
+    def timed(self, steps: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync()
+        return (time.perf_counter() - start) / steps
+
+
+DTYPE = torch.float32
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def configurations(name: str, timm_model: bool) -> list[tuple[str, dict[str, Any] | None, float]]:
+    """(label, inject kwargs or None, DropPath rate)."""
+    out: list[tuple[str, dict[str, Any] | None, float]] = [("no SD", None, 0.0)]
+    out += [(f"batch {b}", {"survival": b, "drop": "batch"}, 0.0) for b in BUDGETS]
+    out += [("sample 0.5", {"survival": 0.5, "drop": "sample"}, 0.0), ("subset 0.5", {"survival": 0.5, "drop": "subset"}, 0.0)]
+    # Route 2: the model stays eager, each branch compiled as a region (handle.compile)
+    out += [(f"batch {b}, regional", {"survival": b, "drop": "batch", "regional": True}, 0.0) for b in (0.5, 1.0)]
+    if timm_model:
+        out.append(("timm DropPath 0.5", None, 0.5))
+    out.append(("all dropped (T_0)", {"survival": 0.0, "drop": "batch", "scaling": "expected"}, 0.0))
+    return out
+
+
+def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    timm_model = name.startswith("vit")
+    shape = build(name)[1]
+    x = torch.randn(args.batch_size, *shape, device=DEVICE)
+    y = torch.randint(0, 10, (args.batch_size,), device=DEVICE)
+    runs: list[tuple[str, dict[str, Any] | None, Run, Run, CompileCounterWithBackend, float]] = []
+    torch._dynamo.reset()
+    for label, inject, drop_path in configurations(name, timm_model):
+        if args.configs and label not in args.configs and label != "no SD" and not label.startswith("all dropped"):
+            continue
+        torch.manual_seed(0)
+        model, _ = build(name, drop_path)
+        model = model.to(DEVICE).train()
+        handle = None
+        regional = False
+        if inject is not None:
+            kwargs = dict(inject)
+            regional = bool(kwargs.pop("regional", False))
+            handle = inject_stochastic_depth(model, kwargs.pop("survival"), auto_resample=False, seed=0, **kwargs)
+        eager = Run(model, handle, x, y)
+        eager.step()
+        counter = CompileCounterWithBackend(args.backend)  # its own counter: graphs of this configuration
+        compiled = Run(model, handle, x, y)
+        if regional:
+            copied = copy.deepcopy(model)  # a copy runs plain branches: the eager column stays eager
+            copied_handle = existing_handle(copied)
+            assert copied_handle is not None
+            copied_handle.compile(backend=counter)  # the model itself stays eager
+            compiled = Run(copied, copied_handle, x, y)
+        else:
+            compiled.forward = torch.compile(model, backend=counter)
+        warm = compiled.timed(args.warmup) * args.warmup
+        steady = compiled.timed(1)
+        print(f"  {name} {label}: compiled in {max(warm - args.warmup * steady, 0.0):.1f} s, {counter.frame_count} graphs", flush=True)
+        runs.append((label, inject, eager, compiled, counter, max(warm - args.warmup * steady, 0.0)))
+    # Timing: every configuration in each repeat, in alternating order, so that drift of a shared
+    # machine affects all of them alike.
+    eager_times: dict[str, list[float]] = {r[0]: [] for r in runs}
+    compiled_times: dict[str, list[float]] = {r[0]: [] for r in runs}
+    ratios: dict[str, list[float]] = {r[0]: [] for r in runs}
+    for repeat in range(args.repeats):
+        order = runs if repeat % 2 == 0 else list(reversed(runs))
+        this: dict[str, float] = {}
+        for label, _, eager, compiled, _, _ in order:
+            eager_times[label].append(eager.timed(args.steps))
+            this[label] = compiled.timed(args.steps)
+            compiled_times[label].append(this[label])
+        for label in this:
+            ratios[label].append(this[label] / this["no SD"])
+    rows = []
+    for label, inject, _, compiled, counter, compile_s in runs:
+        kept = statistics.mean(compiled.fractions[args.warmup + 1 :]) if compiled.fractions else 1.0
+        if inject is not None and inject["drop"] == "sample":
+            kept = 1.0  # every branch computed
+        peak = "-"
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            compiled.timed(1)
+            peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}"
+        rows.append(
+            {
+                "model": name,
+                "config": label,
+                "eager": statistics.median(eager_times[label]),
+                "compiled": statistics.median(compiled_times[label]),
+                "ratio": statistics.median(ratios[label]),
+                "compile_s": compile_s,
+                "graphs": counter.frame_count,
+                "fraction": kept,
+                "peak": peak,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    global DTYPE, DEVICE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["cifar56", "vit_tiny"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="compiled steps before timing (compilation happens here)")
+    parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--configs", nargs="*", default=[], help='only these (e.g. "batch 0.5" "subset 0.5"); "no SD" and T_0 always run')
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache", action="store_true", help="allow inductor's on-disk caches (compile times then depend on earlier runs)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    args = parser.parse_args()
+    DEVICE = torch.device(args.device)
+    DTYPE = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    # One model copy per configuration: the same code objects are compiled once for each.
+    torch._dynamo.config.recompile_limit = 64
+    if not args.cache:  # compile times from scratch, not from an earlier run's on-disk caches
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args)
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{where}, {args.dtype}, batch {args.batch_size}, backend {args.backend}, torch {torch.__version__}")
+    print("| model | config | eager (ms) | compiled (ms) | / compiled no SD | ideal | compile (s) | graphs | peak (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        mine = [r for r in rows if r["model"] == name]
+        plain = next(r for r in mine if r["config"] == "no SD")["compiled"]
+        t0 = next(r for r in mine if r["config"].startswith("all dropped"))["compiled"]
+        for r in mine:
+            ideal = (t0 + r["fraction"] * (plain - t0)) / plain
+            print(f"| {name} | {r['config']} | {r['eager'] * 1e3:.1f} | {r['compiled'] * 1e3:.1f} | {r['ratio']:.3f} | "
+                  f"{ideal:.3f} | {r['compile_s']:.1f} | {r['graphs']} | {r['peak']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Eager overhead of the gates and of the StochasticDepth callback, where it dominates: a tiny residual MLP.
+
+ResidualMLP with 8 blocks of width 64, batch 32, one thread. Each row is one training step (forward,
+backward, no optimizer) in microseconds, median over ``--repeats`` repeats of the mean over ``--steps``
+steps, configurations interleaved within each repeat:
+
+- ``plain``: the model without gates; ``no blocks``: stem and head only (the blocks removed);
+- ``kept``: gates with every branch kept, ``scaling="expected"`` (no multiply) and ``"inverted"`` at
+  p = 0.999 (a ``1/p`` multiply); per-gate cost = (row - plain) / 8;
+- ``skipped``: every branch dropped (``scaling="expected"``, p = 0); per-gate cost =
+  (row - no blocks) / 8, i.e. what a skipped gate costs beyond the stem and head;
+- ``budget 0.5``: half the branches run (uniform rates, inverted).
+
+Then a Trainer epoch of ``--trainer-steps`` steps, plain vs ``StochasticDepth(budget=1.0)``: the
+callback's cost per step is the difference of the per-step times (median over repeats).
+
+    python examples/benchmarks/bench_gate_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sd.callbacks import StochasticDepth
+from lightning_sd.core.gates import inject_stochastic_depth
+from lightning_sd.models import ResidualMLP
+
+WIDTH, DEPTH, BATCH = 64, 8, 32
+
+
+def step_time(model: nn.Module, handle, x: torch.Tensor, steps: int) -> float:
+    """Mean microseconds per forward + backward."""
+    model.train()
+    for s in range(3):  # warm-up
+        if handle is not None:
+            handle.resample(s)
+        model(x).sum().backward()
+    start = time.perf_counter()
+    for s in range(steps):
+        if handle is not None:
+            handle.resample(s)
+        model(x).sum().backward()
+    return (time.perf_counter() - start) / steps * 1e6
+
+
+class _Module(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = ResidualMLP(WIDTH, WIDTH, DEPTH, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def trainer_step_time(steps: int, callback: bool) -> float:
+    """Mean microseconds per training step of a Trainer epoch (optimizer step included)."""
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(steps * BATCH, WIDTH, generator=g), torch.randn(steps * BATCH, 1, generator=g)), batch_size=BATCH)
+    times: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            times.append((time.perf_counter() - self.start) / steps * 1e6)
+
+    callbacks: list[pl.Callback] = [Clock()]
+    if callback:
+        callbacks.insert(0, StochasticDepth(budget=1.0, seed=0))
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(),  # the callback's rate tables go there, not into the working directory
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_Module(), data)
+    return times[-1]  # the second epoch: warm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--trainer-steps", type=int, default=200)
+    parser.add_argument("--trainer-repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, WIDTH)
+    base = ResidualMLP(WIDTH, WIDTH, DEPTH, 1)
+    configs: dict[str, tuple[nn.Module, object]] = {"plain": (base, None)}
+    stem_head = copy.deepcopy(base)
+    stem_head.blocks = nn.Sequential()
+    configs["no blocks"] = (stem_head, None)
+    for name, rate, scaling in [("kept, expected (no multiply)", 1.0, "expected"), ("kept, inverted (1/p multiply)", 0.999, "inverted"),
+                                ("skipped (p = 0)", 0.0, "expected"), ("budget 0.5, inverted", 0.5, "inverted")]:
+        model = copy.deepcopy(base)
+        handle = inject_stochastic_depth(model, rate, scaling=scaling, auto_resample=False, seed=0)
+        configs[name] = (model, handle)
+    results: dict[str, list[float]] = {k: [] for k in configs}
+    for r in range(args.repeats):
+        names = list(configs) if r % 2 == 0 else list(reversed(configs))
+        for name in names:
+            model, handle = configs[name]
+            results[name].append(step_time(model, handle, x, args.steps))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"ResidualMLP, {DEPTH} blocks, width {WIDTH}, batch {BATCH}, 1 thread; forward + backward, median of {args.repeats} x {args.steps} steps")
+    print("| configuration | step (us) | per gate (us) |\n|---|---|---|")
+    for name, t in med.items():
+        if name in ("plain", "no blocks"):
+            per = "-"
+        elif name.startswith("skipped"):
+            per = f"{(t - med['no blocks']) / DEPTH:.1f} (vs no blocks)"
+        elif name.startswith("kept"):
+            per = f"{(t - med['plain']) / DEPTH:.1f} (vs plain)"
+        else:
+            per = "-"
+        print(f"| {name} | {t:.1f} | {per} |")
+    print(f"budget 0.5 / plain: {med['budget 0.5, inverted'] / med['plain']:.3f}")
+    plain_t, sd_t = [], []
+    for r in range(args.trainer_repeats):
+        order = [False, True] if r % 2 == 0 else [True, False]
+        for cb in order:
+            (sd_t if cb else plain_t).append(trainer_step_time(args.trainer_steps, cb))
+    ratios = [s / p for s, p in zip(sd_t, plain_t)]
+    diffs = [s - p for s, p in zip(sd_t, plain_t)]
+    print(f"\nTrainer epoch of {args.trainer_steps} steps (second epoch), median of {args.trainer_repeats} repeats")
+    print("| | step (us) |\n|---|---|")
+    print(f"| plain Trainer | {statistics.median(plain_t):.1f} |")
+    print(f"| StochasticDepth(budget=1.0) | {statistics.median(sd_t):.1f} |")
+    print(f"| callback + gates per step | {statistics.median(diffs):.1f} |")
+    print(f"| ratio | {statistics.median(ratios):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

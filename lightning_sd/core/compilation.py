@@ -1,0 +1,143 @@
+"""Stochastic depth under ``torch.compile``: the number of compiled graphs does not depend on the masks.
+
+An eager gate decides in Python whether its branch runs (``if kept``). Traced by Dynamo, that
+decision would become a guard: one graph per mask pattern, then the recompile limit and an eager
+fallback (pytorch#95425). While Dynamo traces a gate (``torch.compiler.is_compiling()``), the gate
+calls :func:`traced_gate_forward` instead, which reads the masks and rates as **tensor data** that the
+handle refreshes outside the forward (at ``resample``, ``set_survival``, ``reconfigure``):
+
+- ``drop="batch"``, route ``"cond"``: ``torch.cond(kept_l, shortcut + m_l f_l(x), shortcut)``. One
+  graph for any mask stream and any rates; ``torch.cond`` runs one branch, so a dropped branch is still
+  not computed, and its backward gives the branch's parameters exact zero gradients (DDP with
+  ``find_unused_parameters=False`` keeps working). ``torch.cond`` refuses branches that mutate state:
+  BatchNorm's running statistics in training mode, in-place ops on the branch's inputs.
+- ``drop="batch"``, route ``"graph_break"``: the gate is a graph break; the decision runs eagerly
+  *between* the compiled pieces of the model, and the branch runs through the regions compiled by
+  :meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile` (eagerly without them). The number of
+  graphs depends on the block types and stage shapes, never on the masks or the depth.
+- route ``"auto"`` (the default, :attr:`StochasticDepthHandle.compile_route`): ``"cond"`` for a branch
+  whose modules hold no buffers, ``"graph_break"`` for the others (BatchNorm).
+- ``drop="batch"`` where compute is not skipped (FSDP, DeepSpeed): ``shortcut + (kept_l m_l) f_l(x)``.
+- evaluation with ``scaling="expected"``: ``shortcut + p_l f_l(x)`` with ``p_l`` as data.
+- ``drop="sample"`` and ``drop="subset"`` need nothing here: their masks and rows are drawn at
+  ``resample`` (outside the forward) when the batch size is known, and read as inputs.
+
+:func:`compile_branches` is the other route users take (``StochasticDepthHandle.compile``,
+``StochasticDepth(compile=...)``): each branch compiled as its own region, the decision eager.
+
+Example::
+
+    >>> handle = inject_stochastic_depth(model, 0.5)
+    >>> compiled = torch.compile(model)        # route 1: the user compiles the whole model
+    >>> handle.compile(mode="max-autotune")    # route 2: the package compiles each branch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_sd.core.gates import ResidualGate, SlotGate, StochasticDepthHandle
+
+__all__ = ["COMPILE_ROUTES", "CompileRoute", "compile_branches", "traced_gate_forward", "traced_slot_forward"]
+
+CompileRoute = Literal["auto", "cond", "graph_break"]
+#: How a batch-drop gate traced by ``torch.compile`` decides (see the module docstring).
+COMPILE_ROUTES: tuple[str, ...] = ("auto", "cond", "graph_break")
+
+
+def _batch_mask(handle: StochasticDepthHandle, index: int) -> tuple[Tensor, Tensor]:
+    """``(kept_l, m_l)`` as tensors: the kept flag (bool, 0-dim) and the multiplier of a kept branch."""
+    kind: Any = handle.drop_kind
+    return kind.kept_tensor[index], handle._train_multipliers[index]
+
+
+def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor | None:
+    """The gate's output while Dynamo traces it, or None when the eager code traces without guards."""
+    handle = gate.handle
+    if not gate.training:
+        if gate.pruned or handle.scaling != "expected":  # pruned (handle.prune): the eager code returns the shortcut
+            return None
+        return shortcut + gate._call_branch(*inputs) * handle._eval_multipliers[gate.index]
+    if handle.drop != "batch":
+        return None  # per-example kinds read tensors drawn at resample
+    route = handle.compile_route
+    if route == "auto":
+        route = "graph_break" if gate.holds_state else "cond"
+    if handle.skip_compute and route == "graph_break":
+        # Before reading anything per gate: the frames Dynamo compiles around this break must not
+        # depend on the gate's index (one graph per gate otherwise).
+        return _decide_between_regions(gate, shortcut, inputs)
+    kept, m = _batch_mask(handle, gate.index)
+    if not handle.skip_compute:  # masking instead of skipping (FSDP, DeepSpeed): the mask as data
+        return shortcut + gate._call_branch(*inputs) * (m * kept).to(shortcut.dtype)
+    dtype = shortcut.dtype
+
+    def run(s: Tensor, *args: Any) -> Tensor:
+        return (s + gate._call_branch(*args) * m).to(dtype)
+
+    def skip(s: Tensor, *args: Any) -> Tensor:
+        return s.clone()  # cond's outputs may not alias its inputs
+
+    return torch.cond(kept, run, skip, (shortcut, *inputs))
+
+
+def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:
+    """A drop-path slot gate while Dynamo traces it (it multiplies, never skips), or None for the eager code."""
+    handle, index = gate.handle, gate.index
+    if not gate.training:
+        return x * handle._eval_multipliers[index] if handle.scaling == "expected" and not gate.pruned else None
+    if handle.drop != "batch":
+        return None
+    kept, m = _batch_mask(handle, index)
+    return x * (m * kept).to(x.dtype)
+
+
+@torch.compiler.disable
+def _decide_between_regions(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
+    # Runs eagerly: a graph break in the traced model, the decision outside any graph. The branch runs
+    # through the compiled regions of handle.compile() when there are, else eagerly.
+    return gate.forward_outside_graph(shortcut, *inputs)
+
+
+def _region_source(name: str) -> str:
+    return f"def {name}(shortcut, m, *inputs):\n    return shortcut + branch(*inputs) * m\n"
+
+
+def compile_branches(handle: StochasticDepthHandle, **compile_kwargs: Any) -> int:
+    """Compile each residual branch of ``handle`` as its own region; the skip decision stays eager.
+
+    Identical blocks (same generated branch code) share one compiled function, so Dynamo compiles
+    one graph per block type; a kept branch runs ``shortcut + f_l(x) * m_l`` in one compiled region
+    with ``m_l`` as a tensor input (no recompile when the rates change), a dropped branch is not
+    called at all. Drop-path slot gates (blocks whose forward cannot be traced) are left eager.
+
+    Args:
+        handle: the live handle of an injected model.
+        **compile_kwargs: passed to :func:`torch.compile` (``backend``, ``mode``, ``dynamic``, ...).
+
+    Returns:
+        the number of distinct compiled branch functions (block types).
+    """
+    from lightning_sd.core.gates import ResidualGate
+
+    shared: dict[int, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+    for gate in handle.gates:
+        if not isinstance(gate, ResidualGate):
+            continue
+        fn, args = gate.branch_target(compiled=False)
+        if id(fn) not in shared:
+            namespace: dict[str, Any] = {"branch": fn}
+            name = f"sd_region_{len(shared)}"
+            # A code object of its own per block type: Dynamo caches per code object, so block types do
+            # not count against each other's recompile limit.
+            exec(compile(_region_source(name), f"<lightning_sd {name}>", "exec"), namespace)  # noqa: S102
+            shared[id(fn)] = (torch.compile(fn, **compile_kwargs), torch.compile(namespace[name], **compile_kwargs))
+        plain, region = shared[id(fn)]
+        gate.set_compiled(plain, region, args)
+    handle._compile_kwargs = dict(compile_kwargs)
+    return len(shared)

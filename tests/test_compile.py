@@ -1,0 +1,346 @@
+"""Stochastic depth under torch.compile: graphs independent of the mask stream and of the rates.
+
+Graphs are counted with Dynamo's ``CompileCounterWithBackend("aot_eager")`` (AOT autograd, so the
+backward is compiled too, without inductor's code generation). "No recompile after warm-up" is
+asserted with ``torch._dynamo.config.error_on_recompile``: any guard failure after the warm-up raises.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils.data import DataLoader
+
+from lightning_sd.callbacks import StochasticDepth
+from lightning_sd.core.gates import inject_stochastic_depth
+from lightning_sd.models.cifar_resnet import CifarResNet
+from lightning_sd.models.residual_mlp import ResidualMLP
+from tests.helpers import ClassifierModule, RegressionModule, image_loader, regression_data, trainer_kwargs
+
+WARM_UP = 20
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def _run_pair(model, compiled, ref, handle, ref_handle, x, steps, new_rates_at=None, caplog=None):
+    """Same masks in both models; returns the graph counts after each step. Asserts equality at every step."""
+    counts = []
+    for step in range(steps):
+        if new_rates_at is not None and step == new_rates_at:
+            rates = torch.linspace(0.9, 0.35, handle.num_blocks)
+            handle.set_survival(rates)
+            ref_handle.set_survival(rates)
+        handle.resample(step, batch_size=x.shape[0])
+        ref_handle.resample(step, batch_size=x.shape[0])
+        with torch._dynamo.config.patch(error_on_recompile=step >= WARM_UP):
+            out = compiled(x)
+        out.square().sum().backward()
+        expected = ref(x)
+        expected.square().sum().backward()
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        for got, want in zip(_grads(model), _grads(ref)):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if handle.drop == "batch":
+            for gate, kept in zip(handle.gates, handle.kept.tolist()):
+                if not kept and hasattr(gate, "branch_target"):  # a skipped branch: exact zero gradients (DDP sees every parameter)
+                    assert all(float(w.grad.abs().max()) == 0.0 for w in gate._weights())
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        counts.append(compiled_graphs(compiled))
+    if caplog is not None:
+        assert not [r for r in caplog.records if "recompile_limit" in r.getMessage() or "cache_size_limit" in r.getMessage()]
+    return counts
+
+
+def compiled_graphs(compiled) -> int:
+    return compiled.counter.frame_count
+
+
+class _Compiled:
+    """``torch.compile(model)`` with a graph counter attached."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.counter = CompileCounterWithBackend("aot_eager")
+        self.fn = torch.compile(model, backend=self.counter)
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+def _pair(model: nn.Module, **inject):
+    ref = copy.deepcopy(model)
+    handle = inject_stochastic_depth(model, 0.5, auto_resample=False, seed=5, **inject)
+    ref_handle = inject_stochastic_depth(ref, 0.5, auto_resample=False, seed=5, **inject)
+    return handle, ref, ref_handle
+
+
+def test_whole_model_batch_drop_without_buffers_is_one_graph_over_60_steps(caplog) -> None:
+    """Route "cond": one graph for 60 random masks and a change of rates; outputs and gradients as eager."""
+    caplog.set_level(logging.WARNING)
+    torch.manual_seed(0)
+    model = ResidualMLP(8, 16, 4, 2).train()
+    handle, ref, ref_handle = _pair(model)
+    compiled = _Compiled(model)
+    masks = set()
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(6, 8), 60, new_rates_at=40, caplog=caplog)
+    handle.resample(0)
+    for step in range(60):
+        masks.add(tuple(handle.resample(step).tolist()))
+    assert len(masks) >= 10  # many distinct patterns
+    assert counts[-1] == counts[WARM_UP - 1] == 1  # bound: one graph, whatever the masks and rates
+
+
+def test_whole_model_batch_drop_with_batchnorm_graphs_do_not_depend_on_masks(caplog) -> None:
+    """Route "graph_break" (BatchNorm statistics cannot live in torch.cond): bounded graphs, BN buffers as eager."""
+    caplog.set_level(logging.WARNING)
+    torch.manual_seed(0)
+    model = CifarResNet(14, width=4).train()  # 6 blocks, 2 block types (identity / padded shortcut)
+    handle, ref, ref_handle = _pair(model)
+    compiled = _Compiled(model)
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(4, 3, 8, 8), 60, new_rates_at=40, caplog=caplog)
+    # Bound: 12 graphs for this network (6 measured, the same for ResNet-20 and ResNet-56): the pieces
+    # between gates, per block type and stage shape, never per block or per mask pattern.
+    assert counts[-1] == counts[WARM_UP - 1] <= 12
+    for (name, buf), (_, want) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(buf, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_graph_break_route_gives_the_same_graph_count_for_any_depth() -> None:
+    counts = []
+    for depth in (14, 26):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = CifarResNet(depth, width=4).train()
+        handle = inject_stochastic_depth(model, 0.5, auto_resample=False)
+        compiled = _Compiled(model)
+        x = torch.randn(2, 3, 8, 8)
+        for step in range(4):
+            handle.resample(step)
+            compiled(x).sum().backward()
+        counts.append(compiled_graphs(compiled))
+    assert counts[0] == counts[1]
+
+
+def test_cond_route_is_chosen_for_branches_without_buffers_and_can_be_forced() -> None:
+    mlp = inject_stochastic_depth(ResidualMLP(4, 8, 2, 1), 0.5)
+    resnet = inject_stochastic_depth(CifarResNet(8, width=4), 0.5)
+    assert [g.holds_state for g in mlp.gates] == [False, False]
+    assert all(g.holds_state for g in resnet.gates)
+    with pytest.raises(ValueError, match="compile_route"):
+        mlp.compile_route = "sometimes"
+    mlp.compile_route = "graph_break"
+    assert mlp.compile_route == "graph_break"
+
+
+def test_masking_without_skipping_and_expected_evaluation_compile_once() -> None:
+    """FSDP-style masking (skip_compute=False) and evaluation with p_l (scaling="expected"): rates are data."""
+    torch.manual_seed(0)
+    model = ResidualMLP(8, 16, 4, 2)
+    handle, ref, ref_handle = _pair(model, scaling="expected")
+    handle.skip_compute = ref_handle.skip_compute = False
+    compiled = _Compiled(model)
+    x = torch.randn(5, 8)
+    for step in range(6):
+        handle.resample(step)
+        ref_handle.resample(step)
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
+    train_graphs = compiled_graphs(compiled)
+    model.eval()
+    ref.eval()
+    for k in range(4):
+        rates = torch.full((4,), 0.2 + 0.2 * k)
+        handle.set_survival(rates)
+        ref_handle.set_survival(rates)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
+    assert train_graphs == 1
+    assert compiled_graphs(compiled) == 2  # one more for evaluation mode, none per rate
+
+
+@pytest.mark.parametrize("scaling", ["expected", "inverted"])
+def test_pruned_blocks_stay_pruned_in_a_compiled_model(scaling) -> None:
+    """handle.prune under a whole-model compile: the pruned blocks return their shortcut, as in eager."""
+    torch.manual_seed(0)
+    model = ResidualMLP(8, 16, 6, 2)
+    handle, ref, ref_handle = _pair(model, scaling=scaling)
+    for h in (handle, ref_handle):
+        h.set_survival(torch.linspace(0.9, 0.4, 6))
+    compiled = _Compiled(model)
+    model.eval()
+    ref.eval()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        full = compiled(x)
+        torch.testing.assert_close(full, ref(x), rtol=1e-4, atol=1e-4)
+        kept = handle.prune(0.5, by="survival")
+        ref_handle.prune(0.5, by="survival")
+        assert kept == [0, 1, 2] and handle.pruned == [3, 4, 5]
+        pruned = compiled(x)
+        torch.testing.assert_close(pruned, ref(x), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(pruned, full)
+        handle.unprune()
+        ref_handle.unprune()
+        torch.testing.assert_close(compiled(x), full, rtol=0, atol=0)
+
+
+def test_regional_compilation_shares_one_graph_per_block_type(caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    torch.manual_seed(0)
+    model = CifarResNet(14, width=4).train()
+    handle, ref, ref_handle = _pair(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    types = handle.compile(backend=counter)
+    assert types == 1  # the six branches have the same code: conv-bn-relu-conv-bn
+
+    class Direct:
+        def __init__(self):
+            self.counter = counter
+
+        def __call__(self, x):
+            return model(x)
+
+    counts = _run_pair(model, Direct(), ref, handle, ref_handle, torch.randn(4, 3, 8, 8), 30, new_rates_at=25, caplog=caplog)
+    # One region per block type and parameter shape (parameters are static): here at most 2 per stage
+    # (its first block sees the previous stage's input shape), 6 in all, for any depth and any masks.
+    assert counts[-1] == counts[WARM_UP - 1] <= 6
+    copied = copy.deepcopy(model)  # copies run the plain branches
+    assert all("_compiled" not in g.__dict__ for g in copied.modules() if hasattr(g, "branch_target"))
+
+
+def test_whole_model_and_regional_compilation_together() -> None:
+    """Route "graph_break" with compiled regions: the pieces between gates and the branches are both compiled."""
+    torch.manual_seed(0)
+    model = CifarResNet(8, width=4).train()
+    handle, ref, ref_handle = _pair(model)
+    regions = CompileCounterWithBackend("aot_eager")
+    handle.compile(backend=regions)
+    compiled = _Compiled(model)
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(4, 3, 8, 8), 24)
+    assert counts[-1] == counts[WARM_UP - 1] >= 1
+    assert 1 <= regions.frame_count <= 6
+
+
+def test_subset_drop_compiles_to_one_graph_over_30_steps(caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    torch.manual_seed(0)
+    model = ResidualMLP(8, 16, 4, 2).train()
+    handle, ref, ref_handle = _pair(model, drop="subset")
+    compiled = _Compiled(model)
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(10, 8), 30, caplog=caplog)
+    assert counts[-1] == 1
+    assert handle.realized_depth() == pytest.approx(4 * 5 / 10)
+
+
+# ---------------------------------------------------------------- in a Trainer
+
+
+class _GraphsAtEpochEnd(pl.Callback):
+    def __init__(self, counter):
+        self.counter = counter
+        self.graphs: list[int] = []
+        self.rates: list[list[float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.graphs.append(self.counter.frame_count)
+        sd = next(c for c in trainer.callbacks if isinstance(c, StochasticDepth))
+        self.rates.append(sd.survival.tolist())
+
+
+def _fit(tmp_path, module, sd, extra=(), epochs=3):
+    data = DataLoader(regression_data(n=48, in_features=8), batch_size=8)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[sd, *extra], **trainer_kwargs(tmp_path, logger=False))
+    trainer.fit(module, data)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _sensemode(**kwargs) -> StochasticDepth:
+    return StochasticDepth(mode="sensemode", budget=0.5, seed=3, sensitivity_batches=2, recompute_every_n_epochs=1, **kwargs)
+
+
+@pytest.mark.parametrize("route", ["callback", "user"])
+def test_trainer_with_sensemode_recomputation_does_not_recompile(tmp_path, route) -> None:
+    """``StochasticDepth(compile=...)`` and a user-compiled LightningModule: same weights as eager, no new graph."""
+    torch.manual_seed(0)
+    eager = _fit(tmp_path / "eager", RegressionModule(in_features=8, width=16, depth=4, lr=0.01), _sensemode())
+    counter = CompileCounterWithBackend("aot_eager")
+    watch = _GraphsAtEpochEnd(counter)
+    torch.manual_seed(0)
+    module = RegressionModule(in_features=8, width=16, depth=4, lr=0.01)
+    if route == "callback":
+        sd = _sensemode(compile={"backend": counter})
+        got = _fit(tmp_path / "compiled", module, sd, [watch])
+        assert sd.effective_settings()["compile"] == {"backend": counter}
+        assert "branches compiled as regions" in sd._settings_line()
+    else:
+        sd = _sensemode()
+        module.net = torch.compile(module.net, backend=counter)  # the user compiles the network
+        got = _fit(tmp_path / "compiled", module, sd, [watch])
+        got = {k.replace("_orig_mod.", ""): v for k, v in got.items()}
+    assert watch.rates[0] != watch.rates[1] != watch.rates[2]  # re-measured every epoch
+    assert watch.graphs[0] == watch.graphs[1] == watch.graphs[2] >= 1  # no graph after the first epoch
+    for k, v in eager.items():
+        assert bool(v.isfinite().all())
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_trainer_user_compiled_resnet_with_batchnorm(tmp_path) -> None:
+    counter = CompileCounterWithBackend("aot_eager")
+    watch = _GraphsAtEpochEnd(counter)
+    torch.manual_seed(0)
+    module = ClassifierModule(CifarResNet(14, width=4))
+    module.net = torch.compile(module.net, backend=counter)
+    sd = StochasticDepth(mode="linear", budget=0.5, seed=1)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[sd, watch], **trainer_kwargs(tmp_path, logger=False))
+    trainer.fit(module, image_loader(n=80, batch_size=4))  # 20 steps per epoch: the first one warms up
+    # A branch frame compiles when its block type first runs; after the first epoch, nothing new.
+    assert watch.graphs[0] == watch.graphs[1] == watch.graphs[2] <= 12
+
+
+class _UntraceableBlock(nn.Module):
+    """fx cannot trace ``if x.dim() == 2`` (a Proxy in control flow): the gate goes into the drop-path slot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import DropPath
+
+        self.linear = nn.Linear(8, 8)
+        self.drop_path = DropPath(0.0)
+
+    def forward(self, x):
+        if x.dim() == 2:
+            x = x + self.drop_path(self.linear(x).relu())
+        return x
+
+
+def test_compile_argument_is_checked_before_training() -> None:
+    with pytest.raises(ValueError, match="compile must be True/False or a dict"):
+        StochasticDepth(compile="yes")  # type: ignore[arg-type]
+
+
+def test_slot_gates_multiply_by_the_mask_as_data_under_compile() -> None:
+    from lightning_sd.core.gates import SlotGate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_UntraceableBlock() for _ in range(4)])
+    handle, ref, ref_handle = _pair(model)
+    assert all(isinstance(g, SlotGate) for g in handle.gates)
+    compiled = _Compiled(model)
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(3, 8), 24)
+    assert counts[-1] == 1
