@@ -10,3 +10,8 @@ python examples/log_gaussian.py --out docs/figures/log_gaussian.png
 lightning-sd fit --trainer.enable_progress_bar false \
     --trainer.callbacks+=lightning_sd.callbacks.summary_plots.SummaryPlots \
     --trainer.callbacks.init_args.out_dir docs/figures
+# accuracy vs depth of the digits model trained with SD (DepthOnDemand + SummaryPlots of the recipe)
+logs=$(mktemp -d)
+lightning-sd fit --config configs/digits_depth_on_demand.yaml --trainer.enable_progress_bar false \
+    --trainer.logger.init_args.save_dir "$logs"
+cp "$logs"/digits_depth_on_demand/version_0/depth_on_demand.png docs/figures/depth_on_demand.png
