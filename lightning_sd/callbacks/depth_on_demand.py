@@ -34,7 +34,7 @@ from typing_extensions import override
 from lightning_sd._internals import metric_states_restored
 from lightning_sd.callbacks.output import log_epoch_metrics, publish_table
 from lightning_sd.callbacks.probe_data import probe_batches, probe_loader
-from lightning_sd.callbacks.rate_measurement import _loss_function, _step_context
+from lightning_sd.callbacks.rate_measurement import measurement_context, measurement_loss
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.probing import restored_state
 from lightning_sd.core.pruning import PRUNE_BY, PruneBy, check_keep
@@ -53,13 +53,13 @@ def evaluation_sensitivities_on_validation(
     on the first validation dataloader (the training data when there is none), averaged over ranks.
     Returns float32 on CPU, length L, call order.
     """
-    loss_of = _loss_function(sensitivity_loss, pl_module)
+    loss_of = measurement_loss(sensitivity_loss, pl_module)
     batches = probe_batches(trainer, pl_module, int(num_batches), source="val_or_train")
     if not batches:
         raise RuntimeError("the validation data yielded no batch to measure sensitivities on")
     with isolate_rng(), restored_state(pl_module, "eval"), metric_states_restored(pl_module):
         s = estimate_sensitivities(
-            pl_module, list(enumerate(batches)), loss_of, autocast=_step_context(trainer), restore_buffers=False, fork_rng=False
+            pl_module, list(enumerate(batches)), loss_of, autocast=measurement_context(trainer), restore_buffers=False, fork_rng=False
         )
     reduced = trainer.strategy.reduce(s.to(trainer.strategy.root_device), reduce_op="mean")
     return torch.as_tensor(reduced).detach().to(device="cpu", dtype=torch.float32)

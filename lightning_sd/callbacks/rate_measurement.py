@@ -89,6 +89,8 @@ __all__ = [
     "RATE_MEASUREMENTS",
     "MeasurementSettings",
     "RateMeasurement",
+    "measurement_context",
+    "measurement_loss",
     "measure_maxreg_rates",
     "measure_rates",
     "measure_sensemode_rates",
@@ -189,7 +191,7 @@ def _probe_sensitivities(
             "measure_sensitivities needs a LightningModule with stochastic-depth gates; StochasticDepth "
             "injects them in setup(), so call it from on_train_start or later"
         )
-    loss_of = _loss_function(sensitivity_loss, pl_module)
+    loss_of = measurement_loss(sensitivity_loss, pl_module)
     batches = probe_batches(trainer, pl_module, int(num_batches), combined=True, epoch=trainer.current_epoch)
     with isolate_rng(), restored_state(pl_module, "train"), metric_states_restored(pl_module):
         if not batches:
@@ -202,7 +204,7 @@ def _probe_sensitivities(
             list(enumerate(batches)),
             loss_of,
             method="gradient",
-            autocast=_step_context(trainer),
+            autocast=measurement_context(trainer),
             restore_buffers=False,  # restored_state above restores every buffer
             fork_rng=False,  # isolate_rng above covers torch, numpy and python RNGs
         )
@@ -211,7 +213,7 @@ def _probe_sensitivities(
     return torch.as_tensor(reduced).detach().to(device="cpu", dtype=torch.float32)
 
 
-def _step_context(trainer: pl.Trainer) -> Any:
+def measurement_context(trainer: pl.Trainer) -> Any:
     """The context the measurement's forward runs in: no autocast under mixed precision (see the module docstring)."""
     plugin = trainer.precision_plugin
     if isinstance(plugin, MixedPrecision):
@@ -220,8 +222,12 @@ def _step_context(trainer: pl.Trainer) -> Any:
     return getattr(plugin, "train_step_context", None) or plugin.forward_context
 
 
-def _loss_function(custom: Callable[[pl.LightningModule, Any], Tensor] | None, pl_module: pl.LightningModule) -> Any:
-    """``loss_fn(model, (batch_idx, batch))`` for the core estimator; checks before anything runs."""
+def measurement_loss(custom: Callable[[pl.LightningModule, Any], Tensor] | None, pl_module: pl.LightningModule) -> Any:
+    """``loss_fn(model, (batch_idx, batch))`` for the core estimators: ``custom(module, batch)`` or the module's training_step loss.
+
+    Shared by the measured modes and :class:`~lightning_sd.callbacks.depth_on_demand.DepthOnDemand`; it checks the
+    module (manual optimization needs ``custom``) before anything runs.
+    """
     if custom is not None:
 
         def custom_loss(model: nn.Module, item: tuple[int, Any]) -> Tensor:
