@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["called_by_fit_loop", "fit_loop_combine_mode", "metric_states_restored"]
+__all__ = ["attached_trainer", "called_by_fit_loop", "fit_loop_combine_mode", "load_validation_data", "metric_states_restored"]
 
 
 def called_by_fit_loop(module: Any) -> bool:
@@ -29,6 +29,24 @@ def called_by_fit_loop(module: Any) -> bool:
     (checked against lightning 2.6.6).
     """
     return module._trainer is not None and getattr(module, "_current_fx_name", None) == "training_step"
+
+
+def attached_trainer(module: Any) -> Any:
+    """The Trainer ``module`` is attached to, or None.
+
+    Private attribute: ``LightningModule._trainer``. The public ``module.trainer`` raises when no Trainer is
+    attached, and the caller wants to say what to do instead (checked against lightning 2.6.6).
+    """
+    return getattr(module, "_trainer", None)
+
+
+def load_validation_data(trainer: Any) -> None:
+    """Load the validation dataloaders of a fit whose validation loop has not run yet.
+
+    Lightning has no public call for it; the fit loop's validation loop loads them with
+    ``trainer.fit_loop.epoch_loop.val_loop.setup_data()`` before its first run (checked against lightning 2.6.6).
+    """
+    trainer.fit_loop.epoch_loop.val_loop.setup_data()
 
 
 def fit_loop_combine_mode(trainer: Any) -> str:

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sd._internals import metric_states_restored
+from lightning_sd._internals import load_validation_data, metric_states_restored
 from lightning_sd.callbacks.output import log_epoch_metrics, publish_table
 from lightning_sd.callbacks.probe_data import probe_batches, probe_loader
 from lightning_sd.callbacks.rate_measurement import measurement_context, measurement_loss
@@ -317,8 +317,7 @@ class DepthOnDemand(Callback):
             return  # already evaluated at this step (the last epoch's end)
         if getattr(trainer, "val_dataloaders", None) is None:
             # Validation never ran (check_val_every_n_epoch larger than the run): load the validation data now.
-            # Lightning 2.6 has no public call for it; the fit loop's validation loop loads it the same way.
-            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            load_validation_data(trainer)
         self.evaluate(trainer, pl_module)
         metrics = self.metrics()
         for logger in trainer.loggers:

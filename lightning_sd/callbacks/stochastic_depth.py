@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sd._internals import attached_trainer
 from lightning_sd.callbacks.output import log_epoch_metrics, log_per_block, publish_table
 from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, MeasurementSettings, RateMeasurement
 from lightning_sd.callbacks.strategy_support import skips_compute_under
@@ -686,7 +687,7 @@ class StochasticDepth(Callback):
         if self.handle is None:
             raise RuntimeError("StochasticDepth has no gates yet: prune after setup (e.g. after fit)")
         pl_module = self.handle.model
-        trainer = getattr(pl_module, "_trainer", None)
+        trainer = attached_trainer(pl_module)
         if trainer is None:
             raise RuntimeError(
                 "by='sensitivity' measures S_l on the Trainer's validation data, but the module is not attached to a Trainer; "
