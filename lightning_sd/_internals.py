@@ -14,7 +14,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["attached_trainer", "called_by_fit_loop", "fit_loop_combine_mode", "load_validation_data", "metric_states_restored"]
+__all__ = [
+    "attached_trainer",
+    "called_by_fit_loop",
+    "fit_loop_combine_mode",
+    "load_validation_data",
+    "loggers_write_this_step",
+    "metric_states_restored",
+]
 
 
 def called_by_fit_loop(module: Any) -> bool:
@@ -47,6 +54,19 @@ def load_validation_data(trainer: Any) -> None:
     ``trainer.fit_loop.epoch_loop.val_loop.setup_data()`` before its first run (checked against lightning 2.6.6).
     """
     trainer.fit_loop.epoch_loop.val_loop.setup_data()
+
+
+def loggers_write_this_step(trainer: Any) -> bool:
+    """Whether a step-level ``self.log`` now reaches a logger (each call costs about a millisecond on CPU).
+
+    Lightning writes step metrics only at every ``Trainer(log_every_n_steps)``-th step, and nowhere
+    without loggers. Private attribute: ``trainer._logger_connector.should_update_logs`` (evaluated again
+    after ``on_train_batch_end`` with the same step count); no public query exists (checked against
+    lightning 2.6.6).
+    """
+    if not trainer.loggers:
+        return False
+    return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
 
 
 def fit_loop_combine_mode(trainer: Any) -> str:

@@ -34,11 +34,10 @@ from typing_extensions import override
 from lightning_sd._internals import load_validation_data, metric_states_restored
 from lightning_sd.callbacks.output import log_epoch_metrics, publish_table
 from lightning_sd.callbacks.probe_data import probe_batches, probe_loader
-from lightning_sd.callbacks.rate_measurement import measurement_context, measurement_loss
+from lightning_sd.callbacks.rate_measurement import measurement_loss, sensitivities_over_ranks
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.probing import restored_state
 from lightning_sd.core.pruning import PRUNE_BY, PruneBy, check_keep
-from lightning_sd.core.sensitivity import estimate_sensitivities
 from lightning_sd.core.validation import check_choice
 
 __all__ = ["DepthOnDemand", "evaluation_sensitivities_on_validation", "validation_metrics"]
@@ -57,12 +56,7 @@ def evaluation_sensitivities_on_validation(
     batches = probe_batches(trainer, pl_module, int(num_batches), source="val_or_train")
     if not batches:
         raise RuntimeError("the validation data yielded no batch to measure sensitivities on")
-    with isolate_rng(), restored_state(pl_module, "eval"), metric_states_restored(pl_module):
-        s = estimate_sensitivities(
-            pl_module, list(enumerate(batches)), loss_of, autocast=measurement_context(trainer), restore_buffers=False, fork_rng=False
-        )
-    reduced = trainer.strategy.reduce(s.to(trainer.strategy.root_device), reduce_op="mean")
-    return torch.as_tensor(reduced).detach().to(device="cpu", dtype=torch.float32)
+    return sensitivities_over_ranks(trainer, pl_module, batches, loss_of, "eval")
 
 
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}

@@ -95,6 +95,7 @@ __all__ = [
     "measure_rates",
     "measure_sensemode_rates",
     "measure_sensitivities",
+    "sensitivities_over_ranks",
     "silenced_training_step",
 ]
 
@@ -193,12 +194,23 @@ def _probe_sensitivities(
         )
     loss_of = measurement_loss(sensitivity_loss, pl_module)
     batches = probe_batches(trainer, pl_module, int(num_batches), combined=True, epoch=trainer.current_epoch)
-    with isolate_rng(), restored_state(pl_module, "train"), metric_states_restored(pl_module):
-        if not batches:
-            raise RuntimeError(
-                "the training dataloader yielded no batch to measure sensitivities on; check the training data "
-                "(limit_train_batches, dataset size) or use a mode that needs no measurement"
-            )
+    if not batches:
+        raise RuntimeError(
+            "the training dataloader yielded no batch to measure sensitivities on; check the training data "
+            "(limit_train_batches, dataset size) or use a mode that needs no measurement"
+        )
+    return sensitivities_over_ranks(trainer, pl_module, batches, loss_of, "train")
+
+
+def sensitivities_over_ranks(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], loss_of: Any, mode: Literal["train", "eval"]
+) -> Tensor:
+    """``S_l = dLoss/dm_l`` at ``m = 1`` of the ``mode`` network on ``batches``, averaged over ranks (float32, CPU).
+
+    Leaves no trace: the global RNG, every module's mode and buffers and the torchmetrics states are
+    restored. ``loss_of`` is :func:`measurement_loss`'s. Every rank calls it (one all-reduce).
+    """
+    with isolate_rng(), restored_state(pl_module, mode), metric_states_restored(pl_module):
         sensitivities = estimate_sensitivities(
             pl_module,
             list(enumerate(batches)),

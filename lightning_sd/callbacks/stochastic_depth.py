@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sd._internals import attached_trainer
+from lightning_sd._internals import attached_trainer, loggers_write_this_step
 from lightning_sd.callbacks.output import log_epoch_metrics, log_per_block, publish_table
 from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, MeasurementSettings, RateMeasurement
 from lightning_sd.callbacks.strategy_support import skips_compute_under
@@ -358,12 +358,20 @@ class StochasticDepth(Callback):
         )
 
     def _initial_rates(self, num_blocks: int) -> Tensor:
+        return self._mode_rates(num_blocks, self.budget, measured=False)
+
+    def _mode_rates(self, num_blocks: int, budget: float, measured: bool) -> Tensor:
+        """This mode's rates for ``budget``; the measured modes from their stored measurement when ``measured``."""
         if self.mode == "custom":
             return survival_rates("custom", num_blocks, rates=self.custom_survival)
+        if measured and self.mode == "sensemode" and self.sensitivities is not None:
+            return sensemode_rates(num_blocks, budget, self.sensitivities, self.p_min)
+        if measured and self.mode == "maxreg" and self.regularization_terms is not None:
+            return maxreg_rates(num_blocks, budget, self.regularization_terms, self.p_min)
         if self.mode in _MEASURED_MODES:
             # Placeholder until the measurement; satisfies the budget already.
-            return survival_rates("uniform", num_blocks, self.budget)
-        return survival_rates(self.mode, num_blocks, self.budget)
+            return survival_rates("uniform", num_blocks, budget)
+        return survival_rates(self.mode, num_blocks, budget)
 
     def effective_settings(self) -> dict[str, Any]:
         """What the run actually uses (after ``setup``): the values printed in the startup line.
@@ -573,7 +581,7 @@ class StochasticDepth(Callback):
         assert self.handle is not None
         if self._order_probe is not None:
             self._finish_order_check()
-        writes = _loggers_write_this_step(trainer)  # a self.log costs ~1 ms: only on the steps loggers write
+        writes = loggers_write_this_step(trainer)  # a self.log costs ~1 ms: only on the steps loggers write
         if writes:
             pl_module.log("sd/budget", self.current_budget, on_step=True, on_epoch=False, batch_size=1)
         depth = self.handle.realized_depth()
@@ -627,16 +635,7 @@ class StochasticDepth(Callback):
         :func:`maxreg_rates` of the stored ``S_l``/``g_l`` with this callback's ``p_min`` (uniform until measured).
         """
         assert self.handle is not None
-        num_blocks = self.handle.num_blocks
-        if self.mode == "custom":
-            return survival_rates("custom", num_blocks, rates=self.custom_survival)
-        if self.mode == "sensemode" and self._measured and self.sensitivities is not None:
-            return sensemode_rates(num_blocks, budget, self.sensitivities, self.p_min)
-        if self.mode == "maxreg" and self._measured and self.regularization_terms is not None:
-            return maxreg_rates(num_blocks, budget, self.regularization_terms, self.p_min)
-        if self.mode in _MEASURED_MODES:
-            return survival_rates("uniform", num_blocks, budget)
-        return survival_rates(self.mode, num_blocks, budget)
+        return self._mode_rates(self.handle.num_blocks, budget, measured=self._measured)
 
     def _follow_schedule(self, step: int) -> None:
         """Set the rates of step ``step``: the mode's rates for ``b(step)`` (re-solved when b or the measurement changed)."""
@@ -896,18 +895,6 @@ class StochasticDepth(Callback):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-
-
-def _loggers_write_this_step(trainer: pl.Trainer) -> bool:
-    """Whether a step-level ``self.log`` now reaches a logger (each call costs about a millisecond on CPU).
-
-    Lightning writes step metrics only at every ``Trainer(log_every_n_steps)``-th step
-    (``_LoggerConnector.should_update_logs``, evaluated again after ``on_train_batch_end`` with the
-    same step count), and nowhere without loggers.
-    """
-    if not trainer.loggers:
-        return False
-    return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
 
 
 def _max_multiplier(p: Tensor | None, scaling: str) -> float:

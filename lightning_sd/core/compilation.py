@@ -35,7 +35,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ __all__ = ["COMPILE_ROUTES", "CompileRoute", "compile_branches", "traced_gate_fo
 
 CompileRoute = Literal["auto", "cond", "graph_break"]
 #: How a batch-drop gate traced by ``torch.compile`` decides (see the module docstring).
-COMPILE_ROUTES: tuple[str, ...] = ("auto", "cond", "graph_break")
+COMPILE_ROUTES: tuple[str, ...] = get_args(CompileRoute)
 
 
 def _batch_mask(handle: StochasticDepthHandle, index: int) -> tuple[Tensor, Tensor]:
@@ -139,5 +139,4 @@ def compile_branches(handle: StochasticDepthHandle, **compile_kwargs: Any) -> in
             shared[id(fn)] = (torch.compile(fn, **compile_kwargs), torch.compile(namespace[name], **compile_kwargs))
         plain, region = shared[id(fn)]
         gate.set_compiled(plain, region, args)
-    handle._compile_kwargs = dict(compile_kwargs)
     return len(shared)

@@ -417,7 +417,6 @@ class StochasticDepthHandle:
         #: How a batch-drop gate traced by ``torch.compile`` decides: ``"auto"``, ``"cond"`` or
         #: ``"graph_break"`` (see :mod:`lightning_sd.core.compilation`).
         self._compile_route = "auto"
-        self._compile_kwargs: dict[str, Any] | None = None
         self._rates_key: tuple[Any, ...] | None = None
         self._train_multipliers: Tensor = torch.ones(len(branches))
         self._eval_multipliers: Tensor = torch.ones(len(branches))
