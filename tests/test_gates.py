@@ -279,3 +279,56 @@ def test_masking_without_skipping_equals_skipping():
         out2.sum().backward()
     for (name, a), b in zip(skipping.named_parameters(), masking.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def _zero_gradient_nodes(out: torch.Tensor) -> int:
+    """Nodes of the autograd graph of ``out`` that are the dropped branches' zero-gradient node."""
+    seen, stack, count = set(), [out.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == "_ZeroGradientsBackward"
+        stack.extend(n for n, _ in node.next_functions)
+    return count
+
+
+def test_dropped_branches_share_one_zero_gradient_node_per_forward():
+    """Every dropped branch's parameters get exact zero gradients, through one autograd node per forward,
+    also when one step runs several forwards under the same masks (SAM, LBFGS closures, a discarded forward)."""
+    torch.manual_seed(0)
+    model = ResidualMLP(6, 12, 8, 2)
+    handle = inject_stochastic_depth(model, 0.5, auto_resample=False, seed=1)
+    kept = handle.resample(3).tolist()
+    dropped = [i for i, k in enumerate(kept) if not k]
+    assert 2 <= len(dropped) <= 6
+    x = torch.randn(5, 6)
+
+    def check_grads():
+        for i, block in enumerate(model.blocks):
+            grad = block.linear.weight.grad
+            assert grad is not None
+            assert (float(grad.abs().max()) == 0.0) == (i in dropped)
+        model.zero_grad(set_to_none=True)
+
+    out = model(x)
+    assert _zero_gradient_nodes(out) == 1  # not one per dropped branch
+    out.sum().backward()
+    check_grads()
+    out = model(x)  # SAM's second forward under the same masks: a node of its own
+    assert _zero_gradient_nodes(out) == 1
+    out.square().sum().backward()
+    check_grads()
+    model(x)  # a forward whose graph is discarded, then the one that is backwarded
+    model(x).sum().backward()
+    check_grads()
+    # the blocks called directly (not through the model): the node waits for its backward, then re-arms
+    h = model.stem(x)
+    for block in model.blocks:
+        h = block(h)
+    assert _zero_gradient_nodes(h) == 1
+    model.head(h).sum().backward()
+    check_grads()
+    with torch.no_grad():  # no graph, no node
+        assert model(x).grad_fn is None

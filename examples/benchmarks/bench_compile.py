@@ -1,7 +1,8 @@
 """Stochastic depth eager vs ``torch.compile`` (whole model): step time, compile time, graphs.
 
 Configurations per model: no SD; batch drop at budgets 0.25, 0.5, 0.75, 1.0 (uniform rates,
-inverted scaling; dropped blocks skipped); sample drop and subset drop at budget 0.5; batch drop at
+inverted scaling; dropped blocks skipped; ``compile_route="cond"``); batch drop at 0.5 with
+``compile_route="graph_break"``; sample drop and subset drop at budget 0.5; batch drop at
 0.5 and 1.0 with the model eager and each branch compiled as a region (``handle.compile``, "regional"
 rows: the eager column is the same model without regions); and, for timm
 models, timm's own ``DropPath`` with drop probability 0.5 in every block (the same expected depth).
@@ -109,6 +110,8 @@ def configurations(name: str, timm_model: bool) -> list[tuple[str, dict[str, Any
     out: list[tuple[str, dict[str, Any] | None, float]] = [("no SD", None, 0.0)]
     out += [(f"batch {b}", {"survival": b, "drop": "batch"}, 0.0) for b in BUDGETS]
     out += [("sample 0.5", {"survival": 0.5, "drop": "sample"}, 0.0), ("subset 0.5", {"survival": 0.5, "drop": "subset"}, 0.0)]
+    # Route 1 with the decision between compiled pieces instead of torch.cond
+    out += [("batch 0.5, graph_break", {"survival": 0.5, "drop": "batch", "route": "graph_break"}, 0.0)]
     # Route 2: the model stays eager, each branch compiled as a region (handle.compile)
     out += [(f"batch {b}, regional", {"survival": b, "drop": "batch", "regional": True}, 0.0) for b in (0.5, 1.0)]
     if timm_model:
@@ -136,7 +139,9 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         if inject is not None:
             kwargs = dict(inject)
             regional = bool(kwargs.pop("regional", False))
+            route = kwargs.pop("route", "cond")
             handle = inject_stochastic_depth(model, kwargs.pop("survival"), auto_resample=False, seed=0, **kwargs)
+            handle.compile_route = route
         eager = Run(model, handle, x, y)
         eager.step()
         counter = CompileCounterWithBackend(args.backend)  # its own counter: graphs of this configuration

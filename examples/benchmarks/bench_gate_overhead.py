@@ -1,15 +1,18 @@
 """Eager overhead of the gates and of the StochasticDepth callback, where it dominates: a tiny residual MLP.
 
 ResidualMLP with 8 blocks of width 64, batch 32, one thread. Each row is one training step (forward,
-backward, no optimizer) in microseconds, median over ``--repeats`` repeats of the mean over ``--steps``
-steps, configurations interleaved within each repeat:
+backward, no optimizer) in microseconds. The configurations run in ``--repeats`` rounds of ``--steps``
+steps each, in alternating order within a round, and every per-gate cost is the median over rounds
+of a difference measured within the round (a shared machine drifts over seconds; paired differences
+cancel most of it):
 
 - ``plain``: the model without gates; ``no blocks``: stem and head only (the blocks removed);
 - ``kept``: gates with every branch kept, ``scaling="expected"`` (no multiply) and ``"inverted"`` at
-  p = 0.999 (a ``1/p`` multiply); per-gate cost = (row - plain) / 8;
+  p = 0.999 (a ``1/p`` multiply, fused into the add); per-gate cost = (row - plain) / 8;
 - ``skipped``: every branch dropped (``scaling="expected"``, p = 0); per-gate cost =
   (row - no blocks) / 8, i.e. what a skipped gate costs beyond the stem and head;
 - ``budget 0.5``: half the branches run (uniform rates, inverted).
+- ``resample``: one ``handle.resample(step)`` (the per-step mask draw), alone.
 
 Then a Trainer epoch of ``--trainer-steps`` steps, plain vs ``StochasticDepth(budget=1.0)``: the
 callback's cost per step is the difference of the per-step times (median over repeats).
@@ -50,6 +53,14 @@ def step_time(model: nn.Module, handle, x: torch.Tensor, steps: int) -> float:
         if handle is not None:
             handle.resample(s)
         model(x).sum().backward()
+    return (time.perf_counter() - start) / steps * 1e6
+
+
+def _resample_time(handle, steps: int) -> float:
+    """Mean microseconds per ``handle.resample(step)``."""
+    start = time.perf_counter()
+    for s in range(steps):
+        handle.resample(s)
     return (time.perf_counter() - start) / steps * 1e6
 
 
@@ -99,8 +110,8 @@ def trainer_step_time(steps: int, callback: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--trainer-steps", type=int, default=200)
     parser.add_argument("--trainer-repeats", type=int, default=5)
     args = parser.parse_args()
@@ -118,25 +129,34 @@ def main() -> None:
         handle = inject_stochastic_depth(model, rate, scaling=scaling, auto_resample=False, seed=0)
         configs[name] = (model, handle)
     results: dict[str, list[float]] = {k: [] for k in configs}
+    per_gate: dict[str, list[float]] = {k: [] for k in configs}
     for r in range(args.repeats):
         names = list(configs) if r % 2 == 0 else list(reversed(configs))
+        this: dict[str, float] = {}
         for name in names:
             model, handle = configs[name]
-            results[name].append(step_time(model, handle, x, args.steps))
+            this[name] = step_time(model, handle, x, args.steps)
+            results[name].append(this[name])
+        for name in configs:
+            if name.startswith("skipped"):
+                per_gate[name].append((this[name] - this["no blocks"]) / DEPTH)
+            elif name.startswith("kept"):
+                per_gate[name].append((this[name] - this["plain"]) / DEPTH)
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"ResidualMLP, {DEPTH} blocks, width {WIDTH}, batch {BATCH}, 1 thread; forward + backward, median of {args.repeats} x {args.steps} steps")
+    _, handle = configs["budget 0.5, inverted"]
+    assert handle is not None
+    resample_us = statistics.median(_resample_time(handle, args.steps) for _ in range(args.repeats))
+    print(f"ResidualMLP, {DEPTH} blocks, width {WIDTH}, batch {BATCH}, 1 thread; forward + backward, median of {args.repeats} rounds x {args.steps} steps")
     print("| configuration | step (us) | per gate (us) |\n|---|---|---|")
     for name, t in med.items():
-        if name in ("plain", "no blocks"):
-            per = "-"
-        elif name.startswith("skipped"):
-            per = f"{(t - med['no blocks']) / DEPTH:.1f} (vs no blocks)"
-        elif name.startswith("kept"):
-            per = f"{(t - med['plain']) / DEPTH:.1f} (vs plain)"
+        if per_gate[name]:
+            base = "no blocks" if name.startswith("skipped") else "plain"
+            per = f"{statistics.median(per_gate[name]):.1f} (vs {base})"
         else:
             per = "-"
         print(f"| {name} | {t:.1f} | {per} |")
-    print(f"budget 0.5 / plain: {med['budget 0.5, inverted'] / med['plain']:.3f}")
+    print(f"| resample (mask draw, per step) | {resample_us:.1f} | - |")
+    print(f"budget 0.5 / plain: {statistics.median(b / p for b, p in zip(results['budget 0.5, inverted'], results['plain'])):.3f}")
     plain_t, sd_t = [], []
     for r in range(args.trainer_repeats):
         order = [False, True] if r % 2 == 0 else [True, False]

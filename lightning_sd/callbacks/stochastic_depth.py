@@ -949,6 +949,7 @@ class _CallOrderProbe:
         handle._refresh_rates()
         first = args[0] if args and isinstance(args[0], Tensor) else None
         self._masks = handle.drop_kind.follow_call_order(self._masks, self.calls, first, handle._p, handle.scaling)
+        handle._draws += 1  # other branches may be dropped now: the next skipped gate adds their zero gradients
 
     def order(self) -> list[int] | None:
         """Gate indices in call order (gates not called this step last, in definition order), or None."""
@@ -965,6 +966,7 @@ class _CallOrderProbe:
             # Position k keeps the rate and masks drawn for k (what its gate used in this step).
             handle.set_survival(torch.tensor(self._p, dtype=torch.float64))
             handle.drop_kind.restore(self._masks)
+            handle._draws += 1
 
     def remove(self) -> None:
         for hook in self._hooks:

@@ -6,17 +6,20 @@ fallback (pytorch#95425). While Dynamo traces a gate (``torch.compiler.is_compil
 calls :func:`traced_gate_forward` instead, which reads the masks and rates as **tensor data** that the
 handle refreshes outside the forward (at ``resample``, ``set_survival``, ``reconfigure``):
 
-- ``drop="batch"``, route ``"cond"``: ``torch.cond(kept_l, shortcut + m_l f_l(x), shortcut)``. One
-  graph for any mask stream and any rates; ``torch.cond`` runs one branch, so a dropped branch is still
-  not computed, and its backward gives the branch's parameters exact zero gradients (DDP with
-  ``find_unused_parameters=False`` keeps working). ``torch.cond`` refuses branches that mutate state:
-  BatchNorm's running statistics in training mode, in-place ops on the branch's inputs.
+- ``drop="batch"``, route ``"cond"`` (the default, :attr:`StochasticDepthHandle.compile_route`):
+  ``torch.cond(kept_l, shortcut + m_l f_l(x), shortcut)``. One graph for any mask stream and any rates;
+  ``torch.cond`` runs one branch, so a dropped branch is still not computed, and its backward gives the
+  branch's parameters exact zero gradients (DDP with ``find_unused_parameters=False`` keeps working).
+  ``torch.cond`` refuses branches that mutate state, so the buffers of a branch's modules (BatchNorm's
+  running statistics) cross the cond as inputs and outputs: the kept branch updates copies
+  (:func:`torch.func.functional_call`), the live buffers take them after the cond. In torch 2.14 the
+  backward of ``torch.cond`` recomputes the kept branch's forward (``CondAutogradOp`` saves only the
+  inputs), so a kept block costs about one more forward than in the plain compiled model. A branch
+  that modifies its inputs in place cannot be traced by ``torch.cond``: use ``"graph_break"``.
 - ``drop="batch"``, route ``"graph_break"``: the gate is a graph break; the decision runs eagerly
   *between* the compiled pieces of the model, and the branch runs through the regions compiled by
   :meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile` (eagerly without them). The number of
   graphs depends on the block types and stage shapes, never on the masks or the depth.
-- route ``"auto"`` (the default, :attr:`StochasticDepthHandle.compile_route`): ``"cond"`` for a branch
-  whose modules hold no buffers, ``"graph_break"`` for the others (BatchNorm).
 - ``drop="batch"`` where compute is not skipped (FSDP, DeepSpeed): ``shortcut + (kept_l m_l) f_l(x)``.
 - evaluation with ``scaling="expected"``: ``shortcut + p_l f_l(x)`` with ``p_l`` as data.
 - ``drop="sample"`` and ``drop="subset"`` need nothing here: their masks and rows are drawn at
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["COMPILE_ROUTES", "CompileRoute", "compile_branches", "traced_gate_forward", "traced_slot_forward"]
 
-CompileRoute = Literal["auto", "cond", "graph_break"]
+CompileRoute = Literal["cond", "graph_break"]
 #: How a batch-drop gate traced by ``torch.compile`` decides (see the module docstring).
 COMPILE_ROUTES: tuple[str, ...] = get_args(CompileRoute)
 
@@ -65,16 +68,15 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         return shortcut + gate._call_branch(*inputs) * handle._eval_multipliers[gate.index]
     if handle.drop != "batch":
         return None  # per-example kinds read tensors drawn at resample
-    route = handle.compile_route
-    if route == "auto":
-        route = "graph_break" if gate.holds_state else "cond"
-    if handle.skip_compute and route == "graph_break":
+    if handle.skip_compute and (handle.compile_route == "graph_break" or not _cond_accepts(gate, shortcut, inputs)):
         # Before reading anything per gate: the frames Dynamo compiles around this break must not
         # depend on the gate's index (one graph per gate otherwise).
         return _decide_between_regions(gate, shortcut, inputs)
     kept, m = _batch_mask(handle, gate.index)
     if not handle.skip_compute:  # masking instead of skipping (FSDP, DeepSpeed): the mask as data
         return shortcut + gate._call_branch(*inputs) * (m * kept).to(shortcut.dtype)
+    if gate.holds_state:
+        return _cond_with_buffers(gate, kept, m, shortcut, inputs)
     dtype = shortcut.dtype
 
     def run(s: Tensor, *args: Any) -> Tensor:
@@ -84,6 +86,47 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         return s.clone()  # cond's outputs may not alias its inputs
 
     return torch.cond(kept, run, skip, (shortcut, *inputs))
+
+
+def _cond_accepts(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> bool:
+    """Whether ``torch.cond`` can take this branch: no tensor with a dimension of size 1 (several dims).
+
+    torch 2.14's cond compares the stride order of the two branches' outputs and gradients, and
+    rejects tensors whose strides differ only on a dimension of size 1 ("The sorted order of strides
+    of the two branches' output doesn't match"): depthwise convolution weights ``(C, 1, k, k)``
+    (ConvNeXt), activations at 1 x 1 resolution. Such a gate takes the ``"graph_break"`` route.
+    """
+    tensors = [shortcut, *(x for x in inputs if isinstance(x, Tensor)), *gate._weights()]
+    return not any(t.ndim > 1 and 1 in t.shape for t in tensors)
+
+
+def _cond_with_buffers(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
+    """``torch.cond`` for a branch whose modules hold buffers (BatchNorm statistics), functionalized.
+
+    ``torch.cond`` refuses a branch that mutates state. The buffers enter the cond as inputs (copies:
+    cond keeps its inputs for the backward) and leave it as outputs: the kept branch runs on fresh
+    copies through :func:`torch.func.functional_call` (BatchNorm updates those), the dropped branch
+    returns them unchanged; the live buffers take the outputs afterwards, in the main graph. Integer
+    buffers (``num_batches_tracked``) cross the cond as float64 (exact below 2**53).
+    """
+    names, live = gate.branch_buffers()
+    dtype, count = shortcut.dtype, len(inputs)
+    carried = tuple(b.to(torch.float64) if not b.is_floating_point() else b.clone() for b in live)
+
+    def run(s: Tensor, *args: Any) -> tuple[Tensor, ...]:
+        fresh = {
+            name: c.to(b.dtype) if not b.is_floating_point() else c.clone() for name, c, b in zip(names, args[count:], live)
+        }
+        out = torch.func.functional_call(gate.runner, fresh, tuple(args[:count]), strict=False)
+        return ((s + out * m).to(dtype), *(f.to(c.dtype) for f, c in zip(fresh.values(), args[count:])))
+
+    def skip(s: Tensor, *args: Any) -> tuple[Tensor, ...]:
+        return (s.clone(), *(c.clone() for c in args[count:]))  # cond's outputs may not alias its inputs
+
+    result = torch.cond(kept, run, skip, (shortcut, *inputs, *carried))
+    for buffer, new in zip(live, result[1:]):
+        buffer.copy_(new.detach())
+    return result[0]
 
 
 def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:

@@ -31,11 +31,15 @@ from torch import Tensor
 __all__ = ["DROP_KIND_CLASSES", "BatchDrop", "DropKind", "SampleDrop", "SubsetDrop", "mask_generator"]
 
 
-def mask_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from integers ``key`` (e.g. ``(seed, step, micro_batch)``), independent of global RNG."""
-    seed = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)[0]
-    g = torch.Generator()
-    g.manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+def mask_generator(*key: int, generator: torch.Generator | None = None) -> torch.Generator:
+    """A CPU generator seeded from integers ``key`` (e.g. ``(seed, step, micro_batch)``), independent of global RNG.
+
+    The seed is the first 64-bit word of ``numpy.random.SeedSequence(key)``'s state (its two first
+    32-bit words, low word first), without the sign bit. ``generator``: re-seed this one instead of a new one.
+    """
+    low, high = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2).tolist()
+    g = torch.Generator() if generator is None else generator
+    g.manual_seed((low | (high << 32)) & 0x7FFFFFFFFFFFFFFF)
     return g
 
 
@@ -140,6 +144,9 @@ class BatchDrop(DropKind):
 
     def reset(self) -> None:  # noqa: D102
         self._set_kept([True] * self.num_blocks)
+        self._generator: torch.Generator | None = None  # re-seeded at each draw
+        self._rates: list[float] | None = None
+        self._rates_tensor = torch.ones(0, dtype=torch.float64)
 
     def _set_kept(self, kept: list[bool]) -> None:
         self.kept = kept
@@ -148,9 +155,12 @@ class BatchDrop(DropKind):
 
     def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
         seed, key, _ = self._key
-        g = mask_generator(seed, *key, 0)
-        u = torch.rand(self.num_blocks, generator=g, dtype=torch.float64)
-        kept = u < torch.tensor(list(rates), dtype=torch.float64)
+        self._generator = mask_generator(seed, *key, 0, generator=self._generator)
+        u = torch.rand(self.num_blocks, generator=self._generator, dtype=torch.float64)
+        if self._rates != rates:  # the rates as a tensor, rebuilt when they change
+            self._rates = list(rates)
+            self._rates_tensor = torch.tensor(self._rates, dtype=torch.float64)
+        kept = u < self._rates_tensor
         self.kept = kept.tolist()
         self.kept_tensor = kept
 

@@ -12,13 +12,13 @@ that ``shortcut + f_l(x)`` becomes ``gate_l(shortcut, inputs)``. The gate owns t
 - :meth:`StochasticDepthHandle.override`: explicit multipliers ``m`` of shape ``(L,)`` or
   ``(B, L)``, differentiable, for sensitivities, regularization terms and normality probes.
 
-Parameters of a skipped branch get an exact zero gradient (one autograd node whose backward returns
-zeros), so every parameter takes part in every backward: DDP with ``find_unused_parameters=False`` works, and single-process and
-multi-process runs update the same parameters. Gates hold no state in ``state_dict``: an injected
-model saves and loads the plain model's keys. A whole injected model pickles (``torch.save(model)``,
-multiprocessing spawn) and copies (``copy.deepcopy``, EMA, SWA) into a model with its own live gates
-and handle (rates, drop, scaling, seed, position in the mask stream); ``remove()`` on the copy
-restores the copy only.
+Parameters of a skipped branch get an exact zero gradient (one autograd node per forward, whose backward
+returns zeros for every dropped branch), so every parameter takes part in every backward: DDP with
+``find_unused_parameters=False`` works, and single-process and multi-process runs update the same parameters.
+Gates hold no state in ``state_dict``: an injected model saves and loads the plain model's keys. A
+whole injected model pickles (``torch.save(model)``, multiprocessing spawn) and copies (``copy.deepcopy``,
+EMA, SWA) into a model with its own live gates and handle (rates, drop, scaling, seed, position in the
+mask stream); ``remove()`` on the copy restores the copy only.
 
 Under ``torch.compile`` the gates read masks and rates as tensor data (no graph per mask pattern), and
 :meth:`StochasticDepthHandle.compile` compiles each branch as a region: see
@@ -130,6 +130,7 @@ class ResidualGate(_GateBase):
 
     branch: Callable[..., Tensor]
     block: nn.Module
+    runner: _BranchRunner
 
     def __init__(
         self,
@@ -145,8 +146,24 @@ class ResidualGate(_GateBase):
         self.__dict__["block"] = block
         self.weight_modules = tuple(weight_modules)
         self.weight_attrs = tuple(weight_attrs)
-        #: Whether the branch's modules hold buffers (BatchNorm statistics): ``torch.cond`` cannot trace them.
+        #: Whether the branch's modules hold buffers (BatchNorm statistics): under ``torch.compile`` they
+        #: cross ``torch.cond`` as inputs and outputs (see :mod:`lightning_sd.core.compilation`).
         self.holds_state = any(True for name in self.weight_modules for _ in block.get_submodule(name).buffers())
+        #: The branch as a module whose tree holds the block (``torch.func.functional_call`` swaps its buffers).
+        self.__dict__["runner"] = _BranchRunner(self)
+
+    def branch_buffers(self) -> tuple[list[str], list[Tensor]]:
+        """Names (as seen from :attr:`runner`) and tensors of the buffers of the branch's modules, looked up now."""
+        names: list[str] = []
+        tensors: list[Tensor] = []
+        seen: set[int] = set()
+        for name in self.weight_modules:
+            for buffer_name, buffer in _walk(self.block, name).named_buffers():
+                if id(buffer) not in seen:
+                    seen.add(id(buffer))
+                    names.append(f"block.{name}.{buffer_name}")
+                    tensors.append(buffer)
+        return names, tensors
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -195,10 +212,16 @@ class ResidualGate(_GateBase):
     def _skip(self, shortcut: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return shortcut
-        weights = [w for w in self._weights() if w.requires_grad]
+        handle = self.handle
+        if handle._zero_touch == handle._draws:
+            # The zero-gradient node of this step's dropped branches is already in the graph (and its
+            # backward has not run yet): a copy, as ``shortcut + f(x)`` would be (later in-place ops stay legal).
+            return shortcut.clone()
+        weights = handle._dropped_weights()
         if not weights:
             return shortcut
-        return _ZeroGradients.apply(shortcut, *weights)
+        handle._zero_touch = handle._draws
+        return _ZeroGradients.apply(handle, shortcut, *weights)
 
     @override
     def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
@@ -211,28 +234,32 @@ class ResidualGate(_GateBase):
     def forward_outside_graph(self, shortcut: Tensor, *inputs: Any) -> Tensor:
         """The eager gate: the decision in Python, the branch through :meth:`StochasticDepthHandle.compile`'s regions if any."""
         handle = self.handle
-        if self.pruned and not self.training and handle._override is None:
-            return shortcut  # pruned for inference: the branch is not called
-        if handle._override is None and self.training and handle.drop_kind.dropped(self.index):
+        if handle._override is not None:  # explicit multipliers (probes): every branch runs
+            return self._combine(shortcut, self._call_branch(*inputs))
+        if not self.training:
+            if self.pruned:
+                return shortcut  # pruned for inference: the branch is not called
+            return _add_scaled(shortcut, self._call_branch(*inputs), handle._p[self.index] if handle.scaling == "expected" else 1.0)
+        kind, index = handle.drop_kind, self.index
+        if kind.dropped(index):
             if handle.skip_compute:
                 return self._skip(shortcut)
             # Masking without skipping (FSDP, DeepSpeed): same value, every rank runs every block.
             return shortcut + self._call_branch(*inputs) * 0.0
-        if handle._override is None and self.training and shortcut.ndim > 0:
-            rows = handle.drop_kind.rows(self.index, shortcut.shape[0], handle._p, shortcut.device)
+        if shortcut.ndim > 0:
+            rows = kind.rows(index, shortcut.shape[0], handle._p, shortcut.device)
             if rows is not None:  # the branch runs on these rows only (drop="subset")
                 return self._on_rows(shortcut, inputs, rows)
         regions = self.__dict__.get("_compiled")
-        if regions is not None and handle._override is None and self.training and handle.drop == "batch":
+        if regions is not None and kind.skips_compute:
             # kept, with compiled regions: the add and the scaling run inside the compiled code
-            return regions[1](shortcut, handle._train_multipliers[self.index], *regions[2], *inputs)
-        return self._combine(shortcut, self._call_branch(*inputs))
+            return regions[1](shortcut, handle._train_multipliers[index], *regions[2], *inputs)
+        out = self._call_branch(*inputs)
+        return _add_scaled(shortcut, out, kind.multiplier(index, handle._p, handle.scaling, out))
 
     def _combine(self, shortcut: Tensor, out: Tensor) -> Tensor:
         m = self._multiplier(out)
-        if m is None or (isinstance(m, float) and m == 1.0):  # None: a sample-dropped call never gets here
-            return shortcut + out
-        return shortcut + out * m
+        return _add_scaled(shortcut, out, 1.0 if m is None else m)  # None: a sample-dropped call never gets here
 
     def _on_rows(self, shortcut: Tensor, inputs: tuple[Any, ...], rows: Tensor) -> Tensor:
         handle, batch = self.handle, shortcut.shape[0]
@@ -241,6 +268,31 @@ class ResidualGate(_GateBase):
         out = self._call_branch(*picked)
         scale = handle.drop_kind.row_scale(self.index, batch, rows.numel(), handle._p, handle.scaling)
         return shortcut.index_add(0, rows, out.to(shortcut.dtype), alpha=scale)
+
+
+def _add_scaled(shortcut: Tensor, out: Tensor, m: Tensor | float) -> Tensor:
+    """``shortcut + m * out``; a float ``m`` is one fused op (``torch.add(..., alpha=m)``: one autograd node, not two)."""
+    if isinstance(m, Tensor):
+        return shortcut + out * m
+    if m == 1.0:
+        return shortcut + out
+    return torch.add(shortcut, out, alpha=m)
+
+
+class _BranchRunner(nn.Module):
+    """A gate's branch as a module: ``runner(*inputs)`` is the branch, ``runner.block`` its block.
+
+    Not part of the model's module tree (the gate keeps it in ``__dict__``): no ``state_dict`` entries.
+    """
+
+    def __init__(self, gate: ResidualGate) -> None:
+        super().__init__()
+        self.__dict__["gate"] = gate
+        self._modules["block"] = gate.block
+
+    @override
+    def forward(self, *inputs: Any) -> Tensor:
+        return self.__dict__["gate"]._call_branch(*inputs)
 
 
 class SlotGate(_GateBase):
@@ -261,20 +313,25 @@ class SlotGate(_GateBase):
 
 
 class _ZeroGradients(torch.autograd.Function):
-    """``shortcut`` unchanged; in backward, exact zero gradients for the skipped branch's parameters.
+    """``shortcut`` unchanged; in backward, exact zero gradients for the parameters of the dropped branches.
 
     Every parameter then takes part in every backward (DDP with ``find_unused_parameters=False``), at
-    the cost of one autograd node instead of a graph over the parameters.
+    the cost of one autograd node per step: the first skipped gate of a forward applies it to the
+    parameters of every branch dropped at this step (``handle._dropped_weights()``), the others copy
+    their shortcut. Its backward re-arms the handle, so that another forward under the same masks
+    (SAM, LBFGS closures) gets a node of its own.
     """
 
     @staticmethod
-    def forward(ctx: Any, shortcut: Tensor, *weights: Tensor) -> Tensor:
+    def forward(ctx: Any, handle: StochasticDepthHandle, shortcut: Tensor, *weights: Tensor) -> Tensor:
+        ctx.handle = handle
         ctx.like = [(w.shape, w.dtype, w.device) for w in weights]
         return shortcut.clone()  # a new tensor, as `shortcut + 0` was: later in-place ops (ReLU) stay legal
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like))
+        ctx.handle._zero_touch = None
+        return (None, grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like))
 
 
 class _GeneratedFunction:
@@ -408,15 +465,19 @@ class StochasticDepthHandle:
         self._rank = 0
         self._override: Tensor | None = None
         self._auto_step = 0
+        #: Mask draws so far, and the draw whose dropped branches have a zero-gradient node waiting for
+        #: its backward (None: none waiting); see ``_ZeroGradients``.
+        self._draws = 0
+        self._zero_touch: int | None = None
         self._undo: list[Callable[[], None]] = []
         self.removed = False
         #: Dropped branches (batch drop, training) are skipped; False multiplies them by 0 instead.
         self.skip_compute = True
         #: Draw new masks at every training-mode forward (set by ``inject_stochastic_depth(auto_resample=)``).
         self.auto_resample = False
-        #: How a batch-drop gate traced by ``torch.compile`` decides: ``"auto"``, ``"cond"`` or
-        #: ``"graph_break"`` (see :mod:`lightning_sd.core.compilation`).
-        self._compile_route = "auto"
+        #: How a batch-drop gate traced by ``torch.compile`` decides: ``"cond"`` or ``"graph_break"``
+        #: (see :mod:`lightning_sd.core.compilation`).
+        self._compile_route = "cond"
         self._rates_key: tuple[Any, ...] | None = None
         self._train_multipliers: Tensor = torch.ones(len(branches))
         self._eval_multipliers: Tensor = torch.ones(len(branches))
@@ -443,12 +504,12 @@ class StochasticDepthHandle:
 
     @property
     def compile_route(self) -> str:
-        """How a batch-drop gate traced by ``torch.compile`` decides: ``"auto"``, ``"cond"`` or ``"graph_break"``.
+        """How a batch-drop gate traced by ``torch.compile`` decides: ``"cond"`` (default) or ``"graph_break"``.
 
-        ``"cond"``: ``torch.cond`` on the mask, one graph (branches must not hold buffers such as BatchNorm
-        statistics, nor modify their inputs in place). ``"graph_break"``: the decision runs eagerly between
-        compiled regions. ``"auto"``: ``"cond"`` for branches without buffers, else ``"graph_break"``.
-        See :mod:`lightning_sd.core.compilation`.
+        ``"cond"``: ``torch.cond`` on the mask, one graph for the whole model; buffers of the branch
+        (BatchNorm statistics) are carried through the cond. ``"graph_break"``: the decision runs eagerly
+        between compiled pieces (and the regions of :meth:`compile`); needed for branches that modify
+        their inputs in place. See :mod:`lightning_sd.core.compilation`.
         """
         return self._compile_route
 
@@ -530,6 +591,7 @@ class StochasticDepthHandle:
         recompile per step); otherwise at the first gate call.
         """
         self._key = (int(step), int(micro_batch))
+        self._draws += 1
         self._refresh_rates(device)
         self.drop_kind.resample(
             seed=self.seed, key=self._key, rank=self._rank, rates=self._p, scaling=self.scaling, batch_size=batch_size, device=device
@@ -565,6 +627,17 @@ class StochasticDepthHandle:
     def pruned(self) -> list[int]:
         """The blocks (0-based) left out in evaluation by :meth:`prune`."""
         return [i for i, gate in enumerate(self.gates) if gate.pruned]
+
+    def _dropped_weights(self) -> list[Tensor]:
+        """Parameters (requiring gradients) of the branches dropped for the whole batch at this step."""
+        kind = self.drop_kind
+        return [
+            w
+            for gate in self.gates
+            if isinstance(gate, ResidualGate) and kind.dropped(gate.index)
+            for w in gate._weights()
+            if w.requires_grad
+        ]
 
     def realized_depth(self) -> float:
         """Number of branches executed at the current step (batch drop) or their mean over examples (sample)."""
@@ -610,6 +683,7 @@ class StochasticDepthHandle:
         check_inverted_rates(p, scaling)
         switched_to_subset = drop == "subset" and self.drop != "subset"
         self.drop_kind = DROP_KIND_CLASSES[drop](self.num_blocks)  # fresh masks: all kept until the next resample
+        self._draws += 1
         self.scaling = scaling
         if seed is not None:
             self.seed = int(seed)
@@ -636,13 +710,19 @@ class StochasticDepthHandle:
         self._p = [self._p[i] for i in order]
         self._refresh_rates()
         self.drop_kind.permute(order)
+        self._draws += 1
 
-    def _auto_resample(self, module: nn.Module, args: Any) -> None:
-        if self.auto_resample and module.training and self._override is None:
+    def _on_model_forward(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook of the injected model: new masks (``auto_resample``), or a new zero-gradient node."""
+        if not module.training or self._override is not None:
+            return
+        if self.auto_resample:
             first = next((a for a in args if isinstance(a, Tensor)), None)
             batch = None if first is None or first.ndim == 0 else first.shape[0]
             self.resample(self._auto_step, batch_size=batch, device=None if first is None else first.device)
             self._auto_step += 1
+        elif not torch.compiler.is_compiling():
+            self._draws += 1  # another forward under the same masks: its skipped gates need their own zero-gradient node
 
     def remove(self) -> None:
         """Restore the original model: original forwards, drop-path slots, no gates."""
@@ -835,9 +915,8 @@ def inject_stochastic_depth(
     try:
         for act in actions:
             done.append(act())
-        if auto_resample:
-            hook = model.register_forward_pre_hook(handle._auto_resample)
-            done.append(hook.remove)
+        hook = model.register_forward_pre_hook(handle._on_model_forward)
+        done.append(hook.remove)
     except BaseException:
         for undo in reversed(done):
             undo()

@@ -195,7 +195,7 @@ class KeptBranch(nn.Module):
         out = self.branch(*inputs)
         if self.scale == 1.0:
             return shortcut + out
-        return shortcut + out * self.scale
+        return torch.add(shortcut, out, alpha=self.scale)  # as the gate computes it: the same bits
 
     @override
     def extra_repr(self) -> str:
