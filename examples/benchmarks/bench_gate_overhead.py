@@ -14,8 +14,9 @@ cancel most of it):
 - ``budget 0.5``: half the branches run (uniform rates, inverted).
 - ``resample``: one ``handle.resample(step)`` (the per-step mask draw), alone.
 
-Then a Trainer epoch of ``--trainer-steps`` steps, plain vs ``StochasticDepth(budget=1.0)``: the
-callback's cost per step is the difference of the per-step times (median over repeats).
+Then Trainer fits of 4 epochs of ``--trainer-steps`` steps, plain vs ``StochasticDepth(budget=1.0)``,
+in pairs: the callback's cost per step is the median over pairs of the difference of the per-step times
+(each the median of the warm epochs 2-4).
 
     python examples/benchmarks/bench_gate_overhead.py
 """
@@ -81,8 +82,8 @@ class _Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def trainer_step_time(steps: int, callback: bool) -> float:
-    """Mean microseconds per training step of a Trainer epoch (optimizer step included)."""
+def trainer_step_time(steps: int, callback: bool, epochs: int = 4) -> float:
+    """Microseconds per training step (optimizer step included): median over the epochs after the first."""
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(steps * BATCH, WIDTH, generator=g), torch.randn(steps * BATCH, 1, generator=g)), batch_size=BATCH)
     times: list[float] = []
@@ -98,14 +99,14 @@ def trainer_step_time(steps: int, callback: bool) -> float:
     if callback:
         callbacks.insert(0, StochasticDepth(budget=1.0, seed=0))
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
         default_root_dir=tempfile.mkdtemp(),  # the callback's rate tables go there, not into the working directory
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(_Module(), data)
-    return times[-1]  # the second epoch: warm
+    return statistics.median(times[1:])  # warm epochs
 
 
 def main() -> None:
@@ -113,7 +114,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--trainer-steps", type=int, default=200)
-    parser.add_argument("--trainer-repeats", type=int, default=5)
+    parser.add_argument("--trainer-repeats", type=int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -164,7 +165,7 @@ def main() -> None:
             (sd_t if cb else plain_t).append(trainer_step_time(args.trainer_steps, cb))
     ratios = [s / p for s, p in zip(sd_t, plain_t)]
     diffs = [s - p for s, p in zip(sd_t, plain_t)]
-    print(f"\nTrainer epoch of {args.trainer_steps} steps (second epoch), median of {args.trainer_repeats} repeats")
+    print(f"\nTrainer epochs of {args.trainer_steps} steps (median of epochs 2-4 per fit), median of {args.trainer_repeats} paired repeats")
     print("| | step (us) |\n|---|---|")
     print(f"| plain Trainer | {statistics.median(plain_t):.1f} |")
     print(f"| StochasticDepth(budget=1.0) | {statistics.median(sd_t):.1f} |")
