@@ -136,6 +136,19 @@ def test_auto_resample_draws_a_new_mask_per_training_forward():
     assert len(seen) > 1
 
 
+def test_auto_resample_can_be_turned_on_after_injection():
+    model = ResidualMLP(4, 8, 30, 1).train()
+    h = inject_stochastic_depth(model, 0.5, seed=3, auto_resample=False)
+    model(torch.randn(2, 4))
+    assert h.kept.all()  # no draw yet: every branch kept
+    h.reconfigure(0.5, auto_resample=True)
+    seen = set()
+    for _ in range(5):
+        model(torch.randn(2, 4))
+        seen.add(tuple(h.kept.tolist()))
+    assert len(seen) == 5 and h._auto_step == 5
+
+
 @pytest.mark.parametrize(
     "factory",
     [
