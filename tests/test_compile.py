@@ -153,6 +153,7 @@ def test_graph_break_route_with_batchnorm_gives_the_same_graph_count_for_any_dep
     assert counts[0] == counts[1]
 
 
+@pytest.mark.slow
 def test_zoo_models_compile_whole_with_batch_drop_as_eager(caplog) -> None:
     """torchvision ResNet-18 (BatchNorm: one graph) and timm ConvNeXt (depthwise weights (C, 1, 7, 7), which
     torch.cond rejects: those gates fall back to a graph break) compiled whole, equal to eager for the same masks."""
@@ -340,6 +341,7 @@ def test_trainer_with_sensemode_recomputation_does_not_recompile(tmp_path, route
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
 
 
+@pytest.mark.slow
 def test_trainer_user_compiled_resnet_with_batchnorm(tmp_path) -> None:
     counter = CompileCounterWithBackend("aot_eager")
     watch = _GraphsAtEpochEnd(counter)
