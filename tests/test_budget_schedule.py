@@ -16,7 +16,7 @@ from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.budget_schedule import BUDGET_SCHEDULES, budget_for_mean, mean_budget, scheduled_budget
 from lightning_sd.core.gates import existing_handle
 from lightning_sd.core.survival import maxreg_rates, sensemode_rates, survival_rates
-from tests.distributed import run_script
+from tests.distributed import run_script, run_script_here
 from tests.helpers import RegressionModule, regression_data, trainer_kwargs
 
 L = 8  # RegressionModule(depth=8): 8 residual branches
@@ -184,8 +184,8 @@ def test_ddp_ranks_follow_the_same_schedule(tmp_path) -> None:
     common = ["--mode", "sensemode", "--schedule", "pld", "--pld-gamma", "0.3", "--steps", "6"]
     single = tmp_path / "single"
     single.mkdir()
-    run_script("fit_regression.py", "--out", str(single), "--devices", "1", "--batch-size", "16", *common)
-    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp", "--batch-size", "8", *common)
+    run_script_here("fit_regression.py", "--out", str(single), "--devices", "1", "--batch-size", "16", *common)
+    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp_fork", "--batch-size", "8", *common)
     ranks = [json.load(open(tmp_path / f"masks_rank{r}.json")) for r in (0, 1)]
     ref = json.load(open(single / "masks_rank0.json"))
     for key in ("kept", "rates"):

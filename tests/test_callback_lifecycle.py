@@ -25,7 +25,7 @@ from lightning_sd.core.sensitivity import estimate_sensitivities, supervised_los
 from lightning_sd.core.survival import sensemode_rates, survival_rates
 from lightning_sd.models import ResidualMLP
 from lightning_sd.models.residual_mlp import ResidualMLPBlock
-from tests.distributed import run_script
+from tests.distributed import run_script, run_script_here
 from tests.helpers import trainer_kwargs
 
 
@@ -239,7 +239,7 @@ def test_configure_model_under_ddp_matches_one_process(tmp_path):
     single.mkdir()
     ddp.mkdir()
     common = ("--lazy", "--seed", "none", "--mode", "linear", "--budget", "0.6")
-    run_script("fit_regression.py", "--out", str(single), "--devices", "1", "--batch-size", "16", *common)
+    run_script_here("fit_regression.py", "--out", str(single), "--devices", "1", "--batch-size", "16", *common)
     run_script("fit_regression.py", "--out", str(ddp), "--devices", "2", "--strategy", "ddp", "--batch-size", "8", *common)
     ranks = [json.load(open(ddp / f"masks_rank{r}.json")) for r in (0, 1)]
     ref = json.load(open(single / "masks_rank0.json"))

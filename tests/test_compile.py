@@ -111,7 +111,7 @@ def test_whole_model_batch_drop_with_batchnorm_is_one_graph_with_the_buffers_of_
     """Route "cond" with BatchNorm in the branches: the statistics cross the cond; one graph, buffers as eager."""
     caplog.set_level(logging.WARNING)
     torch.manual_seed(0)
-    model = CifarResNet(14, width=4).train()  # 6 blocks with BatchNorm, 2 block types (identity / padded shortcut)
+    model = CifarResNet(8, width=4).train()  # 3 blocks with BatchNorm, 2 block types (identity / padded shortcut)
     handle, ref, ref_handle = _pair(model)
     assert handle.compile_route == "cond" and all(g.holds_state for g in handle.gates)
     compiled = _Compiled(model)
@@ -346,7 +346,7 @@ def test_trainer_user_compiled_resnet_with_batchnorm(tmp_path) -> None:
     counter = CompileCounterWithBackend("aot_eager")
     watch = _GraphsAtEpochEnd(counter)
     torch.manual_seed(0)
-    module = ClassifierModule(CifarResNet(14, width=4))
+    module = ClassifierModule(CifarResNet(8, width=4))
     module.net = torch.compile(module.net, backend=counter)
     sd = StochasticDepth(mode="linear", budget=0.5, seed=1)
     trainer = pl.Trainer(max_epochs=3, callbacks=[sd, watch], **trainer_kwargs(tmp_path, logger=False))

@@ -215,12 +215,12 @@ def test_ddp_ranks_evaluate_the_same_depths_as_one_process(tmp_path) -> None:
     """Two DDP ranks, each with half the validation data: same kept blocks and metrics on both, as one process."""
     import json
 
-    from tests.distributed import run_script
+    from tests.distributed import run_script, run_script_here
 
     single = tmp_path / "single"
     single.mkdir()
-    run_script("fit_regression.py", "--out", str(single), "--devices", "1", "--batch-size", "16", "--depth-on-demand")
-    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp", "--batch-size", "8", "--depth-on-demand")
+    run_script_here("fit_regression.py", "--out", str(single), "--devices", "1", "--batch-size", "16", "--depth-on-demand")
+    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp_fork", "--batch-size", "8", "--depth-on-demand")
     ranks = [json.load(open(tmp_path / f"depth_rank{r}.json")) for r in (0, 1)]
     ref = json.load(open(single / "depth_rank0.json"))
     assert ranks[0] == ranks[1]  # identical on every rank

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import (
 
 from lightning_sd.callbacks.strategy_support import skips_compute_under
 from lightning_sd.core.gates import mask_generator
-from tests.distributed import run_script
+from tests.distributed import run_script, run_script_here
 
 
 def load(path):
@@ -27,7 +27,7 @@ def load(path):
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    run_script("fit_regression.py", "--out", str(out), "--devices", "1", "--batch-size", "16")
+    run_script_here("fit_regression.py", "--out", str(out), "--devices", "1", "--batch-size", "16")
     return load(out)
 
 
@@ -48,7 +48,7 @@ def test_ddp_batch_drop_equals_single_process(tmp_path, single_run, strategy):
 
 @pytest.mark.slow
 def test_ddp_sample_drop_masks_differ_per_rank_reproducibly(tmp_path):
-    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--drop", "sample", "--steps", "3")
+    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp_fork", "--drop", "sample", "--steps", "3")
     ranks = [json.load(open(tmp_path / f"masks_rank{r}.json")) for r in (0, 1)]
     seed = ranks[0]["seed"]
     p = torch.tensor(ranks[0]["survival"], dtype=torch.float64)
@@ -92,7 +92,7 @@ def test_ddp_subset_drop_equals_one_process_replaying_both_ranks(tmp_path):
     from tests.helpers import RegressionModule, regression_data
 
     steps, batch = 6, 8
-    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp", "--drop", "subset",
+    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp_fork", "--drop", "subset",
                "--batch-size", str(batch), "--steps", str(steps))
     weights = torch.load(tmp_path / "weights.pt")
     torch.manual_seed(0)
