@@ -37,17 +37,17 @@ def _grads(model: nn.Module) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
-def _run_pair(model, compiled, ref, handle, ref_handle, x, steps, new_rates_at=None, caplog=None):
+def _run_pair(model, compiled, ref, handle, ref_handle, x, steps, new_rates_at=None, caplog=None, first_step=0, warm_up=WARM_UP):
     """Same masks in both models; returns the graph counts after each step. Asserts equality at every step."""
     counts = []
-    for step in range(steps):
+    for step in range(first_step, first_step + steps):
         if new_rates_at is not None and step == new_rates_at:
             rates = torch.linspace(0.9, 0.35, handle.num_blocks)
             handle.set_survival(rates)
             ref_handle.set_survival(rates)
         handle.resample(step, batch_size=x.shape[0])
         ref_handle.resample(step, batch_size=x.shape[0])
-        with torch._dynamo.config.patch(error_on_recompile=step >= WARM_UP):
+        with torch._dynamo.config.patch(error_on_recompile=step >= warm_up):
             out = compiled(x)
         out.square().sum().backward()
         expected = ref(x)
@@ -276,6 +276,39 @@ def test_whole_model_and_regional_compilation_together() -> None:
     counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(4, 3, 8, 8), 24)
     assert counts[-1] == counts[WARM_UP - 1] >= 1
     assert 1 <= regions.frame_count <= 6
+
+
+def _has_cond(graph: torch.fx.GraphModule) -> bool:
+    return any(node.target is torch.ops.higher_order.cond for node in graph.graph.nodes)
+
+
+def test_rates_at_one_compile_without_cond_and_one_variant_with_it() -> None:
+    """Every rate 1 (budget 1, the start of a warm-up): the branches are added without torch.cond, as eager.
+
+    Rates 1 -> below 1 -> 1 -> other rates below 1: two graphs (one without cond, one with), the second
+    compiled once at the first change; no graph after it, and outputs, gradients, buffers equal to eager.
+    """
+    torch.manual_seed(0)
+    model = CifarResNet(8, width=4).train()  # BatchNorm: without the cond its statistics update in the main graph
+    handle, ref, ref_handle = _pair(model)
+    phases = [torch.ones(3), torch.tensor([0.9, 0.6, 0.3]), torch.ones(3), torch.tensor([0.8, 0.5, 0.2])]
+    for h in (handle, ref_handle):
+        h.set_survival(phases[0])
+    compiled = _Compiled(model)
+    x = torch.randn(4, 3, 8, 8)
+    counts, step = [], 0
+    for phase, rates in enumerate(phases):
+        if phase:
+            handle.set_survival(rates)
+            ref_handle.set_survival(rates)
+        # from phase 2 on, any recompile raises
+        counts.append(_run_pair(model, compiled, ref, handle, ref_handle, x, 3, first_step=step, warm_up=6)[-1])
+        step += 3
+    assert counts == [1, 2, 2, 2]
+    assert [_has_cond(g) for g in compiled.counter.graphs] == [False, True]
+    for (name, buf), (_, want) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(buf, want, rtol=1e-4, atol=1e-4, msg=name)
+    assert int(model.layer1[0].bn1.num_batches_tracked) == int(ref.layer1[0].bn1.num_batches_tracked) >= 6
 
 
 def test_subset_drop_compiles_to_one_graph_over_30_steps(caplog) -> None:

@@ -21,6 +21,9 @@ handle refreshes outside the forward (at ``resample``, ``set_survival``, ``recon
   :meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile` (eagerly without them). The number of
   graphs depends on the block types and stage shapes, never on the masks or the depth.
 - ``drop="batch"`` where compute is not skipped (FSDP, DeepSpeed): ``shortcut + (kept_l m_l) f_l(x)``.
+- ``drop="batch"`` with every rate at 1 (budget 1, the start of a budget warm-up): ``shortcut + f_l(x)``,
+  no ``torch.cond``, as fast as the plain compiled model. Dynamo guards on "every rate is 1": the first
+  change of rates below 1 compiles the cond variant once; going back and forth reuses both graphs.
 - evaluation with ``scaling="expected"``: ``shortcut + p_l f_l(x)`` with ``p_l`` as data.
 - ``drop="sample"`` and ``drop="subset"`` need nothing here: their masks and rows are drawn at
   ``resample`` (outside the forward) when the batch size is known, and read as inputs.
@@ -68,6 +71,10 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         return shortcut + gate._call_branch(*inputs) * handle._eval_multipliers[gate.index]
     if handle.drop != "batch":
         return None  # per-example kinds read tensors drawn at resample
+    if handle._all_kept:
+        # Every rate is 1: every branch runs, m_l = 1, as the eager gate computes it. No cond: its
+        # backward would recompute each branch's forward.
+        return shortcut + gate._call_branch(*inputs)
     if handle.skip_compute and (handle.compile_route == "graph_break" or not _cond_accepts(gate, shortcut, inputs)):
         # Before reading anything per gate: the frames Dynamo compiles around this break must not
         # depend on the gate's index (one graph per gate otherwise).

@@ -488,7 +488,10 @@ class StochasticDepthHandle:
 
         ``_train_multipliers[l]``: ``1 / p_l`` (inverted) or 1, the multiplier of a kept branch;
         ``_eval_multipliers[l]``: ``p_l`` (expected) or 1. fp32, on ``device`` once one is given.
+        ``_all_kept``: every rate is 1 (no block can be dropped); a traced batch-drop gate then adds its
+        branch without ``torch.cond`` (a Python bool: Dynamo guards on it, two graph variants at most).
         """
+        self._all_kept = all(p == 1.0 for p in self._p)
         if device is None:
             device = self._train_multipliers.device if self._rates_key is not None else torch.device("cpu")
         key = (tuple(self._p), self.scaling, str(device))
