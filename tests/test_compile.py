@@ -311,6 +311,28 @@ def test_rates_at_one_compile_without_cond_and_one_variant_with_it() -> None:
     assert int(model.layer1[0].bn1.num_batches_tracked) == int(ref.layer1[0].bn1.num_batches_tracked) >= 6
 
 
+def test_without_full_depth_specialization_rates_from_one_stay_one_graph() -> None:
+    """handle.specialize_full_depth = False (rates that start at 1 and fall): the cond graph from the first step, no other."""
+    torch.manual_seed(0)
+    model = ResidualMLP(8, 16, 4, 2).train()
+    handle, ref, ref_handle = _pair(model)
+    handle.specialize_full_depth = False
+    for h in (handle, ref_handle):
+        h.set_survival(torch.ones(4))
+    compiled = _Compiled(model)
+    x = torch.randn(6, 8)
+    assert _run_pair(model, compiled, ref, handle, ref_handle, x, 2) == [1, 1]
+    for h in (handle, ref_handle):
+        h.set_survival(torch.tensor([0.9, 0.7, 0.5, 0.3]))
+    assert _run_pair(model, compiled, ref, handle, ref_handle, x, 4, first_step=2, warm_up=2) == [1] * 4
+    assert [_has_cond(g) for g in compiled.counter.graphs] == [True]
+    handle.specialize_full_depth = True  # the switch takes effect at once, without new rates
+    handle.set_survival(torch.ones(4))
+    ref_handle.set_survival(torch.ones(4))
+    _run_pair(model, compiled, ref, handle, ref_handle, x, 1, first_step=6)
+    assert [_has_cond(g) for g in compiled.counter.graphs] == [True, False]
+
+
 def test_subset_drop_compiles_to_one_graph_over_30_steps(caplog) -> None:
     caplog.set_level(logging.WARNING)
     torch.manual_seed(0)
@@ -372,6 +394,28 @@ def test_trainer_with_sensemode_recomputation_does_not_recompile(tmp_path, route
     for k, v in eager.items():
         assert bool(v.isfinite().all())
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize(("schedule", "budget", "cond"), [("pld", 0.5, True), ("constant", 1.0, False)])
+def test_trainer_schedule_from_budget_one_compiles_one_variant(tmp_path, schedule, budget, cond) -> None:
+    """A budget schedule starting at 1 (pld): the cond graph from the first step, none added when the rates fall.
+
+    At a constant budget 1 the rates never fall: the graphs have no cond (as fast as the plain model).
+    """
+    counter = CompileCounterWithBackend("aot_eager")
+    watch = _GraphsAtEpochEnd(counter)
+    torch.manual_seed(0)
+    module = RegressionModule(in_features=8, width=16, depth=4, lr=0.01)
+    module.net = torch.compile(module.net, backend=counter)
+    sd = StochasticDepth(mode="uniform", budget=budget, seed=3, schedule=schedule, pld_gamma=0.2)
+    _fit(tmp_path, module, sd, [watch])
+    assert watch.graphs[0] == watch.graphs[1] == watch.graphs[2] >= 1
+    assert all(_has_cond(g) == cond for g in counter.graphs)
+    means = [sum(r) / len(r) for r in watch.rates]
+    if cond:
+        assert 1.0 > means[0] > means[1] > means[2] > budget  # the rates fell at every step
+    else:
+        assert means == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.slow

@@ -518,6 +518,9 @@ class StochasticDepth(Callback):
             self.handle.compile(**({} if self.compile is True else self.compile))
         self.handle.set_rank(trainer.global_rank)
         self.handle.skip_compute = skip
+        # A schedule starting at budget 1 lowers the rates at its second step: a compiled model then
+        # takes the torch.cond graph from the start instead of compiling a second variant.
+        self.handle.specialize_full_depth = self.schedule == "constant" or self.budget == 1.0
         if message is not None and self.drop == "batch":
             rank_zero_warn(message)
         self._order_checked = False

@@ -24,6 +24,7 @@ handle refreshes outside the forward (at ``resample``, ``set_survival``, ``recon
 - ``drop="batch"`` with every rate at 1 (budget 1, the start of a budget warm-up): ``shortcut + f_l(x)``,
   no ``torch.cond``, as fast as the plain compiled model. Dynamo guards on "every rate is 1": the first
   change of rates below 1 compiles the cond variant once; going back and forth reuses both graphs.
+  ``handle.specialize_full_depth = False`` turns this off (rates that start at 1 and fall: one graph).
 - evaluation with ``scaling="expected"``: ``shortcut + p_l f_l(x)`` with ``p_l`` as data.
 - ``drop="sample"`` and ``drop="subset"`` need nothing here: their masks and rows are drawn at
   ``resample`` (outside the forward) when the batch size is known, and read as inputs.

@@ -452,6 +452,10 @@ class StochasticDepthHandle:
         seed: base seed of the mask stream.
     """
 
+    # Class-level defaults: handles pickled (inside a model) before these existed still load.
+    _specialize_full_depth = True
+    _all_kept = False
+
     def __init__(self, model: nn.Module, branches: list[ResidualBranch], survival: Tensor, drop: str, scaling: str, seed: int) -> None:
         self.model = model
         self.branches = branches
@@ -488,10 +492,10 @@ class StochasticDepthHandle:
 
         ``_train_multipliers[l]``: ``1 / p_l`` (inverted) or 1, the multiplier of a kept branch;
         ``_eval_multipliers[l]``: ``p_l`` (expected) or 1. fp32, on ``device`` once one is given.
-        ``_all_kept``: every rate is 1 (no block can be dropped); a traced batch-drop gate then adds its
-        branch without ``torch.cond`` (a Python bool: Dynamo guards on it, two graph variants at most).
+        ``_all_kept``: every rate is 1 and :attr:`specialize_full_depth`; a traced batch-drop gate then
+        adds its branch without ``torch.cond`` (a Python bool: Dynamo guards on it, two graph variants at most).
         """
-        self._all_kept = all(p == 1.0 for p in self._p)
+        self._all_kept = self._specialize_full_depth and all(p == 1.0 for p in self._p)
         if device is None:
             device = self._train_multipliers.device if self._rates_key is not None else torch.device("cpu")
         key = (tuple(self._p), self.scaling, str(device))
@@ -504,6 +508,24 @@ class StochasticDepthHandle:
         self._train_multipliers = train.float().to(device)
         self._eval_multipliers = evaluation.float().to(device)
         self._rates_key = key
+
+    @property
+    def specialize_full_depth(self) -> bool:
+        """While every rate is 1, let a model compiled whole add the branches without ``torch.cond``.
+
+        Nothing can be dropped then, and ``shortcut + f_l(x)`` is as fast as the plain compiled model
+        (``torch.cond``'s backward recomputes each kept branch's forward). Dynamo guards on it: the first
+        time the rates fall below 1, the ``torch.cond`` variant is compiled once (two graph variants at
+        most). Set False when the rates start at 1 and will fall (a budget warm-up): one graph from the
+        first step. :class:`~lightning_sd.callbacks.StochasticDepth` sets it False for its ``"warmup"``
+        and ``"pld"`` schedules below budget 1. Default True.
+        """
+        return self._specialize_full_depth
+
+    @specialize_full_depth.setter
+    def specialize_full_depth(self, value: bool) -> None:
+        self._specialize_full_depth = bool(value)
+        self._all_kept = self._specialize_full_depth and all(p == 1.0 for p in self._p)
 
     @property
     def compile_route(self) -> str:
