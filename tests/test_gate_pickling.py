@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lightning_sd.callbacks import StochasticDepth
 from lightning_sd.core.gates import _GateBase, existing_handle, inject_stochastic_depth
-from lightning_sd.models import CifarResNet
+from lightning_sd.models import CifarResNet, ResidualMLP
 from tests.helpers import RegressionModule, regression_data, trainer_kwargs
 
 # (name, constructor, input shape, injection arguments)
@@ -170,6 +170,28 @@ def test_deepcopy_is_independent_and_its_remove_touches_only_the_copy() -> None:
     assert existing_handle(twin) is None and _gate_names(twin) == []
     assert existing_handle(model) is h and len(_gate_names(model)) == 8
     assert "forward" in model.layer1[0].__dict__ and len(model._forward_pre_hooks) == 1
+
+
+def test_copies_made_after_training_steps_run_their_own_branches() -> None:
+    """An eager gate caches a direct call of its branch (bound to its block) at its first training call:
+    a deep copy or an unpickled model made afterwards must call its own blocks, not the original's."""
+    torch.manual_seed(0)
+    plain = ResidualMLP(8, 16, 4, 2)
+    model = copy.deepcopy(plain)
+    handle = inject_stochastic_depth(model, 1.0, scaling="inverted", auto_resample=False)
+    handle.resample(0)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(model.train()(x), plain(x), rtol=0, atol=0)  # every branch kept, m = 1
+    reference = copy.deepcopy(plain)
+    with torch.no_grad():
+        for w in reference.parameters():
+            w.mul_(2)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():
+            for w in twin.parameters():
+                w.mul_(2)
+        torch.testing.assert_close(twin.train()(x), reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)  # the original is untouched
 
 
 def test_timm_model_ema_v3_averages_an_injected_model() -> None:

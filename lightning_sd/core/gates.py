@@ -168,6 +168,7 @@ class ResidualGate(_GateBase):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_compiled", None)  # compiled code neither pickles nor copies: copies run the plain branch
+        state.pop("_direct", None)  # rebuilt at the first call
         return state
 
     def branch_target(self, compiled: bool = True) -> tuple[Callable[..., Tensor], tuple[Any, ...]]:
@@ -187,6 +188,7 @@ class ResidualGate(_GateBase):
     def set_compiled(self, plain: Callable[..., Tensor], region: Callable[..., Tensor], args: tuple[Any, ...]) -> None:
         """Run the branch through compiled code: ``plain(*args, *inputs)`` and ``region(shortcut, m, *args, *inputs)``."""
         self.__dict__["_compiled"] = (plain, region, tuple(args))
+        self.__dict__.pop("_direct", None)
 
     def _call_branch(self, *inputs: Any) -> Tensor:
         regions = self.__dict__.get("_compiled")
@@ -225,11 +227,40 @@ class ResidualGate(_GateBase):
 
     @override
     def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
-        if self.handle._override is None and torch.compiler.is_compiling():
-            traced = traced_gate_forward(self, shortcut, inputs)  # masks and rates as data, not guards
-            if traced is not None:
-                return traced
+        handle = self.handle
+        if handle._override is None:
+            if torch.compiler.is_compiling():
+                traced = traced_gate_forward(self, shortcut, inputs)  # masks and rates as data, not guards
+                if traced is not None:
+                    return traced
+            elif self.training and handle.drop_kind.skips_compute:
+                # Eager batch drop, the common training call, in as few Python frames as possible: a gate
+                # costs more than a small block otherwise. Same values as forward_outside_graph.
+                index = self.index
+                if not handle.drop_kind.kept[index]:  # type: ignore[attr-defined]
+                    if handle.skip_compute:
+                        return self._skip(shortcut)
+                else:
+                    branch = self.__dict__.get("_direct")
+                    if branch is None:
+                        branch = self._direct_branch()
+                    if branch:  # False with compiled regions: their add and scaling run inside
+                        out = branch(*inputs)
+                        scale = handle._kept_scale[index]
+                        return shortcut + out if scale == 1.0 else torch.add(shortcut, out, alpha=scale)
         return self.forward_outside_graph(shortcut, *inputs)
+
+    def _direct_branch(self) -> Callable[..., Tensor] | bool:
+        """The branch without the pickling wrapper (``partial(generated code, block)``), cached; False with regions."""
+        if "_compiled" in self.__dict__:
+            direct: Callable[..., Tensor] | bool = False
+        else:
+            branch = self.branch
+            direct = branch
+            if isinstance(branch, functools.partial) and isinstance(branch.func, _GeneratedFunction) and not branch.keywords:
+                direct = functools.partial(branch.func._fn, *branch.args)
+        self.__dict__["_direct"] = direct
+        return direct
 
     def forward_outside_graph(self, shortcut: Tensor, *inputs: Any) -> Tensor:
         """The eager gate: the decision in Python, the branch through :meth:`StochasticDepthHandle.compile`'s regions if any."""
@@ -496,6 +527,8 @@ class StochasticDepthHandle:
         adds its branch without ``torch.cond`` (a Python bool: Dynamo guards on it, two graph variants at most).
         """
         self._all_kept = self._specialize_full_depth and all(p == 1.0 for p in self._p)
+        #: ``m_l`` of a kept branch as a float (``1 / p_l`` or 1), for the eager gates.
+        self._kept_scale = [1.0 / p if self.scaling == "inverted" and p > 0 else 1.0 for p in self._p]
         if device is None:
             device = self._train_multipliers.device if self._rates_key is not None else torch.device("cpu")
         key = (tuple(self._p), self.scaling, str(device))
