@@ -241,24 +241,20 @@ class ResidualGate(_GateBase):
                     if handle.skip_compute:
                         return self._skip(shortcut)
                 else:
-                    branch = self.__dict__.get("_direct")
-                    if branch is None:
-                        branch = self._direct_branch()
-                    if branch:  # False with compiled regions: their add and scaling run inside
+                    branch = self.__dict__.get("_direct") or self._direct_branch()
+                    if branch is not None:  # None with compiled regions: their add and scaling run inside
                         out = branch(*inputs)
                         scale = handle._kept_scale[index]
                         return shortcut + out if scale == 1.0 else torch.add(shortcut, out, alpha=scale)
         return self.forward_outside_graph(shortcut, *inputs)
 
-    def _direct_branch(self) -> Callable[..., Tensor] | bool:
-        """The branch without the pickling wrapper (``partial(generated code, block)``), cached; False with regions."""
+    def _direct_branch(self) -> Callable[..., Tensor] | None:
+        """The branch without the pickling wrapper (``partial(generated code, block)``), cached; None with regions."""
         if "_compiled" in self.__dict__:
-            direct: Callable[..., Tensor] | bool = False
-        else:
-            branch = self.branch
-            direct = branch
-            if isinstance(branch, functools.partial) and isinstance(branch.func, _GeneratedFunction) and not branch.keywords:
-                direct = functools.partial(branch.func._fn, *branch.args)
+            return None
+        branch = direct = self.branch
+        if isinstance(branch, functools.partial) and isinstance(branch.func, _GeneratedFunction) and not branch.keywords:
+            direct = functools.partial(branch.func._fn, *branch.args)
         self.__dict__["_direct"] = direct
         return direct
 
