@@ -246,9 +246,18 @@ def _trace(module: nn.Module, none_slots: Sequence[str]) -> fx.Graph:
     added = [n for n in none_slots if n not in module._modules or module._modules[n] is None]
     for n in added:
         module._modules[n] = nn.Identity()
+    # fx runs the forward with proxies for inputs and parameters, but buffers read as attributes are
+    # real tensors: an in-place update of one (timm's BatchNormAct2d: num_batches_tracked.add_(1)) would
+    # really happen. Discovery must not change the model: the buffers are put back as they were.
+    # (Inference tensors cannot be updated in place outside inference mode: nothing to put back.)
+    buffers = [(b, b._version, b.clone()) for b in module.buffers() if not b.is_inference()]
     try:
         graph = _ShallowTracer().trace(module)
     finally:
+        with torch.no_grad():
+            for buffer, version, value in buffers:
+                if buffer._version != version:
+                    buffer.copy_(value)
         for n in added:
             del module._modules[n]
         for n, v in saved.items():
