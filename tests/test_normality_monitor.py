@@ -169,29 +169,35 @@ def test_history_is_checkpointed() -> None:
 # ---------------------------------------------------------------------------------------------- DDP
 def _ddp_main(out: str) -> None:
     """Both ranks: StochasticDepth + NormalityMonitor over 2 processes (gloo), one epoch."""
+
+    class Record(pl.Callback):
+        """In each rank's process (ddp_fork runs only rank 0's code after ``fit``)."""
+
+        def on_fit_end(self, trainer, pl_module):
+            rank = trainer.global_rank
+            probe = monitor._inputs
+            local = normality_pvalues(
+                pl_module, probe, sd.handle.survival, num_masks=30, per_block=True, scaling="expected", seed=monitor.probe_seed(0, rank)
+            )
+            record = {
+                "rank": rank,
+                "probe": probe.tolist(),
+                "local": local.pvalues.tolist(),
+                "local_blocks": local.block_pvalues.tolist(),
+                "gathered": monitor.last_pvalues.tolist(),
+                "gathered_blocks": monitor.last_block_pvalues.tolist(),
+                "median": monitor.history[-1]["median_pvalue"],
+                "logged_median": float(trainer.callback_metrics["normality/median_pvalue"]),
+                "csv_exists": monitor.csv_path is not None and os.path.exists(monitor.csv_path),
+            }
+            with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+                json.dump(record, f)
+
     sd = StochasticDepth(mode="uniform", budget=0.7, scaling="expected", seed=2)
     monitor = NormalityMonitor(num_inputs=4, num_masks=30, per_block=True, seed=3)
     model = Regressor(depth=12)
-    trainer = _trainer(out, callbacks=[sd, monitor], strategy="ddp", devices=2, max_epochs=1, logger=False)
+    trainer = _trainer(out, callbacks=[sd, monitor, Record()], strategy="ddp_fork", devices=2, max_epochs=1, logger=False)
     trainer.fit(model, DataLoader(_data(32, seed=0), batch_size=4), DataLoader(_data(16, seed=1), batch_size=4))
-    rank = trainer.global_rank
-    probe = monitor._inputs
-    local = normality_pvalues(
-        model, probe, sd.handle.survival, num_masks=30, per_block=True, scaling="expected", seed=monitor.probe_seed(0, rank)
-    )
-    record = {
-        "rank": rank,
-        "probe": probe.tolist(),
-        "local": local.pvalues.tolist(),
-        "local_blocks": local.block_pvalues.tolist(),
-        "gathered": monitor.last_pvalues.tolist(),
-        "gathered_blocks": monitor.last_block_pvalues.tolist(),
-        "median": monitor.history[-1]["median_pvalue"],
-        "logged_median": float(trainer.callback_metrics["normality/median_pvalue"]),
-        "csv_exists": monitor.csv_path is not None and os.path.exists(monitor.csv_path),
-    }
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(record, f)
 
 
 @pytest.mark.slow

@@ -248,31 +248,37 @@ def _ddp_main(out: str) -> None:
             self.result = measure_maxreg_rates(trainer, pl_module, sd.measurement_settings)
             self.rates = self.result.rates
 
+    class Record(pl.Callback):
+        """In each rank's process (ddp_fork runs only rank 0's code after ``fit``)."""
+
+        def on_fit_end(self, trainer, pl_module):
+            rank = trainer.global_rank
+            # This rank's probe (the monitor's, unchanged weights) computed locally, for the check of the reduction.
+            probe = torch.cat(monitor._probe)
+            local = regularization_terms(pl_module, probe, loss="mse")
+            record = {
+                "rank": rank,
+                "rates": measure.rates.tolist(),
+                "g_sd": measure.result.regularization_terms.tolist(),
+                "g_monitor": monitor.history[0]["g"].tolist(),
+                "penalty": monitor.history[0]["penalty"],
+                "local_g": local.tolist(),
+                "local_n": probe.shape[0],
+                "probe_first": probe[0].tolist(),
+            }
+            with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+                json.dump(record, f)
+
     sd = _StochasticDepthNoTable(mode="uniform", budget=0.6, sensitivity_batches=1, regularization_loss="mse", seed=3)
     measure = Measure()
     monitor = RegularizationMonitor(probe_size=10, loss="mse", estimator="exact")
     data = _regression(64)
     model = Regressor()
     trainer = _trainer(
-        out, callbacks=[sd, measure, monitor], strategy="ddp", devices=2, max_epochs=1, limit_train_batches=2, limit_val_batches=0
+        out, callbacks=[sd, measure, monitor, Record()], strategy="ddp_fork", devices=2, max_epochs=1, limit_train_batches=2,
+        limit_val_batches=0,
     )
     trainer.fit(model, DataLoader(data, batch_size=8))
-    rank = trainer.global_rank
-    # This rank's probe (the monitor's, unchanged weights) computed locally, for the check of the reduction.
-    probe = torch.cat(monitor._probe)
-    local = regularization_terms(model, probe, loss="mse")
-    record = {
-        "rank": rank,
-        "rates": measure.rates.tolist(),
-        "g_sd": measure.result.regularization_terms.tolist(),
-        "g_monitor": monitor.history[0]["g"].tolist(),
-        "penalty": monitor.history[0]["penalty"],
-        "local_g": local.tolist(),
-        "local_n": probe.shape[0],
-        "probe_first": probe[0].tolist(),
-    }
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(record, f)
 
 
 @pytest.mark.slow
