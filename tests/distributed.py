@@ -3,7 +3,9 @@
 Tests of a feature under DDP (not of the launcher) pass ``--strategy ddp_fork``: the second rank is a fork
 of the first, not a fresh interpreter that imports torch and Lightning again (~10 s here). Every launcher
 (ddp, ddp_spawn, ddp_fork, ...) is checked against one process in ``test_distributed.py``. A test whose
-ranks must start from different global RNGs (the callback's default seed) keeps ``ddp``.
+ranks must start from different global RNGs (the callback's default seed), build rank-dependent data
+before ``fit``, or record results after ``fit`` (a fork launcher runs that code on rank 0 only; record in
+``on_fit_end`` instead) keeps ``ddp``.
 """
 
 from __future__ import annotations
