@@ -71,9 +71,10 @@ def test_monitors_leave_the_run_bit_identical_ddp(tmp_path) -> None:
     every rank's batches are unchanged by watching."""
     workers = 2
     runs = {}
+    # Both runs in the same DDP processes, one after the other (each seeds itself): one launch, not two.
+    run_script("fit_watched.py", "--out", str(tmp_path), "--watch", "0", "1", "--workers", str(workers), "--devices", "2")
     for watch in (0, 1):
         out = tmp_path / f"watch{watch}"
-        run_script("fit_watched.py", "--out", str(out), "--watch", str(watch), "--workers", str(workers), "--devices", "2")
         batches = [json.loads((out / f"batches_rank{r}.json").read_text())["batches"] for r in (0, 1)]
         runs[watch] = (torch.load(out / "weights.pt"), batches)
     assert runs[1][1] == runs[0][1]

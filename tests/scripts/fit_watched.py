@@ -142,12 +142,13 @@ def fit(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--watch", type=int, default=0)
+    parser.add_argument("--watch", type=int, nargs="+", default=[0], help="runs in sequence, in this process (and its DDP ranks): OUT/watch{w}")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    fit(args.out, bool(args.watch), workers=args.workers, devices=args.devices)
+    for watch in args.watch:
+        fit(os.path.join(args.out, f"watch{watch}"), bool(watch), workers=args.workers, devices=args.devices)
 
 
 if __name__ == "__main__":
