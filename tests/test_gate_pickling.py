@@ -194,6 +194,25 @@ def test_copies_made_after_training_steps_run_their_own_branches() -> None:
     torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)  # the original is untouched
 
 
+def test_a_handle_pickled_without_the_derived_rate_state_rebuilds_it() -> None:
+    """Handles pickled by an older version lack the rate state derived later (the eager m_l floats, the
+    all-kept flag of compiled models): unpickling rebuilds it from the rates and the scaling."""
+    model = ResidualMLP(8, 16, 4, 2)
+    handle = inject_stochastic_depth(model, [1.0, 0.8, 0.5, 0.25], scaling="inverted", auto_resample=False)
+    state = dict(handle.__dict__)
+    for derived in ("_kept_scale", "_all_kept", "_specialize_full_depth", "_rates_key"):
+        del state[derived]
+    old = handle.__class__.__new__(handle.__class__)
+    old.__setstate__(state)
+    assert old._kept_scale == [1.0, 1.25, 2.0, 4.0]
+    assert old._all_kept is False and old.specialize_full_depth is True
+    handle.set_survival(torch.ones(4))
+    state = dict(handle.__dict__)
+    del state["_all_kept"], state["_kept_scale"]
+    old.__setstate__(state)
+    assert old._all_kept is True and old._kept_scale == [1.0] * 4
+
+
 def test_timm_model_ema_v3_averages_an_injected_model() -> None:
     from timm.utils import ModelEmaV3
 

@@ -479,10 +479,6 @@ class StochasticDepthHandle:
         seed: base seed of the mask stream.
     """
 
-    # Class-level defaults: handles pickled (inside a model) before these existed still load.
-    _specialize_full_depth = True
-    _all_kept = False
-
     def __init__(self, model: nn.Module, branches: list[ResidualBranch], survival: Tensor, drop: str, scaling: str, seed: int) -> None:
         self.model = model
         self.branches = branches
@@ -509,27 +505,29 @@ class StochasticDepthHandle:
         #: How a batch-drop gate traced by ``torch.compile`` decides: ``"cond"`` or ``"graph_break"``
         #: (see :mod:`lightning_sd.core.compilation`).
         self._compile_route = "cond"
+        self._specialize_full_depth = True
         self._rates_key: tuple[Any, ...] | None = None
         self._train_multipliers: Tensor = torch.ones(len(branches))
         self._eval_multipliers: Tensor = torch.ones(len(branches))
         self._refresh_rates()
 
     def _refresh_rates(self, device: torch.device | str | None = None) -> None:
-        """The rates as tensors, for gates traced by ``torch.compile`` (data, not guards): rebuilt on change.
+        """What the gates read of the rates, rebuilt when the rates, the scaling or the device change.
 
         ``_train_multipliers[l]``: ``1 / p_l`` (inverted) or 1, the multiplier of a kept branch;
-        ``_eval_multipliers[l]``: ``p_l`` (expected) or 1. fp32, on ``device`` once one is given.
-        ``_all_kept``: every rate is 1 and :attr:`specialize_full_depth`; a traced batch-drop gate then
-        adds its branch without ``torch.cond`` (a Python bool: Dynamo guards on it, two graph variants at most).
+        ``_eval_multipliers[l]``: ``p_l`` (expected) or 1. fp32, on ``device`` once one is given: data,
+        not guards, for gates traced by ``torch.compile``. ``_kept_scale[l]``: the same ``m_l`` as a
+        float, for the eager gates. ``_all_kept``: every rate is 1 and :attr:`specialize_full_depth`; a
+        traced batch-drop gate then adds its branch without ``torch.cond`` (a Python bool: Dynamo guards
+        on it, two graph variants at most).
         """
-        self._all_kept = self._specialize_full_depth and all(p == 1.0 for p in self._p)
-        #: ``m_l`` of a kept branch as a float (``1 / p_l`` or 1), for the eager gates.
-        self._kept_scale = [1.0 / p if self.scaling == "inverted" and p > 0 else 1.0 for p in self._p]
         if device is None:
             device = self._train_multipliers.device if self._rates_key is not None else torch.device("cpu")
-        key = (tuple(self._p), self.scaling, str(device))
+        key = (tuple(self._p), self.scaling, self._specialize_full_depth, str(device))
         if key == self._rates_key:
             return
+        self._all_kept = self._specialize_full_depth and all(p == 1.0 for p in self._p)
+        self._kept_scale = [1.0 / p if self.scaling == "inverted" and p > 0 else 1.0 for p in self._p]
         p = torch.tensor(self._p, dtype=torch.float64)
         ones = torch.ones_like(p)
         train = 1.0 / p if self.scaling == "inverted" else ones
@@ -537,6 +535,14 @@ class StochasticDepthHandle:
         self._train_multipliers = train.float().to(device)
         self._eval_multipliers = evaluation.float().to(device)
         self._rates_key = key
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Derived rate state is rebuilt, not trusted: handles pickled (inside a model) by an older
+        # version lack some of it.
+        state.setdefault("_specialize_full_depth", True)
+        self.__dict__.update(state)
+        self._rates_key = None
+        self._refresh_rates(self._train_multipliers.device)
 
     @property
     def specialize_full_depth(self) -> bool:
@@ -554,7 +560,7 @@ class StochasticDepthHandle:
     @specialize_full_depth.setter
     def specialize_full_depth(self, value: bool) -> None:
         self._specialize_full_depth = bool(value)
-        self._all_kept = self._specialize_full_depth and all(p == 1.0 for p in self._p)
+        self._refresh_rates()
 
     @property
     def compile_route(self) -> str:
