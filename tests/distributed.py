@@ -26,10 +26,14 @@ SCRIPTS = Path(__file__).parent / "scripts"
 _LEAKED = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOBAL_RANK", "PL_GLOBAL_SEED")
 
 
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _LEAKED}
+
+
 def run_script(script: str | Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``script`` (a name under tests/scripts/ or a path) with ``args`` from the repo root; fail with its output."""
     path = Path(script) if Path(script).is_absolute() else SCRIPTS / script
-    env = {k: v for k, v in os.environ.items() if k not in _LEAKED}
+    env = _clean_env()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run(
@@ -47,7 +51,6 @@ def run_script_here(script: str, *args: str) -> None:
     runs: a DDP launcher must re-run the script, never the pytest session. The leaked rank variables are
     hidden, and ``sys.argv`` and the global RNG are restored afterwards.
     """
-    env = {k: v for k, v in os.environ.items() if k not in _LEAKED}
-    with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(sys, "argv", [str(SCRIPTS / script), *args]):
+    with mock.patch.dict(os.environ, _clean_env(), clear=True), mock.patch.object(sys, "argv", [str(SCRIPTS / script), *args]):
         with torch.random.fork_rng():
             runpy.run_path(str(SCRIPTS / script), run_name="__main__")
