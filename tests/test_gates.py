@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_sd.core.gates import existing_handle, inject_stochastic_depth
+from lightning_sd.core.gates import existing_handle, inject_stochastic_depth, mask_generator
 from lightning_sd.core.survival import survival_rates
 from lightning_sd.models import CifarResNet, ResidualMLP
 
@@ -123,6 +123,24 @@ def test_masks_are_seeded_and_leave_global_rng_alone():
     assert not torch.equal(a, h.resample(6, 1))
     other = ResidualMLP(4, 8, 30, 1)
     assert torch.equal(inject_stochastic_depth(other, 0.5, seed=7, auto_resample=False).resample(5, 1), a)
+
+
+def test_full_depth_steps_keep_every_branch_and_leave_the_stream_alone():
+    # Rates of 1 keep every branch without a draw; the masks of the steps with rates below 1 are those
+    # drawn from their own keys (u < p with u from mask_generator(seed, step, micro_batch, 0)).
+    model = ResidualMLP(4, 8, 6, 1)
+    h = inject_stochastic_depth(model, 0.4, seed=11, auto_resample=False)
+    h.resample(0)
+    h.set_survival([1.0] * 6)
+    assert h.resample(1).tolist() == [True] * 6
+    assert h.realized_depth() == 6
+    h.set_survival([0.4] * 6)
+    for step in (2, 3):
+        u = torch.rand(6, generator=mask_generator(11, step, 0, 0), dtype=torch.float64)
+        assert h.resample(step).tolist() == (u < 0.4).tolist()
+    assert not all(h.kept.tolist())  # the seed draws at least one drop at step 3
+    h.set_survival([1.0] * 6)
+    assert h.resample(4).tolist() == [True] * 6
 
 
 def test_auto_resample_draws_a_new_mask_per_training_forward():

@@ -147,6 +147,7 @@ class BatchDrop(DropKind):
         self._generator: torch.Generator | None = None  # re-seeded at each draw
         self._rates: list[float] | None = None
         self._rates_tensor = torch.ones(0, dtype=torch.float64)
+        self._keeps_all = False
 
     def _set_kept(self, kept: list[bool]) -> None:
         self.kept = kept
@@ -154,12 +155,19 @@ class BatchDrop(DropKind):
         self.kept_tensor = torch.tensor(kept, dtype=torch.bool)
 
     def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
-        seed, key, _ = self._key
-        self._generator = mask_generator(seed, *key, 0, generator=self._generator)
-        u = torch.rand(self.num_blocks, generator=self._generator, dtype=torch.float64)
         if self._rates != rates:  # the rates as a tensor, rebuilt when they change
             self._rates = list(rates)
             self._rates_tensor = torch.tensor(self._rates, dtype=torch.float64)
+            self._keeps_all = all(p >= 1.0 for p in self._rates)
+        if self._keeps_all:
+            # u < 1 for every u in [0, 1): the draw would keep every branch. Not drawing leaves the other
+            # steps' masks unchanged (each step's generator is seeded from its own key).
+            if not all(self.kept):
+                self._set_kept([True] * self.num_blocks)
+            return
+        seed, key, _ = self._key
+        self._generator = mask_generator(seed, *key, 0, generator=self._generator)
+        u = torch.rand(self.num_blocks, generator=self._generator, dtype=torch.float64)
         kept = u < self._rates_tensor
         self.kept = kept.tolist()
         self.kept_tensor = kept
