@@ -196,20 +196,28 @@ class ResidualGate(_GateBase):
             return self.branch(*inputs)
         return regions[0](*regions[2], *inputs)
 
-    def _weights(self) -> Iterator[Tensor]:
-        # Looked up at every call (modules and parameters may be replaced after injection: SyncBatchNorm,
-        # pruning, load_state_dict(assign=True)), through the ``_modules`` dicts: a fraction of the cost
-        # of ``get_submodule(...).parameters()`` for the usual leaf modules.
+    def _weights(self) -> list[Tensor]:
+        """The branch's parameters, looked up now.
+
+        Looked up at every call (modules and parameters may be replaced after injection: SyncBatchNorm,
+        pruning, ``load_state_dict(assign=True)``), through the ``_modules`` dicts: a fraction of the cost
+        of ``get_submodule(...).parameters()`` for the usual leaf modules.
+        """
+        block = self.block
+        weights: list[Tensor] = []
         for name in self.weight_modules:
-            module = _walk(self.block, name)
+            module = block._modules.get(name) if "." not in name else None
+            if module is None:
+                module = _walk(block, name)
             if module._modules:
-                yield from module.parameters()
+                weights.extend(module.parameters())
             else:
-                yield from (w for w in module._parameters.values() if w is not None)
+                weights.extend(w for w in module._parameters.values() if w is not None)
         for name in self.weight_attrs:
             owner, _, attr = name.rpartition(".")
-            weight = (_walk(self.block, owner) if owner else self.block)._parameters.get(attr)
-            yield weight if weight is not None else self.block.get_parameter(name)
+            weight = (_walk(block, owner) if owner else block)._parameters.get(attr)
+            weights.append(weight if weight is not None else block.get_parameter(name))
+        return weights
 
     def _skip(self, shortcut: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
@@ -352,13 +360,14 @@ class _ZeroGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, handle: StochasticDepthHandle, shortcut: Tensor, *weights: Tensor) -> Tensor:
         ctx.handle = handle
-        ctx.like = [(w.shape, w.dtype, w.device) for w in weights]
+        ctx.weights = weights  # parameters: referenced, not saved (no version check, no copy)
         return shortcut.clone()  # a new tensor, as `shortcut + 0` was: later in-place ops (ReLU) stay legal
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         ctx.handle._zero_touch = None
-        return (None, grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like))
+        # zeros_like keeps each parameter's layout (channels_last): AccumulateGrad takes the tensor as is
+        return (None, grad, *map(torch.zeros_like, ctx.weights))
 
 
 class _GeneratedFunction:
@@ -690,11 +699,11 @@ class StochasticDepthHandle:
 
     def _dropped_weights(self) -> list[Tensor]:
         """Parameters (requiring gradients) of the branches dropped for the whole batch at this step."""
-        kind = self.drop_kind
+        dropped = self.drop_kind.dropped
         return [
             w
             for gate in self.gates
-            if isinstance(gate, ResidualGate) and kind.dropped(gate.index)
+            if dropped(gate.index) and isinstance(gate, ResidualGate)
             for w in gate._weights()
             if w.requires_grad
         ]
