@@ -363,3 +363,16 @@ def test_dropped_branches_share_one_zero_gradient_node_per_forward():
     check_grads()
     with torch.no_grad():  # no graph, no node
         assert model(x).grad_fn is None
+
+
+def test_dropped_channels_last_parameters_get_zero_gradients_in_their_layout():
+    model = CifarResNet(depth=8, num_classes=3).to(memory_format=torch.channels_last)
+    handle = inject_stochastic_depth(model, 1e-9, scaling="expected", auto_resample=False, seed=0)
+    assert not any(handle.resample(0).tolist())
+    model(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)).sum().backward()
+    convs = [m for gate in handle.gates for m in gate.block.modules() if isinstance(m, nn.Conv2d) and m.weight.ndim == 4]
+    assert len(convs) >= 2 * handle.num_blocks
+    for conv in convs:
+        grad = conv.weight.grad
+        assert grad is not None and float(grad.abs().max()) == 0.0
+        assert grad.stride() == conv.weight.stride() != torch.empty(conv.weight.shape).stride()
