@@ -15,9 +15,14 @@ cancel most of it):
 - the mask draw: ``handle.resample(step)`` before each step, timed apart from the forward and backward
   (right after a backward any code runs several times slower than alone on this machine: caches).
 
-Then Trainer fits of 4 epochs of ``--trainer-steps`` steps, plain vs ``StochasticDepth(budget=1.0)``,
-in pairs: the callback's cost per step is the median over pairs of the difference of the per-step times
-(each the median of the warm epochs 2-4).
+Gradients are set to None before each step (outside the timed part), as ``optimizer.zero_grad()`` does
+in a training loop: a backward then stores a branch's (zero) gradient instead of adding it to the last one.
+
+Then Trainer fits of 4 epochs of ``--trainer-steps`` steps, plain vs ``StochasticDepth(budget=1.0)``
+vs ``StochasticDepth(budget=0.5)``, in rounds: the callback + gates cost per step at budget 1.0 is the
+median over rounds of the difference of the per-step times (each the median of the warm epochs 2-4);
+the callback's own hooks (``on_train_batch_start``, which draws the masks, and ``on_train_batch_end``)
+are also timed inside the fits, per step (median over the warm epochs' steps, then over rounds).
 
     python examples/benchmarks/bench_gate_overhead.py
 """
@@ -56,6 +61,7 @@ def step_time(model: nn.Module, handle, x: torch.Tensor, steps: int) -> tuple[fl
         model(x).sum().backward()
     compute = draw = 0.0
     for s in range(steps):
+        model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         if handle is not None:
             handle.resample(s)
@@ -83,8 +89,29 @@ class _Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def trainer_step_time(steps: int, callback: bool, epochs: int = 4) -> float:
-    """Microseconds per training step (optimizer step included): median over the epochs after the first."""
+class _TimedStochasticDepth(StochasticDepth):
+    """StochasticDepth that records the wall time of its per-step hooks (microseconds per step)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.hook_times: list[float] = []
+        self._started = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._started = time.perf_counter() - start
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.current_epoch > 0:  # warm epochs
+            self.hook_times.append((self._started + time.perf_counter() - start) * 1e6)
+
+
+def trainer_step_time(steps: int, budget: float | None, epochs: int = 4) -> tuple[float, float]:
+    """Microseconds per training step (optimizer step included), median over the epochs after the first,
+    and the callback's hooks per step (median over those epochs' steps; 0 without the callback)."""
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(steps * BATCH, WIDTH, generator=g), torch.randn(steps * BATCH, 1, generator=g)), batch_size=BATCH)
     times: list[float] = []
@@ -97,8 +124,9 @@ def trainer_step_time(steps: int, callback: bool, epochs: int = 4) -> float:
             times.append((time.perf_counter() - self.start) / steps * 1e6)
 
     callbacks: list[pl.Callback] = [Clock()]
-    if callback:
-        callbacks.insert(0, StochasticDepth(budget=1.0, seed=0))
+    sd = None if budget is None else _TimedStochasticDepth(budget=budget, seed=0)
+    if sd is not None:
+        callbacks.insert(0, sd)
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
@@ -107,7 +135,7 @@ def trainer_step_time(steps: int, callback: bool, epochs: int = 4) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(_Module(), data)
-    return statistics.median(times[1:])  # warm epochs
+    return statistics.median(times[1:]), 0.0 if sd is None else statistics.median(sd.hook_times)  # warm epochs
 
 
 def main() -> None:
@@ -160,19 +188,26 @@ def main() -> None:
         print(f"| {name} | {t:.1f} | {per} |")
     print(f"| mask draw (handle.resample) per step, in the loop | {statistics.median(draws):.1f} | - |")
     print(f"budget 0.5 / plain (without the draw): {statistics.median(b / p for b, p in zip(results['budget 0.5, inverted'], results['plain'])):.3f}")
-    plain_t, sd_t = [], []
+    budgets: list[float | None] = [None, 1.0, 0.5]
+    steps_t: dict[float | None, list[float]] = {b: [] for b in budgets}
+    hooks_t: dict[float | None, list[float]] = {b: [] for b in budgets}
     for r in range(args.trainer_repeats):
-        order = [False, True] if r % 2 == 0 else [True, False]
-        for cb in order:
-            (sd_t if cb else plain_t).append(trainer_step_time(args.trainer_steps, cb))
-    ratios = [s / p for s, p in zip(sd_t, plain_t)]
-    diffs = [s - p for s, p in zip(sd_t, plain_t)]
-    print(f"\nTrainer epochs of {args.trainer_steps} steps (median of epochs 2-4 per fit), median of {args.trainer_repeats} paired repeats")
+        for budget in budgets if r % 2 == 0 else reversed(budgets):
+            step_us, hook_us = trainer_step_time(args.trainer_steps, budget)
+            steps_t[budget].append(step_us)
+            hooks_t[budget].append(hook_us)
+    ratios = [s / p for s, p in zip(steps_t[1.0], steps_t[None])]
+    diffs = [s - p for s, p in zip(steps_t[1.0], steps_t[None])]
+    print(f"\nTrainer epochs of {args.trainer_steps} steps (median of epochs 2-4 per fit), median of {args.trainer_repeats} rounds")
     print("| | step (us) |\n|---|---|")
-    print(f"| plain Trainer | {statistics.median(plain_t):.1f} |")
-    print(f"| StochasticDepth(budget=1.0) | {statistics.median(sd_t):.1f} |")
-    print(f"| callback + gates per step | {statistics.median(diffs):.1f} |")
-    print(f"| ratio | {statistics.median(ratios):.3f} |")
+    print(f"| plain Trainer | {statistics.median(steps_t[None]):.1f} |")
+    print(f"| StochasticDepth(budget=1.0) | {statistics.median(steps_t[1.0]):.1f} |")
+    print(f"| callback + gates per step, budget 1.0 (vs plain) | {statistics.median(diffs):.1f} |")
+    print(f"| callback hooks per step, budget 1.0 (timed in the fit) | {statistics.median(hooks_t[1.0]):.1f} |")
+    print(f"| ratio, budget 1.0 / plain | {statistics.median(ratios):.3f} |")
+    print(f"| StochasticDepth(budget=0.5) | {statistics.median(steps_t[0.5]):.1f} |")
+    print(f"| callback hooks per step, budget 0.5 (timed in the fit) | {statistics.median(hooks_t[0.5]):.1f} |")
+    print(f"| ratio, budget 0.5 / plain | {statistics.median(s / p for s, p in zip(steps_t[0.5], steps_t[None])):.3f} |")
 
 
 if __name__ == "__main__":
