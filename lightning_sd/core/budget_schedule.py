@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from typing import Literal, get_args
 
+import scipy.optimize
+
 from lightning_sd.core.validation import check_budget, check_choice
 
 __all__ = [
@@ -146,7 +148,7 @@ def budget_for_mean(
     """The ``budget`` argument whose schedule keeps ``mean`` of the blocks on average over ``T`` steps.
 
     ``mean_budget`` is continuous and increasing in ``budget`` (from ``mean_budget(budget -> 0)`` to 1),
-    so bisection finds it. Used to compare schedules at the same mean compute.
+    so Brent's method (:func:`scipy.optimize.brentq`) finds it. Used to compare schedules at the same mean compute.
 
     Raises:
         ValueError: ``mean`` is below what the schedule can reach (its start at 1 keeps more than ``mean``
@@ -159,11 +161,9 @@ def budget_for_mean(
             f"schedule={schedule!r} keeps at least {floor:.4f} of the blocks on average over {total_steps} steps "
             f"(it starts at 1); a mean budget of {mean} is out of reach. Raise the mean, shorten the warmup or raise pld_gamma."
         )
-    lo, hi = 1e-9, 1.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if mean_budget(schedule, mid, total_steps, warmup_fraction=warmup_fraction, pld_gamma=pld_gamma) < mean:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    def excess(budget: float) -> float:
+        return mean_budget(schedule, budget, total_steps, warmup_fraction=warmup_fraction, pld_gamma=pld_gamma) - mean
+
+    if excess(1e-9) >= 0.0:
+        return 1e-9
+    return float(scipy.optimize.brentq(excess, 1e-9, 1.0, xtol=1e-15))

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import scipy.optimize
 import torch
 from torch import Tensor
 
@@ -26,6 +27,8 @@ __all__ = [
 ]
 
 _BUDGET_TOL = 1e-6
+#: Relative tolerance of the root solves: four machine epsilons (the smallest scipy.optimize.brentq accepts).
+_RTOL = 4 * 2.220446049250313e-16
 
 
 def _check_num_blocks(num_blocks: int) -> int:
@@ -43,8 +46,8 @@ def linear_min_budget(num_blocks: int) -> float:
 def _fit_budget(weights: Tensor, budget: float, p_min: float) -> Tensor:
     """``p = clip(p_min + alpha * w, p_min, 1)`` with ``alpha >= 0`` solving ``sum p = budget * L``.
 
-    ``sum p`` is continuous and non-decreasing in alpha, so bisection finds alpha; the residual
-    is then removed exactly by spreading it over the unclipped entries.
+    ``sum p`` is continuous and non-decreasing in alpha, so Brent's method (:func:`scipy.optimize.brentq`)
+    finds alpha in a bracket; the residual is then removed exactly by spreading it over the unclipped entries.
     """
     num_blocks = weights.numel()
     target = budget * num_blocks
@@ -76,16 +79,11 @@ def _fit_budget(weights: Tensor, budget: float, p_min: float) -> Tensor:
     def total(alpha: float) -> float:
         return float(torch.clamp(p_min + alpha * weights, p_min, 1.0).sum())
 
-    lo, hi = 0.0, 1.0
+    hi = 1.0
     while total(hi) < target:
         hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if total(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-    p = torch.clamp(p_min + hi * weights, p_min, 1.0)
+    alpha = 0.0 if total(0.0) >= target else scipy.optimize.brentq(lambda a: total(a) - target, 0.0, hi, xtol=1e-15, rtol=_RTOL)
+    p = torch.clamp(p_min + alpha * weights, p_min, 1.0)
     free = (p < 1.0) & positive
     residual = target - float(p.sum())
     if free.any() and abs(residual) > 0:
@@ -184,8 +182,8 @@ def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor, p_
     def rates(c: float) -> Tensor:
         return torch.clamp(0.5 - c * inv, p_min, 1.0)
 
-    # total(c) is continuous and non-increasing in c: bracket the root, bisect, then solve the
-    # piecewise-linear equation exactly on the final active set (keeps the 1/2 - C/g_l form).
+    # total(c) is continuous and non-increasing in c: bracket the root, solve with Brent's method, then
+    # solve the piecewise-linear equation exactly on the final active set (keeps the 1/2 - C/g_l form).
     lo, hi = (-1.0, 0.0) if keep_zero else (0.0, 1.0)
     if keep_zero:
         while float(rates(lo).sum()) < goal:
@@ -193,13 +191,7 @@ def maxreg_rates(num_blocks: int, budget: float, g: Sequence[float] | Tensor, p_
     else:
         while float(rates(hi).sum()) > goal:
             hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if float(rates(mid).sum()) > goal:
-            lo = mid
-        else:
-            hi = mid
-    c = 0.5 * (lo + hi)
+    c = scipy.optimize.brentq(lambda c: float(rates(c).sum()) - goal, lo, hi, xtol=1e-15, rtol=_RTOL)
     q = rates(c)
     free = (q > p_min) & (q < 1)
     if bool(free.any()):
