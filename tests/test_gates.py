@@ -74,6 +74,21 @@ def test_sample_drop_matches_manual_per_example_masks():
     torch.testing.assert_close(out, manual_mlp(ref, x, masks))
 
 
+def test_sample_drop_realized_depth_is_read_from_the_cpu_draw():
+    # Masks drawn for a device are described by the CPU draw: realized_depth never reads the device
+    # tensor (no device sync per step). A meta device has no values to read, so any read would fail.
+    handle = inject_stochastic_depth(ResidualMLP(6, 10, 5, 2), 0.6, drop="sample", seed=4, auto_resample=False)
+    handle.resample(3, batch_size=16)
+    expected = float((handle.drop_kind.masks > 0).sum(dim=1).double().mean())
+    assert 0 < expected < 5
+    handle.resample(3, batch_size=16, device="meta")
+    assert handle.drop_kind.masks.device.type == "meta"
+    assert handle.realized_depth() == expected
+    handle.resample(3, batch_size=16)
+    handle.drop_kind.permute([4, 3, 2, 1, 0])  # renumbered masks: computed from them
+    assert handle.realized_depth() == expected
+
+
 def test_batch_drop_does_not_call_dropped_modules():
     model = CifarResNet(20, width=4)
     calls = {}

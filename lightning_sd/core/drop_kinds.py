@@ -214,14 +214,23 @@ class SampleDrop(DropKind):
 
     name = "sample"
     skips_compute = False
+    _kept_count: tuple[Tensor, float] | None = None  # for instances pickled before it existed
 
     def reset(self) -> None:  # noqa: D102
         self.masks: Tensor | None = None
+        # The (device) masks of the last draw and their mean number of kept branches per example, computed
+        # on the CPU draw: realized_depth reads it instead of the device tensor (no device sync per step).
+        self._kept_count: tuple[Tensor, float] | None = None
+
+    def _set_drawn(self, drawn: Tensor, device: torch.device | str) -> Tensor:
+        masks = self.masks = drawn.to(device)
+        self._kept_count = (masks, float((drawn > 0).sum(dim=1).double().mean()))
+        return masks
 
     def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
         self.masks = None
         if batch_size is not None:
-            self.masks = self.draw(int(batch_size), rates, scaling).to(device or "cpu")
+            self._set_drawn(self.draw(int(batch_size), rates, scaling), device or "cpu")
 
     def draw(self, batch: int, rates: Sequence[float], scaling: str) -> Tensor:
         """The ``(batch, L)`` multipliers of the current step's key with ``rates``."""
@@ -234,15 +243,18 @@ class SampleDrop(DropKind):
 
     def multiplier(self, index: int, rates: Sequence[float], scaling: str, like: Tensor) -> Tensor | float:  # noqa: D102
         batch = like.shape[0]
-        if self.masks is None or self.masks.shape[0] != batch:
-            self.masks = self.draw(batch, rates, scaling).to(like.device)
-        m = self.masks[:, index].to(device=like.device, dtype=like.dtype, non_blocking=True)
+        masks = self.masks
+        if masks is None or masks.shape[0] != batch:
+            masks = self._set_drawn(self.draw(batch, rates, scaling), like.device)
+        m = masks[:, index].to(device=like.device, dtype=like.dtype, non_blocking=True)
         return m.reshape((m.shape[0],) + (1,) * (like.ndim - 1))
 
     def realized_depth(self) -> float:  # noqa: D102
         if self.masks is None:
             return float("nan")
-        return float((self.masks > 0).sum(dim=1).double().mean().cpu())
+        if self._kept_count is not None and self._kept_count[0] is self.masks:
+            return self._kept_count[1]  # from the CPU draw
+        return float((self.masks > 0).sum(dim=1).double().mean().cpu())  # masks renumbered or restored since
 
     def permute(self, order: Sequence[int]) -> None:  # noqa: D102
         if self.masks is not None:
