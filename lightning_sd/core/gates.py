@@ -206,9 +206,7 @@ class ResidualGate(_GateBase):
         block = self.block
         weights: list[Tensor] = []
         for name in self.weight_modules:
-            module = block._modules.get(name) if "." not in name else None
-            if module is None:
-                module = _walk(block, name)
+            module = _walk(block, name)
             if module._modules:
                 weights.extend(module.parameters())
             else:
@@ -251,18 +249,15 @@ class ResidualGate(_GateBase):
                 else:
                     branch = self.__dict__.get("_direct") or self._direct_branch()
                     if branch is not None:  # None with compiled regions: their add and scaling run inside
-                        out = branch(*inputs)
-                        scale = handle._kept_scale[index]
-                        return shortcut + out if scale == 1.0 else torch.add(shortcut, out, alpha=scale)
+                        return _add_scaled(shortcut, branch(*inputs), handle._kept_scale[index])
         return self.forward_outside_graph(shortcut, *inputs)
 
     def _direct_branch(self) -> Callable[..., Tensor] | None:
         """The branch without the pickling wrapper (``partial(generated code, block)``), cached; None with regions."""
         if "_compiled" in self.__dict__:
             return None
-        branch = direct = self.branch
-        if isinstance(branch, functools.partial) and isinstance(branch.func, _GeneratedFunction) and not branch.keywords:
-            direct = functools.partial(branch.func._fn, *branch.args)
+        fn, args = self.branch_target(compiled=False)
+        direct = functools.partial(fn, *args) if args else fn
         self.__dict__["_direct"] = direct
         return direct
 
@@ -536,11 +531,11 @@ class StochasticDepthHandle:
         if key == self._rates_key:
             return
         self._all_kept = self._specialize_full_depth and all(p == 1.0 for p in self._p)
-        self._kept_scale = [1.0 / p if self.scaling == "inverted" and p > 0 else 1.0 for p in self._p]
         p = torch.tensor(self._p, dtype=torch.float64)
         ones = torch.ones_like(p)
         train = 1.0 / p if self.scaling == "inverted" else ones
         evaluation = p if self.scaling == "expected" else ones
+        self._kept_scale = train.tolist()  # float64 m_l, exactly the Python floats 1.0 / p
         self._train_multipliers = train.float().to(device)
         self._eval_multipliers = evaluation.float().to(device)
         self._rates_key = key

@@ -8,6 +8,7 @@ blocks kept, ``Lbar / L``.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ __all__ = [
 
 _BUDGET_TOL = 1e-6
 #: Relative tolerance of the root solves: four machine epsilons (the smallest scipy.optimize.brentq accepts).
-_RTOL = 4 * 2.220446049250313e-16
+_RTOL = 4 * sys.float_info.epsilon
 
 
 def _check_num_blocks(num_blocks: int) -> int:
