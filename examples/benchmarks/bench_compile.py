@@ -4,8 +4,10 @@ Configurations per model: no SD; batch drop at budgets 0.25, 0.5, 0.75, 1.0 (uni
 inverted scaling; dropped blocks skipped; ``compile_route="cond"``); batch drop at 0.5 with
 ``compile_route="graph_break"``; sample drop and subset drop at budget 0.5; batch drop at
 0.5 and 1.0 with the model eager and each branch compiled as a region (``handle.compile``, "regional"
-rows: the eager column is the same model without regions); and, for timm
-models, timm's own ``DropPath`` with drop probability 0.5 in every block (the same expected depth).
+rows: the eager column is the same model without regions); for timm
+models, timm's own ``DropPath`` with drop probability 0.5 in every block (the same expected depth); and
+the plain model on half the batch ("no SD, half batch": what subset drop at 0.5 runs its branches on;
+its ideal column assumes a step cost linear in the batch).
 One training step = resample, forward, backward, SGD step. The model is compiled whole with
 ``torch.compile(model, backend=...)`` (default inductor) after ``torch._dynamo.reset()``; graphs are
 counted by Dynamo's ``CompileCounterWithBackend``.
@@ -18,7 +20,11 @@ repeats of the ratio within a repeat), the ideal ratio
 ``(T_0 + f (T_plain - T_0)) / T_plain`` (``T_0``: compiled step with every block dropped, ``f``: the
 fraction of branch compute that ran: the kept fraction for batch drop, the subset fraction for subset
 drop, 1 otherwise), the compile time (the warm-up steps' time minus as many steady steps), the number
-of graphs, and the peak memory (CUDA only: ``torch.cuda.max_memory_allocated``; "-" on CPU).
+of graphs, and the peak memory (median over ``--steps`` steps) of a compiled step above what was allocated before it (gradients set
+to None first): activations, gradients and temporaries, not the parameters. On CUDA from the caching
+allocator's statistics (``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the step);
+on CPU from the profiler's memory events (``profile_memory=True``: the running total of the CPU
+allocator's allocations during the step; scratch memory that oneDNN allocates on its own is not in it).
 
 Compile times are from a cold kernel cache for every configuration, as a user's first compile is:
 each configuration's warm-up runs in ``torch._inductor.utils.fresh_cache()`` (an empty on-disk cache
@@ -38,7 +44,10 @@ import argparse
 import contextlib
 import copy
 import functools
+import json
+import os
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -48,6 +57,7 @@ import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import fresh_cache
+from torch.profiler import ProfilerActivity, profile
 
 from lightning_sd.core.gates import StochasticDepthHandle, existing_handle, inject_stochastic_depth
 from lightning_sd.models import CifarResNet
@@ -115,6 +125,30 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def step_peak_mib(run: Run) -> float:
+    """Peak memory of one step of ``run`` above what was allocated before it, in MiB (see the module docstring)."""
+    run.opt.zero_grad(set_to_none=True)  # the step's own zero_grad frees nothing: the same baseline on both devices
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run.timed(1)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run.step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    if not events:
+        return 0.0
+    # "Total Allocated" counts what the CPU allocator handed out while a profiler records memory, across
+    # profiling sessions: the step's baseline is the total before its first event
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return (max(e["Total Allocated"] for e in events) - start) / 2**20
+
+
 def configurations(name: str, timm_model: bool) -> list[tuple[str, dict[str, Any] | None, float]]:
     """(label, inject kwargs or None, DropPath rate)."""
     out: list[tuple[str, dict[str, Any] | None, float]] = [("no SD", None, 0.0)]
@@ -126,6 +160,9 @@ def configurations(name: str, timm_model: bool) -> list[tuple[str, dict[str, Any
     out += [(f"batch {b}, regional", {"survival": b, "drop": "batch", "regional": True}, 0.0) for b in (0.5, 1.0)]
     if timm_model:
         out.append(("timm DropPath 0.5", None, 0.5))
+    # Reference for subset drop, whose branches all run on half the batch: the plain model on half the
+    # batch (smaller matrix products run less efficiently per example than the ideal's linear scaling)
+    out.append(("no SD, half batch", None, 0.0))
     out.append(("all dropped (T_0)", {"survival": 0.0, "drop": "batch", "scaling": "expected"}, 0.0))
     return out
 
@@ -135,6 +172,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     timm_model = name.startswith("vit")
     shape = build(name)[1]
     x = torch.randn(args.batch_size, *shape, device=DEVICE)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
     y = torch.randint(0, 10, (args.batch_size,), device=DEVICE)
     runs: list[tuple[str, dict[str, Any] | None, Run, Run, CompileCounterWithBackend, float]] = []
     torch._dynamo.reset()
@@ -144,7 +183,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         torch.manual_seed(0)
         model, _ = build(name, drop_path)
-        model = model.to(DEVICE).train()
+        model = model.to(DEVICE, memory_format=layout).train()
         handle = None
         regional = False
         if inject is not None:
@@ -153,16 +192,17 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             route = kwargs.pop("route", "cond")
             handle = inject_stochastic_depth(model, kwargs.pop("survival"), auto_resample=False, seed=0, **kwargs)
             handle.compile_route = route
-        eager = Run(model, handle, x, y)
+        xs, ys = (x[: len(x) // 2], y[: len(y) // 2]) if label.endswith("half batch") else (x, y)
+        eager = Run(model, handle, xs, ys)
         eager.step()
         counter = CompileCounterWithBackend(args.backend)  # its own counter: graphs of this configuration
-        compiled = Run(model, handle, x, y)
+        compiled = Run(model, handle, xs, ys)
         if regional:
             copied = copy.deepcopy(model)  # a copy runs plain branches: the eager column stays eager
             copied_handle = existing_handle(copied)
             assert copied_handle is not None
             copied_handle.compile(backend=counter)  # the model itself stays eager
-            compiled = Run(copied, copied_handle, x, y)
+            compiled = Run(copied, copied_handle, xs, ys)
         else:
             compiled.forward = torch.compile(model, backend=counter)
         with cold():  # compiled from an empty kernel cache (see the module docstring)
@@ -189,11 +229,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         kept = statistics.mean(compiled.fractions[args.warmup + 1 :]) if compiled.fractions else 1.0
         if inject is not None and inject["drop"] == "sample":
             kept = 1.0  # every branch computed
-        peak = "-"
-        if DEVICE.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            compiled.timed(1)
-            peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}"
+        peak = f"{statistics.median(step_peak_mib(compiled) for _ in range(args.steps)):.1f}"  # masks differ per step
         rows.append(
             {
                 "model": name,
@@ -204,6 +240,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "compile_s": compile_s,
                 "graphs": counter.frame_count,
                 "fraction": kept,
+                "batch_fraction": len(compiled.x) / len(x),  # below 1 for "no SD, half batch"
                 "peak": peak,
             }
         )
@@ -224,6 +261,7 @@ def main() -> None:
     parser.add_argument("--cache", action="store_true", help="allow inductor's on-disk caches (compile times then depend on earlier runs)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format (4-D weights and images)")
     args = parser.parse_args()
     DEVICE = torch.device(args.device)
     DTYPE = getattr(torch, args.dtype)
@@ -247,7 +285,8 @@ def main() -> None:
     for name in args.models:
         rows += bench_model(name, args)
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{where}, {args.dtype}, batch {args.batch_size}, backend {args.backend}, torch {torch.__version__}")
+    layout = ", channels_last" if args.channels_last else ""
+    print(f"\n{where}, {args.dtype}{layout}, batch {args.batch_size}, backend {args.backend}, torch {torch.__version__}")
     print("| model | config | eager (ms) | compiled (ms) | / compiled no SD | ideal | compile (s) | graphs | peak (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
@@ -255,7 +294,8 @@ def main() -> None:
         plain = next(r for r in mine if r["config"] == "no SD")["compiled"]
         t0 = next(r for r in mine if r["config"].startswith("all dropped"))["compiled"]
         for r in mine:
-            ideal = (t0 + r["fraction"] * (plain - t0)) / plain
+            # a step linear in the batch for the half batch; else stem and head (T_0) plus the branches that ran
+            ideal = r["batch_fraction"] if r["batch_fraction"] < 1 else (t0 + r["fraction"] * (plain - t0)) / plain
             print(f"| {name} | {r['config']} | {r['eager'] * 1e3:.1f} | {r['compiled'] * 1e3:.1f} | {r['ratio']:.3f} | "
                   f"{ideal:.3f} | {r['compile_s']:.1f} | {r['graphs']} | {r['peak']} |")
 
