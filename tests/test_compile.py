@@ -8,6 +8,7 @@ asserted with ``torch._dynamo.config.error_on_recompile``: any guard failure aft
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 
 import lightning.pytorch as pl
@@ -76,9 +77,9 @@ def compiled_graphs(compiled) -> int:
 class _Compiled:
     """``torch.compile(model)`` with a graph counter attached."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, **compile_kwargs) -> None:
         self.counter = CompileCounterWithBackend("aot_eager")
-        self.fn = torch.compile(model, backend=self.counter)
+        self.fn = torch.compile(model, backend=self.counter, **compile_kwargs)
 
     def __call__(self, x):
         return self.fn(x)
@@ -344,6 +345,31 @@ def test_subset_drop_compiles_to_one_graph_over_30_steps(caplog) -> None:
     assert handle.realized_depth() == pytest.approx(4 * 5 / 10)
 
 
+@pytest.mark.parametrize("drop", ["batch", "sample", "subset"])
+def test_fullgraph_compile_of_a_batchnorm_resnet(drop) -> None:
+    """``torch.compile(model, fullgraph=True)`` (which raises at any graph break) works with every drop kind."""
+    torch.manual_seed(0)
+    model = CifarResNet(8, width=4).train()
+    handle, ref, ref_handle = _pair(model, drop=drop)
+    compiled = _Compiled(model, fullgraph=True)
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(4, 3, 8, 8), 6, warm_up=2)
+    assert counts[-1] == 1
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, ref.get_buffer(name), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_fullgraph_compile_names_the_gate_at_a_graph_break() -> None:
+    """Route "graph_break" is a graph break: ``fullgraph=True`` raises, and Dynamo's message says why and what to do."""
+    if "reason" not in inspect.signature(torch.compiler.disable).parameters:
+        pytest.skip("torch.compiler.disable takes a reason from torch 2.7")
+    model = CifarResNet(8, width=4).train()
+    handle = inject_stochastic_depth(model, 0.5, auto_resample=False, seed=5)
+    handle.compile_route = "graph_break"
+    handle.resample(0)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="lightning_sd: this batch-drop gate decides outside the compiled graph"):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 3, 8, 8))
+
+
 # ---------------------------------------------------------------- in a Trainer
 
 
@@ -424,7 +450,7 @@ def test_trainer_user_compiled_resnet_with_batchnorm(tmp_path) -> None:
     watch = _GraphsAtEpochEnd(counter)
     torch.manual_seed(0)
     module = ClassifierModule(CifarResNet(8, width=4))
-    module.net = torch.compile(module.net, backend=counter)
+    module.net = torch.compile(module.net, backend=counter, fullgraph=True)  # the callback's probes break no graph
     sd = StochasticDepth(mode="linear", budget=0.5, seed=1)
     trainer = pl.Trainer(max_epochs=3, callbacks=[sd, watch], **trainer_kwargs(tmp_path, logger=False))
     trainer.fit(module, image_loader(n=80, batch_size=4))  # 20 steps per epoch: the first one warms up

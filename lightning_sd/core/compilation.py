@@ -41,6 +41,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -148,7 +150,21 @@ def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:
     return x * (m * kept).to(x.dtype)
 
 
-@torch.compiler.disable
+# What Dynamo prints at this graph break (torch.compile(fullgraph=True) raises there); torch >= 2.7 takes a reason
+_GRAPH_BREAK_REASON = (
+    "lightning_sd: this batch-drop gate decides outside the compiled graph, because its handle's compile_route is "
+    "'graph_break' or because torch.cond cannot take its branch (a tensor with a dimension of size 1 among several, "
+    "e.g. depthwise convolution weights (C, 1, k, k)). With fullgraph=True, use drop='sample' or drop='subset' "
+    "(traced as data), or compile without fullgraph"
+)
+_disable_with_reason: Callable[[Callable[..., Tensor]], Callable[..., Tensor]] = (
+    functools.partial(torch.compiler.disable, reason=_GRAPH_BREAK_REASON)
+    if "reason" in inspect.signature(torch.compiler.disable).parameters
+    else torch.compiler.disable
+)
+
+
+@_disable_with_reason
 def _decide_between_regions(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
     # Runs eagerly: a graph break in the traced model, the decision outside any graph. The branch runs
     # through the compiled regions of handle.compile() when there are, else eagerly.
