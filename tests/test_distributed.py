@@ -47,6 +47,22 @@ def test_ddp_batch_drop_equals_single_process(tmp_path, single_run, strategy):
 
 
 @pytest.mark.slow
+def test_ddp_user_compiled_batch_drop_equals_single_process(tmp_path, single_run):
+    """The user compiles the network (route "cond") and trains under DDP, where Dynamo's DDPOptimizer
+    compiles it: the same masks and weights as the eager single-process run."""
+    run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp_fork", "--batch-size", "8",
+               "--compile", "aot_eager")
+    weights, masks = load(tmp_path)
+    ref_weights, ref_masks = single_run
+    assert masks["wrapped"] == "DistributedDataParallel"
+    assert [r["kept"] for r in masks["records"]] == [r["kept"] for r in ref_masks["records"]]
+    assert any(not all(r["kept"]) for r in masks["records"])
+    weights = {k.replace("_orig_mod.", ""): v for k, v in weights.items()}
+    assert weights.keys() == ref_weights.keys()
+    assert max(float((weights[k] - ref_weights[k]).abs().max()) for k in weights) < 1e-5
+
+
+@pytest.mark.slow
 def test_ddp_sample_drop_masks_differ_per_rank_reproducibly(tmp_path):
     run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp_fork", "--drop", "sample", "--steps", "3")
     ranks = [json.load(open(tmp_path / f"masks_rank{r}.json")) for r in (0, 1)]

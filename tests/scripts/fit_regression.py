@@ -134,6 +134,7 @@ def main():
     parser.add_argument("--pld-gamma", type=float, default=0.001)
     parser.add_argument("--depth-on-demand", action="store_true", help="validation data and DepthOnDemand(by='sensitivity')")
     parser.add_argument("--lazy", action="store_true", help="build the network in configure_model")
+    parser.add_argument("--compile", default="", help="torch.compile the network with this backend, as a user would")
     parser.add_argument("--seed", default="1234", help="mask seed, or 'none': the callback's default, with the "
                         "global RNG seeded 100 + rank before fit (rank 0's must win)")
     args = parser.parse_args()
@@ -142,6 +143,8 @@ def main():
     kwargs = dict(in_features=8, width=16, depth=8, lr=0.01)
     module_class = LazyShardedRegression if args.lazy else ValidatedRegression if args.depth_on_demand else ShardedRegression
     module = module_class(**kwargs)
+    if args.compile:
+        module.net = torch.compile(module.net, backend=args.compile)
     recorder = MaskRecorder(args.out)
     extra = []
     if args.depth_on_demand:
