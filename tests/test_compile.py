@@ -358,6 +358,29 @@ def test_fullgraph_compile_of_a_batchnorm_resnet(drop) -> None:
         torch.testing.assert_close(buffer, ref.get_buffer(name), rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("drop", ["batch", "sample", "subset"])
+def test_compiled_under_bf16_autocast_equals_eager(drop) -> None:
+    """bf16 autocast (what ``precision="bf16-mixed"`` runs): the compiled model's outputs and gradients are
+    eager's, for every drop kind (the cond's two branches return the shortcut's dtype)."""
+    torch.manual_seed(0)
+    model = CifarResNet(8, width=4).train()
+    handle, ref, ref_handle = _pair(model, drop=drop)
+    compiled = _Compiled(model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    for step in range(4):
+        handle.resample(step, batch_size=4)
+        ref_handle.resample(step, batch_size=4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, expected = compiled(x), ref(x)
+        assert out.dtype == expected.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        expected.float().square().sum().backward()
+        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+        for got, want in zip(_grads(model), _grads(ref)):
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert compiled.counter.frame_count == 1
+
+
 def test_fullgraph_compile_names_the_gate_at_a_graph_break() -> None:
     """Route "graph_break" is a graph break: ``fullgraph=True`` raises, and Dynamo's message says why and what to do."""
     if "reason" not in inspect.signature(torch.compiler.disable).parameters:
