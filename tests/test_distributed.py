@@ -47,11 +47,13 @@ def test_ddp_batch_drop_equals_single_process(tmp_path, single_run, strategy):
 
 
 @pytest.mark.slow
-def test_ddp_user_compiled_batch_drop_equals_single_process(tmp_path, single_run):
-    """The user compiles the network (route "cond") and trains under DDP, where Dynamo's DDPOptimizer
-    compiles it: the same masks and weights as the eager single-process run."""
+@pytest.mark.parametrize("route", ["--compile", "--sd-compile"])
+def test_ddp_compiled_batch_drop_equals_single_process(tmp_path, single_run, route):
+    """Under DDP, where Dynamo compiles through its DDPOptimizer, the same masks and weights as the eager
+    single-process run: the user compiles the network (route "cond"), or StochasticDepth(compile=...)
+    compiles each branch as a region."""
     run_script("fit_regression.py", "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp_fork", "--batch-size", "8",
-               "--compile", "aot_eager")
+               route, "aot_eager")
     weights, masks = load(tmp_path)
     ref_weights, ref_masks = single_run
     assert masks["wrapped"] == "DistributedDataParallel"

@@ -135,6 +135,7 @@ def main():
     parser.add_argument("--depth-on-demand", action="store_true", help="validation data and DepthOnDemand(by='sensitivity')")
     parser.add_argument("--lazy", action="store_true", help="build the network in configure_model")
     parser.add_argument("--compile", default="", help="torch.compile the network with this backend, as a user would")
+    parser.add_argument("--sd-compile", default="", help="StochasticDepth(compile={'backend': ...}): each branch a compiled region")
     parser.add_argument("--seed", default="1234", help="mask seed, or 'none': the callback's default, with the "
                         "global RNG seeded 100 + rank before fit (rank 0's must win)")
     args = parser.parse_args()
@@ -152,7 +153,8 @@ def main():
         extra = [dod, DepthRecorder(args.out, dod)]
     seed = None if args.seed == "none" else int(args.seed)
     sd = StochasticDepth(mode=args.mode, budget=args.budget, drop=args.drop, seed=seed, sensitivity_batches=2,
-                        schedule=args.schedule, pld_gamma=args.pld_gamma)
+                        schedule=args.schedule, pld_gamma=args.pld_gamma,
+                        compile={"backend": args.sd_compile} if args.sd_compile else False)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
