@@ -57,6 +57,9 @@ def test_ddp_compiled_batch_drop_equals_single_process(tmp_path, single_run, rou
     weights, masks = load(tmp_path)
     ref_weights, ref_masks = single_run
     assert masks["wrapped"] == "DistributedDataParallel"
+    whole = route == "--compile"
+    assert (masks["net_type"] == "OptimizedModule") == whole and (masks["compiled_regions"] == 8) == (not whole)
+    assert ref_masks["net_type"] != "OptimizedModule" and ref_masks["compiled_regions"] == 0
     assert [r["kept"] for r in masks["records"]] == [r["kept"] for r in ref_masks["records"]]
     assert any(not all(r["kept"]) for r in masks["records"])
     weights = {k.replace("_orig_mod.", ""): v for k, v in weights.items()}

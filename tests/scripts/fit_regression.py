@@ -45,6 +45,8 @@ class MaskRecorder(pl.Callback):
             "wrapped": self.wrapped,
             "gated_at_fit_start": self.gated_at_fit_start,
             "configure_model_restored": "configure_model" not in pl_module.__dict__,
+            "net_type": type(pl_module.net).__name__,  # OptimizedModule when the network was compiled whole
+            "compiled_regions": sum("_compiled" in gate.__dict__ for gate in h.gates),  # StochasticDepth(compile=...)
         }
         with open(os.path.join(self.out, f"masks_rank{trainer.global_rank}.json"), "w") as f:
             json.dump(info, f)
