@@ -16,6 +16,11 @@ handle refreshes outside the forward (at ``resample``, ``set_survival``, ``recon
   backward of ``torch.cond`` recomputes the kept branch's forward (``CondAutogradOp`` saves only the
   inputs), so a kept block costs about one more forward than in the plain compiled model. A branch
   that modifies its inputs in place cannot be traced by ``torch.cond``: use ``"graph_break"``.
+  A branch added to a projection of the block input (a convolution in the shortcut: torchvision
+  ResNets' ``downsample``) takes the ``"graph_break"`` route instead: with Inductor's layout
+  optimization (always on for convolutions on CPU, torch 2.14), the block input, read by both that
+  convolution and the cond, reaches the cond's subgraph in another layout than it expects, and the
+  compiled forward fails (``assert_size_stride``).
 - ``drop="batch"``, route ``"graph_break"``: the gate is a graph break; the decision runs eagerly
   *between* the compiled pieces of the model, and the branch runs through the regions compiled by
   :meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile` (eagerly without them). The number of
@@ -78,7 +83,8 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         # Every rate is 1: every branch runs, m_l = 1, as the eager gate computes it. No cond: its
         # backward would recompute each branch's forward.
         return shortcut + gate._call_branch(*inputs)
-    if handle.skip_compute and (handle.compile_route == "graph_break" or not _cond_accepts(gate, shortcut, inputs)):
+    graph_break = handle.compile_route == "graph_break" or gate.projection_shortcut  # see the module docstring
+    if handle.skip_compute and (graph_break or not _cond_accepts(gate, shortcut, inputs)):
         # Before reading anything per gate: the frames Dynamo compiles around this break must not
         # depend on the gate's index (one graph per gate otherwise).
         return _decide_between_regions(gate, shortcut, inputs)
@@ -153,9 +159,10 @@ def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:
 # What Dynamo prints at this graph break (torch.compile(fullgraph=True) raises there); torch >= 2.7 takes a reason
 _GRAPH_BREAK_REASON = (
     "lightning_sd: this batch-drop gate decides outside the compiled graph, because its handle's compile_route is "
-    "'graph_break' or because torch.cond cannot take its branch (a tensor with a dimension of size 1 among several, "
-    "e.g. depthwise convolution weights (C, 1, k, k)). With fullgraph=True, use drop='sample' or drop='subset' "
-    "(traced as data), or compile without fullgraph"
+    "'graph_break', because its branch is added to a projection of the block input (a convolution in the shortcut, "
+    "which Inductor's layout optimization breaks torch.cond with), or because torch.cond cannot take its branch (a tensor "
+    "with a dimension of size 1 among several, e.g. depthwise convolution weights (C, 1, k, k)). With fullgraph=True, "
+    "use drop='sample' or drop='subset' (traced as data), or compile without fullgraph"
 )
 _disable_with_reason: Callable[[Callable[..., Tensor]], Callable[..., Tensor]] = (
     functools.partial(torch.compiler.disable, reason=_GRAPH_BREAK_REASON)

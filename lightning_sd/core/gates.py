@@ -131,6 +131,9 @@ class ResidualGate(_GateBase):
     branch: Callable[..., Tensor]
     block: nn.Module
     runner: _BranchRunner
+    #: Whether the branch is added to a projection of the block input (``ResidualBranch.shortcut``): under
+    #: ``torch.compile`` such a gate decides outside the graph (see :mod:`lightning_sd.core.compilation`).
+    projection_shortcut: bool = False
 
     def __init__(
         self,
@@ -149,6 +152,7 @@ class ResidualGate(_GateBase):
         #: Whether the branch's modules hold buffers (BatchNorm statistics): under ``torch.compile`` they
         #: cross ``torch.cond`` as inputs and outputs (see :mod:`lightning_sd.core.compilation`).
         self.holds_state = any(True for name in self.weight_modules for _ in block.get_submodule(name).buffers())
+        self.projection_shortcut = handle.branches[index].shortcut == "projection"
         #: The branch as a module whose tree holds the block (``torch.func.functional_call`` swaps its buffers).
         self.__dict__["runner"] = _BranchRunner(self)
 
