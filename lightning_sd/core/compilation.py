@@ -85,8 +85,8 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         return shortcut + gate._call_branch(*inputs)
     graph_break = handle.compile_route == "graph_break" or gate.projection_shortcut  # see the module docstring
     if handle.skip_compute and (graph_break or not _cond_accepts(gate, shortcut, inputs)):
-        # Before reading anything per gate: the frames Dynamo compiles around this break must not
-        # depend on the gate's index (one graph per gate otherwise).
+        # Before reading the gate's index or masks: the frames Dynamo compiles around this break must not
+        # depend on the index (one graph per gate otherwise). The test above reads only the block's structure.
         return _decide_between_regions(gate, shortcut, inputs)
     kept, m = _batch_mask(handle, gate.index)
     if not handle.skip_compute:  # masking instead of skipping (FSDP, DeepSpeed): the mask as data
