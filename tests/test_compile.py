@@ -243,6 +243,42 @@ class _Regions:
         return self.model(x)
 
 
+@pytest.mark.slow
+def test_inductor_cond_route_when_the_next_block_reads_the_output_transposed() -> None:
+    """MLP-Mixer's token mixing reads each gate's output transposed, so Inductor computed the gradient of
+    the cond's output transposed while the cond's backward subgraphs were compiled for the traced layout:
+    the first backward failed (``assert_size_stride`` in the dropped branch's backward, torch 2.14; also
+    timm mixer_s16_224 and torchvision swin_t). The gradient now reaches the cond through a copy of fixed
+    layout: outputs and gradients as eager, one graph."""
+    from timm.models.mlp_mixer import MlpMixer
+
+    torch.manual_seed(0)
+    model = MlpMixer(num_classes=10, img_size=32, patch_size=8, embed_dim=32, num_blocks=2).train()
+    handle, ref, ref_handle = _pair(model)
+    assert handle.num_blocks == 4 and not any(g.projection_shortcut for g in handle.gates)
+    compiled = _Compiled(model, backend="inductor")
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(2, 3, 32, 32), 4, warm_up=2)
+    assert counts == [1, 1, 1, 1]
+    assert _has_cond(compiled.counter.graphs[0])
+
+
+@pytest.mark.slow
+def test_inductor_graph_break_route_across_stage_shapes() -> None:
+    """ConvNeXt's gates break the graph (depthwise weights, see ``_cond_accepts``); the code after a break
+    is compiled as frames that recur at every stage. At the second stage's shapes Dynamo recompiled them
+    with symbolic sizes, which Inductor failed on ("cannot determine truth value of Relational", as it
+    does for the plain ConvNeXt under ``dynamic=True``). Sizes other than the batch now stay static:
+    outputs and gradients as eager, no new graph after the first step."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", num_classes=10, dims=(8, 16, 32, 64), depths=(1, 1, 2, 1)).train()
+    handle, ref, ref_handle = _pair(model)
+    compiled = _Compiled(model, backend="inductor")
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(2, 3, 64, 64), 3, warm_up=1)
+    assert counts[0] == counts[-1] <= 12
+
+
 def test_compile_route_is_cond_by_default_and_can_be_set() -> None:
     mlp = inject_stochastic_depth(ResidualMLP(4, 8, 2, 1), 0.5)
     resnet = inject_stochastic_depth(CifarResNet(8, width=4), 0.5)

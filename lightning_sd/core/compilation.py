@@ -20,11 +20,14 @@ handle refreshes outside the forward (at ``resample``, ``set_survival``, ``recon
   ResNets' ``downsample``) takes the ``"graph_break"`` route instead: with Inductor's layout
   optimization (always on for convolutions on CPU, torch 2.14), the block input, read by both that
   convolution and the cond, reaches the cond's subgraph in another layout than it expects, and the
-  compiled forward fails (``assert_size_stride``).
+  compiled forward fails (``assert_size_stride``). The same mismatch in the backward (the gradient of
+  the cond's output, where the next block reads it transposed) is mended in place: see
+  :class:`_FixedLayoutGradient`.
 - ``drop="batch"``, route ``"graph_break"``: the gate is a graph break; the decision runs eagerly
   *between* the compiled pieces of the model, and the branch runs through the regions compiled by
   :meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile` (eagerly without them). The number of
-  graphs depends on the block types and stage shapes, never on the masks or the depth.
+  graphs depends on the block types and stage shapes, never on the masks or the depth: the sizes of
+  a gate's output other than the batch are marked static (see :func:`_decide_between_regions`).
 - ``drop="batch"`` where compute is not skipped (FSDP, DeepSpeed): ``shortcut + (kept_l m_l) f_l(x)``.
 - ``drop="batch"`` with every rate at 1 (budget 1, the start of a budget warm-up): ``shortcut + f_l(x)``,
   no ``torch.cond``, as fast as the plain compiled model. Dynamo guards on "every rate is 1": the first
@@ -64,6 +67,29 @@ CompileRoute = Literal["cond", "graph_break"]
 COMPILE_ROUTES: tuple[str, ...] = get_args(CompileRoute)
 
 
+class _FixedLayoutGradient(torch.autograd.Function):
+    """Identity whose backward gives the gradient the layout it was traced with, for the cond's backward (Inductor).
+
+    The backward of ``torch.cond`` is a second cond whose subgraphs Inductor compiles for the strides the
+    gradient of the cond's output had when it was traced, and checks (``assert_size_stride``); but it
+    lays the gradient it passes out as suits the kernel that computes it (torch 2.14). Where the next
+    block reads the gate's output transposed or permuted (MLP-Mixer's token mixing, torchvision's Swin),
+    the two differ and the first backward failed. Inductor's ``force_stride_order`` (what its own
+    lowerings use to require a layout) gives the gradient the traced layout: nothing when it has it
+    already, a copy otherwise. Other backends run it as a copy where the strides differ.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.clone()  # not a view: in-place ops on the gate's output (ReLU(inplace=True)) stay legal
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        from torch._inductor import inductor_prims
+
+        return inductor_prims.force_stride_order(grad, grad.stride())
+
+
 def _batch_mask(handle: StochasticDepthHandle, index: int) -> tuple[Tensor, Tensor]:
     """``(kept_l, m_l)`` as tensors: the kept flag (bool, 0-dim) and the multiplier of a kept branch."""
     kind: Any = handle.drop_kind
@@ -101,7 +127,7 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
     def skip(s: Tensor, *args: Any) -> Tensor:
         return s.clone()  # cond's outputs may not alias its inputs
 
-    return torch.cond(kept, run, skip, (shortcut, *inputs))
+    return _FixedLayoutGradient.apply(torch.cond(kept, run, skip, (shortcut, *inputs)))
 
 
 def _cond_accepts(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> bool:
@@ -142,7 +168,7 @@ def _cond_with_buffers(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Te
     result = torch.cond(kept, run, skip, (shortcut, *inputs, *carried))
     for buffer, new in zip(live, result[1:]):
         buffer.copy_(new.detach())
-    return result[0]
+    return _FixedLayoutGradient.apply(result[0])
 
 
 def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:
@@ -175,7 +201,15 @@ _disable_with_reason: Callable[[Callable[..., Tensor]], Callable[..., Tensor]] =
 def _decide_between_regions(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
     # Runs eagerly: a graph break in the traced model, the decision outside any graph. The branch runs
     # through the compiled regions of handle.compile() when there are, else eagerly.
-    return gate.forward_outside_graph(shortcut, *inputs)
+    out = gate.forward_outside_graph(shortcut, *inputs)
+    # The code after this break (the rest of the block, the stage, the next blocks) is compiled as frames
+    # of their own, whose code objects recur at every stage: at the second stage's shapes Dynamo would
+    # recompile them with symbolic sizes (automatic dynamic shapes), and Inductor fails on some of those
+    # graphs (timm ConvNeXt, torch 2.14: "cannot determine truth value of Relational", also without
+    # stochastic depth under dynamic=True). Sizes other than the batch stay static: one graph per stage shape.
+    if out.ndim > 1:
+        torch._dynamo.mark_static(out, list(range(1, out.ndim)))
+    return out
 
 
 def _region_source(name: str) -> str:
