@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -136,11 +135,9 @@ def compare(
 
 def _breaks(handle: Any, x: torch.Tensor) -> int:
     """Gates that decide outside the compiled graph under batch drop (see lightning_sd.core.compilation)."""
-    from lightning_sd.core.compilation import _cond_accepts
+    from lightning_sd.core.compilation import _decides_outside_graph
     from lightning_sd.core.gates import ResidualGate
 
-    if handle.compile_route == "graph_break":
-        return handle.num_blocks
     seen: dict[int, tuple[torch.Tensor, tuple[Any, ...]]] = {}
 
     def record(gate: Any, args: tuple[Any, ...]) -> None:
@@ -153,8 +150,7 @@ def _breaks(handle: Any, x: torch.Tensor) -> int:
     finally:
         for h in hooks:
             h.remove()
-    gates = handle.gates
-    return sum(1 for i, (s, inputs) in seen.items() if gates[i].projection_shortcut or not _cond_accepts(gates[i], s, inputs))
+    return sum(_decides_outside_graph(handle.gates[i], s, inputs) for i, (s, inputs) in seen.items())
 
 
 def run_model(spec: str, drops: list[str], steps: int, backend: str, batch: int, dtype: torch.dtype) -> list[dict[str, Any]]:
@@ -162,7 +158,6 @@ def run_model(spec: str, drops: list[str], steps: int, backend: str, batch: int,
     torch.manual_seed(0)
     x = torch.randn(batch, 3, int(size), int(size), dtype=dtype)
     rows = []
-    start = time.perf_counter()
     try:
         model = build(name).to(dtype)
         plain = compare(model, copy.deepcopy(model), x, steps, backend, lambda step: None)
@@ -186,7 +181,6 @@ def run_model(spec: str, drops: list[str], steps: int, backend: str, batch: int,
             row["breaks"] = _breaks(handle, x) if drop == "batch" else 0  # after: its forward updates BatchNorm statistics
         except Exception as err:  # noqa: BLE001
             row["crash"] = f"{type(err).__name__}: {_first_line(err)}"
-        row["seconds"] = time.perf_counter() - start
         rows.append(row)
     return rows
 

@@ -109,8 +109,7 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         # Every rate is 1: every branch runs, m_l = 1, as the eager gate computes it. No cond: its
         # backward would recompute each branch's forward.
         return shortcut + gate._call_branch(*inputs)
-    graph_break = handle.compile_route == "graph_break" or gate.projection_shortcut  # see the module docstring
-    if handle.skip_compute and (graph_break or not _cond_accepts(gate, shortcut, inputs)):
+    if handle.skip_compute and _decides_outside_graph(gate, shortcut, inputs):
         # Before reading the gate's index or masks: the frames Dynamo compiles around this break must not
         # depend on the index (one graph per gate otherwise). The test above reads only the block's structure.
         return _decide_between_regions(gate, shortcut, inputs)
@@ -128,6 +127,15 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         return s.clone()  # cond's outputs may not alias its inputs
 
     return _FixedLayoutGradient.apply(torch.cond(kept, run, skip, (shortcut, *inputs)))
+
+
+def _decides_outside_graph(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> bool:
+    """Whether a traced batch-drop gate takes the ``"graph_break"`` route (see the module docstring).
+
+    Chosen by the handle (``compile_route``), or forced by a projection shortcut or by a branch
+    ``torch.cond`` cannot take. Reads the block's structure and the tensors' shapes, never the masks.
+    """
+    return gate.handle.compile_route == "graph_break" or gate.projection_shortcut or not _cond_accepts(gate, shortcut, inputs)
 
 
 def _cond_accepts(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> bool:
