@@ -498,6 +498,45 @@ def test_fullgraph_compile_names_the_gate_at_a_graph_break() -> None:
         torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 3, 8, 8))
 
 
+@pytest.mark.parametrize("drop", ["batch", "sample", "subset"])
+def test_auto_resample_in_a_compiled_model_is_one_graph_with_the_masks_of_eager(drop) -> None:
+    """``inject_stochastic_depth``'s default ``auto_resample=True`` under ``torch.compile``: the draw is one graph
+    break before the model's graph (not one per step of the numpy draw), the masks are eager's, no recompile."""
+    torch.manual_seed(0)
+    model = CifarResNet(8, width=4).train()
+    ref = copy.deepcopy(model)
+    handle = inject_stochastic_depth(model, 0.5, drop=drop, seed=5)
+    ref_handle = inject_stochastic_depth(ref, 0.5, drop=drop, seed=5)
+    compiled = _Compiled(model)
+    x = torch.randn(6, 3, 8, 8)
+    kept = set()
+    for step in range(8):
+        with torch._dynamo.config.patch(error_on_recompile=step >= 2):
+            out = compiled(x)
+        expected = ref(x)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for got, want in zip(_grads(model), _grads(ref)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if drop == "batch":
+            kept.add(tuple(handle.drop_kind.kept_mask().tolist()))
+            assert handle.drop_kind.kept_mask().tolist() == ref_handle.drop_kind.kept_mask().tolist()
+    assert handle._auto_step == ref_handle._auto_step == 8
+    assert compiled.counter.frame_count == 1
+    if drop == "batch":
+        assert len(kept) > 2  # the masks changed from step to step, without a new graph
+
+
+def test_auto_resample_with_fullgraph_raises_with_what_to_do() -> None:
+    if "reason" not in inspect.signature(torch.compiler.disable).parameters:
+        pytest.skip("torch.compiler.disable takes a reason from torch 2.7")
+    model = ResidualMLP(8, 16, 4, 2).train()
+    inject_stochastic_depth(model, 0.5, seed=5)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"auto_resample=False\) \(or handle.auto_resample = False\)"):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 8))
+
+
 # ---------------------------------------------------------------- in a Trainer
 
 

@@ -198,14 +198,16 @@ _GRAPH_BREAK_REASON = (
     "with a dimension of size 1 among several, e.g. depthwise convolution weights (C, 1, k, k)). With fullgraph=True, "
     "use drop='sample' or drop='subset' (traced as data), or compile without fullgraph"
 )
-_disable_with_reason: Callable[[Callable[..., Tensor]], Callable[..., Tensor]] = (
-    functools.partial(torch.compiler.disable, reason=_GRAPH_BREAK_REASON)
-    if "reason" in inspect.signature(torch.compiler.disable).parameters
-    else torch.compiler.disable
-)
 
 
-@_disable_with_reason
+def disable_with_reason(reason: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``torch.compiler.disable`` that prints ``reason`` at the graph break (torch >= 2.7; plain disable before)."""
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return functools.partial(torch.compiler.disable, reason=reason)
+    return torch.compiler.disable
+
+
+@disable_with_reason(_GRAPH_BREAK_REASON)
 def _decide_between_regions(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
     # Runs eagerly: a graph break in the traced model, the decision outside any graph. The branch runs
     # through the compiled regions of handle.compile() when there are, else eagerly.

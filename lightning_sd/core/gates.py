@@ -40,7 +40,13 @@ import torch.fx as fx
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sd.core.compilation import COMPILE_ROUTES, compile_branches, traced_gate_forward, traced_slot_forward
+from lightning_sd.core.compilation import (
+    COMPILE_ROUTES,
+    compile_branches,
+    disable_with_reason,
+    traced_gate_forward,
+    traced_slot_forward,
+)
 from lightning_sd.core.discovery import BlockPlan, ResidualBranch, lookup_attribute, select_branches
 from lightning_sd.core.drop_kinds import DROP_KIND_CLASSES, DropKind, mask_generator
 from lightning_sd.core.validation import (
@@ -785,10 +791,7 @@ class StochasticDepthHandle:
         if not module.training or self._override is not None:
             return
         if self.auto_resample:
-            first = next((a for a in args if isinstance(a, Tensor)), None)
-            batch = None if first is None or first.ndim == 0 else first.shape[0]
-            self.resample(self._auto_step, batch_size=batch, device=None if first is None else first.device)
-            self._auto_step += 1
+            _auto_resample(self, args)
         elif not torch.compiler.is_compiling():
             self._draws += 1  # another forward under the same masks: its skipped gates need their own zero-gradient node
 
@@ -801,6 +804,25 @@ class StochasticDepthHandle:
         self._undo.clear()
         self.removed = True
         self.model.__dict__.pop("_lightning_sd_handle", None)
+
+
+_AUTO_RESAMPLE_REASON = (
+    "lightning_sd: auto_resample=True draws the stochastic-depth masks in Python at every training forward "
+    "(a graph break at the start of the model's forward). With torch.compile, draw them before the forward "
+    "instead: inject_stochastic_depth(..., auto_resample=False) (or handle.auto_resample = False) and "
+    "handle.resample(step, batch_size=..., device=...) before each step, as the StochasticDepth callback "
+    "does; the model is then one graph (fullgraph=True works)"
+)
+
+
+@disable_with_reason(_AUTO_RESAMPLE_REASON)
+def _auto_resample(handle: StochasticDepthHandle, args: tuple[Any, ...]) -> None:
+    # Eager even inside a compiled model: one graph break, and the masks come from the same numpy stream
+    # (traced, the draw would break the graph at every step of it).
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    batch = None if first is None or first.ndim == 0 else first.shape[0]
+    handle.resample(handle._auto_step, batch_size=batch, device=None if first is None else first.device)
+    handle._auto_step += 1
 
 
 class _Undo:
