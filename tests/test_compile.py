@@ -537,6 +537,32 @@ def test_auto_resample_with_fullgraph_raises_with_what_to_do() -> None:
         torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 8))
 
 
+@pytest.mark.parametrize("specialize_float", [False, True])
+def test_dynamic_true_with_batchnorm_follows_eager_over_changing_batch_sizes(specialize_float) -> None:
+    """``torch.compile(model, dynamic=True)`` traces float attributes (BatchNorm's momentum and eps) as tensors,
+    which ``torch.cond`` refuses: the gates then decide between compiled graphs (route "graph_break"); with
+    ``specialize_float=True`` they keep their cond, one graph for every batch size."""
+    torch.manual_seed(0)
+    model = CifarResNet(8, width=4).train()
+    handle, ref, ref_handle = _pair(model)
+    with torch._dynamo.config.patch(specialize_float=specialize_float):
+        compiled = _Compiled(model, dynamic=True)
+        for step, batch in enumerate([4, 3, 4, 2, 5, 3]):
+            handle.resample(step, batch_size=batch)
+            ref_handle.resample(step, batch_size=batch)
+            x = torch.randn(batch, 3, 8, 8)
+            out, expected = compiled(x), ref(x)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+            out.square().sum().backward()
+            expected.square().sum().backward()
+            for got, want in zip(_grads(model), _grads(ref)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, ref.get_buffer(name), rtol=1e-4, atol=1e-4, msg=name)
+    # graph_break: the frames between the 3 gates' breaks (fixed by the block types), none per batch size
+    assert compiled.counter.frame_count == (1 if specialize_float else 8)
+
+
 # ---------------------------------------------------------------- in a Trainer
 
 

@@ -22,7 +22,10 @@ handle refreshes outside the forward (at ``resample``, ``set_survival``, ``recon
   convolution and the cond, reaches the cond's subgraph in another layout than it expects, and the
   compiled forward fails (``assert_size_stride``). The same mismatch in the backward (the gradient of
   the cond's output, where the next block reads it transposed) is mended in place: see
-  :class:`_FixedLayoutGradient`.
+  :class:`_FixedLayoutGradient`. Under ``torch.compile(..., dynamic=True)`` Dynamo traces Python
+  floats as tensors (BatchNorm's momentum and eps, LayerNorm's eps), whose ``.item()`` inside a
+  branch ``torch.cond`` refuses: every gate then takes ``"graph_break"``, unless
+  ``torch._dynamo.config.specialize_float`` is set (see :func:`_floats_traced_as_tensors`).
 - ``drop="batch"``, route ``"graph_break"``: the gate is a graph break; the decision runs eagerly
   *between* the compiled pieces of the model, and the branch runs through the regions compiled by
   :meth:`~lightning_sd.core.gates.StochasticDepthHandle.compile` (eagerly without them). The number of
@@ -135,7 +138,23 @@ def _decides_outside_graph(gate: ResidualGate, shortcut: Tensor, inputs: tuple[A
     Chosen by the handle (``compile_route``), or forced by a projection shortcut or by a branch
     ``torch.cond`` cannot take. Reads the block's structure and the tensors' shapes, never the masks.
     """
-    return gate.handle.compile_route == "graph_break" or gate.projection_shortcut or not _cond_accepts(gate, shortcut, inputs)
+    return (
+        gate.handle.compile_route == "graph_break"
+        or gate.projection_shortcut
+        or _floats_traced_as_tensors()
+        or not _cond_accepts(gate, shortcut, inputs)
+    )
+
+
+def _floats_traced_as_tensors() -> bool:
+    """Whether Dynamo traces Python floats as tensors: ``torch.compile(..., dynamic=True)`` unless ``specialize_float``.
+
+    A branch then reads its modules' float attributes (BatchNorm's momentum and eps, LayerNorm's eps)
+    with ``.item()``, which ``torch.cond`` refuses (torch 2.14: ``UncapturedHigherOrderOpError`` on
+    ``aten._local_scalar_dense``). Read at trace time: Dynamo folds its own config into the graph.
+    """
+    config = torch._dynamo.config
+    return not (getattr(config, "specialize_float", True) or config.assume_static_by_default)
 
 
 def _cond_accepts(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> bool:
@@ -194,8 +213,10 @@ def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:
 _GRAPH_BREAK_REASON = (
     "lightning_sd: this batch-drop gate decides outside the compiled graph, because its handle's compile_route is "
     "'graph_break', because its branch is added to a projection of the block input (a convolution in the shortcut, "
-    "which Inductor's layout optimization breaks torch.cond with), or because torch.cond cannot take its branch (a tensor "
-    "with a dimension of size 1 among several, e.g. depthwise convolution weights (C, 1, k, k)). With fullgraph=True, "
+    "which Inductor's layout optimization breaks torch.cond with), because torch.cond cannot take its branch (a tensor "
+    "with a dimension of size 1 among several, e.g. depthwise convolution weights (C, 1, k, k)), or because the model is "
+    "compiled with dynamic=True, which traces the branch's float attributes as tensors (set "
+    "torch._dynamo.config.specialize_float = True to keep torch.cond). With fullgraph=True, "
     "use drop='sample' or drop='subset' (traced as data), or compile without fullgraph"
 )
 
