@@ -391,3 +391,71 @@ def test_dropped_channels_last_parameters_get_zero_gradients_in_their_layout():
         grad = conv.weight.grad
         assert grad is not None and float(grad.abs().max()) == 0.0
         assert grad.stride() == conv.weight.stride() != torch.empty(conv.weight.shape).stride()
+
+
+class _Checkpointed(nn.Module):
+    """A block run through ``torch.utils.checkpoint`` (activations recomputed in the backward)."""
+
+    def __init__(self, block: nn.Module, use_reentrant: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("drop", ["batch", "sample", "subset"])
+def test_activation_checkpointed_blocks_follow_the_plain_run(drop, use_reentrant):
+    """Blocks under ``torch.utils.checkpoint`` (their gates run again in the backward's recomputation):
+    the same outputs and gradients as without checkpointing, and exact zero gradients for dropped branches."""
+    torch.manual_seed(0)
+    model = ResidualMLP(6, 12, 8, 2)
+    ref = copy.deepcopy(model)
+    handle = inject_stochastic_depth(model, 0.5, drop=drop, auto_resample=False, seed=4)
+    ref_handle = inject_stochastic_depth(ref, 0.5, drop=drop, auto_resample=False, seed=4)
+    for i, block in enumerate(list(model.blocks)):
+        model.blocks[i] = _Checkpointed(block, use_reentrant)
+    x = torch.randn(6, 6, requires_grad=use_reentrant)  # reentrant checkpoints need an input that requires grad
+    for step in range(4):
+        handle.resample(step, batch_size=6)
+        ref_handle.resample(step, batch_size=6)
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        out, expected = model(x), ref(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+            assert a.grad is not None, name
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+        if drop == "batch":
+            kept = handle.drop_kind.kept_mask().tolist()
+            assert not all(kept) and any(kept)
+            for i, k in enumerate(kept):
+                assert (torch.count_nonzero(model.blocks[i].block.linear.weight.grad) > 0) == k
+
+
+def test_timm_gradient_checkpointing_follows_the_plain_run():
+    """timm's own ``set_grad_checkpointing`` on a ViT with batch drop: as the same model without it."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=5)
+    ref = copy.deepcopy(model)
+    handle = inject_stochastic_depth(model, 0.5, auto_resample=False, seed=2)
+    ref_handle = inject_stochastic_depth(ref, 0.5, auto_resample=False, seed=2)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(3, 3, 32, 32)
+    patterns = set()
+    for step in range(4):
+        patterns.add(tuple(handle.resample(step).tolist()))
+        ref_handle.resample(step)
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        out, expected = model(x), ref(x)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(patterns) > 1
