@@ -288,3 +288,36 @@ def test_lightning_swa_averages_a_model_trained_with_stochastic_depth(tmp_path) 
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(module(x), plain(x), rtol=1e-6, atol=1e-7)
+
+
+class _RecordLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_lightning_ema_weight_averaging_leaves_the_stochastic_depth_run_unchanged(tmp_path) -> None:
+    """Lightning's ``EMAWeightAveraging`` copies the gated model (its own live gates) and swaps the averaged
+    weights in for validation: the training losses of every step are those of the run without it."""
+    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
+    if not hasattr(callbacks, "EMAWeightAveraging"):
+        pytest.skip("EMAWeightAveraging is in Lightning >= 2.6")
+
+    def fit(ema: bool) -> tuple[list[float], RegressionModule]:
+        pl.seed_everything(0)
+        module = RegressionModule(depth=6, lr=0.01)
+        record = _RecordLosses()
+        sd = StochasticDepth(mode="sensemode", budget=0.5, seed=0, sensitivity_batches=2)
+        extra = [callbacks.EMAWeightAveraging(decay=0.9)] if ema else []
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, logger=False), callbacks=[sd, record, *extra])
+        trainer.fit(module, DataLoader(regression_data(64), batch_size=16), DataLoader(regression_data(32, seed=3), batch_size=16))
+        return record.losses, module
+
+    plain_losses, _ = fit(ema=False)
+    ema_losses, module = fit(ema=True)
+    assert len(plain_losses) == 12
+    assert ema_losses == plain_losses
+    h = existing_handle(module.net)
+    assert h is not None and all(g.handle is h for g in h.gates)
