@@ -5,6 +5,7 @@ Usage (from the repository root)::
     PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py                     # 17 models, batch drop
     PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py --models tv:swin_t timm:mixer_s16_224 \
         --drops batch sample subset
+    PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py --dynamic   # torch.compile(..., dynamic=True)
 
 For each model (timm or torchvision, random weights, 10 classes, every ``nn.Dropout`` and the zoo's own
 drop-path modules at p = 0, so that the plain model is deterministic and the only randomness is the masks):
@@ -24,6 +25,10 @@ everything before them, and the comparison would be empty.
   of compiled graphs after the first and after the last step, and the gates that decide outside the
   graph (``break``: route ``"graph_break"``, a projection shortcut, or a branch ``torch.cond`` cannot take).
   ``crash``: the first line of the exception a compiled step raised.
+
+``--dynamic`` compiles both with ``torch.compile(..., dynamic=True)`` (symbolic sizes from the first
+step; Dynamo then traces float attributes as tensors, and every batch-drop gate decides outside the
+graph: see ``docs/compile.md``).
 
 In float64 (the default, ``--dtype``), compiled and eager differ by rounding only, around 1e-13; in
 float32 a few activations near a ReLU's kink come out on the other side, and single gradients differ
@@ -106,12 +111,18 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def compare(
-    model: nn.Module, reference: nn.Module, x: torch.Tensor, steps: int, backend: str, before_step: Callable[[int], None]
+    model: nn.Module,
+    reference: nn.Module,
+    x: torch.Tensor,
+    steps: int,
+    backend: str,
+    before_step: Callable[[int], None],
+    dynamic: bool | None = None,
 ) -> dict[str, Any]:
     """Compile ``model``, run it and the eager ``reference`` for ``steps`` steps; worst differences and graph counts."""
     torch._dynamo.reset()
     counter = CompileCounterWithBackend(backend)
-    compiled = torch.compile(model, backend=counter)
+    compiled = torch.compile(model, backend=counter, dynamic=dynamic)
     out_diff = grad_diff = 0.0
     graphs = []
     for step in range(steps):
@@ -133,8 +144,12 @@ def compare(
     return {"out": out_diff, "grad": grad_diff, "graphs": graphs}
 
 
-def _breaks(handle: Any, x: torch.Tensor) -> int:
-    """Gates that decide outside the compiled graph under batch drop (see lightning_sd.core.compilation)."""
+def _breaks(handle: Any, x: torch.Tensor, dynamic: bool | None = None) -> int:
+    """Gates that decide outside the compiled graph under batch drop (see lightning_sd.core.compilation).
+
+    ``dynamic=True``: as they decide under ``torch.compile(..., dynamic=True)``, which patches Dynamo's
+    ``assume_static_by_default`` to False while it traces.
+    """
     from lightning_sd.core.compilation import _decides_outside_graph
     from lightning_sd.core.gates import ResidualGate
 
@@ -150,17 +165,20 @@ def _breaks(handle: Any, x: torch.Tensor) -> int:
     finally:
         for h in hooks:
             h.remove()
-    return sum(_decides_outside_graph(handle.gates[i], s, inputs) for i, (s, inputs) in seen.items())
+    with torch._dynamo.config.patch(assume_static_by_default=not dynamic):
+        return sum(_decides_outside_graph(handle.gates[i], s, inputs) for i, (s, inputs) in seen.items())
 
 
-def run_model(spec: str, drops: list[str], steps: int, backend: str, batch: int, dtype: torch.dtype) -> list[dict[str, Any]]:
+def run_model(
+    spec: str, drops: list[str], steps: int, backend: str, batch: int, dtype: torch.dtype, dynamic: bool | None = None
+) -> list[dict[str, Any]]:
     name, size = spec.split()
     torch.manual_seed(0)
     x = torch.randn(batch, 3, int(size), int(size), dtype=dtype)
     rows = []
     try:
         model = build(name).to(dtype)
-        plain = compare(model, copy.deepcopy(model), x, steps, backend, lambda step: None)
+        plain = compare(model, copy.deepcopy(model), x, steps, backend, lambda step: None, dynamic)
     except Exception as err:  # noqa: BLE001 - a table of what fails is the point
         return [{"model": name, "size": size, "drop": "-", "crash": f"plain: {type(err).__name__}: {_first_line(err)}"}]
     for drop in drops:
@@ -177,8 +195,8 @@ def run_model(spec: str, drops: list[str], steps: int, backend: str, batch: int,
                 for h in handles:  # the same masks in both copies
                     h.resample(step, batch_size=batch)
 
-            row["sd"] = compare(model, reference, x, steps, backend, before_step)
-            row["breaks"] = _breaks(handle, x) if drop == "batch" else 0  # after: its forward updates BatchNorm statistics
+            row["sd"] = compare(model, reference, x, steps, backend, before_step, dynamic)
+            row["breaks"] = _breaks(handle, x, dynamic) if drop == "batch" else 0  # after: its forward updates BatchNorm statistics
         except Exception as err:  # noqa: BLE001
             row["crash"] = f"{type(err).__name__}: {_first_line(err)}"
         rows.append(row)
@@ -209,18 +227,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="float64: rounding differences stay far below what a wrong gate changes")
+    parser.add_argument("--dynamic", action="store_true", help="torch.compile(..., dynamic=True): symbolic sizes from the first step")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="drop='subset'")  # BatchNorm on subsets: expected here, said once per model
     sizes = dict(spec.split() for spec in DEFAULT_MODELS)
     specs = DEFAULT_MODELS if args.models is None else [f"{m} {sizes.get(m, args.size)}" for m in args.models]
     print(
         f"torch {torch.__version__}, backend {args.backend}, {platform.machine()} CPU, {args.dtype}, batch {args.batch_size}, "
-        f"{args.steps} steps, budget 0.5"
+        f"{args.steps} steps, budget 0.5" + (", dynamic=True" if args.dynamic else "")
     )
     print("| model | input | drop | gates | breaks | plain: out / grad | SD: out / grad | graphs (step 1, last) | verdict |")
     print("|---|---|---|---|---|---|---|---|---|")
     for spec in specs:
-        for row in run_model(spec, args.drops, args.steps, args.backend, args.batch_size, getattr(torch, args.dtype)):
+        rows = run_model(spec, args.drops, args.steps, args.backend, args.batch_size, getattr(torch, args.dtype), args.dynamic or None)
+        for row in rows:
             if "plain" not in row:
                 print(f"| {row['model']} | {row['size']} | - | - | - | - | - | - | {verdict(row)} |", flush=True)
                 continue
