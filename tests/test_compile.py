@@ -563,6 +563,33 @@ def test_dynamic_true_with_batchnorm_follows_eager_over_changing_batch_sizes(spe
     assert compiled.counter.frame_count == (1 if specialize_float else 8)
 
 
+def test_regional_compilation_with_dynamic_true_follows_eager_over_changing_batch_sizes() -> None:
+    """``handle.compile(dynamic=True)`` (``StochasticDepth(compile={"dynamic": True})``): the branches compiled with
+    symbolic sizes, no ``torch.cond``; one compiled branch function, and eager's outputs, gradients and buffers."""
+    torch.manual_seed(0)
+    model = CifarResNet(8, width=4).train()
+    handle, ref, ref_handle = _pair(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    assert handle.compile(backend=counter, dynamic=True) == 1
+    graphs = []
+    for step, batch in enumerate([4, 3, 4, 2, 5, 3]):
+        handle.resample(step, batch_size=batch)
+        ref_handle.resample(step, batch_size=batch)
+        x = torch.randn(batch, 3, 8, 8)
+        with torch._dynamo.config.patch(error_on_recompile=step >= 2):
+            out = model(x)
+        expected = ref(x)
+        graphs.append(counter.frame_count)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for got, want in zip(_grads(model), _grads(ref)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, ref.get_buffer(name), rtol=1e-4, atol=1e-4, msg=name)
+    assert graphs[-1] == graphs[1] >= 1  # no graph per batch size
+
+
 # ---------------------------------------------------------------- in a Trainer
 
 
