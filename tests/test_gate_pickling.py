@@ -298,16 +298,29 @@ class _RecordLosses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+class _ValidatedRegression(RegressionModule):
+    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.val_losses: list[float] = []
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.val_losses.append(float(loss))
+        return loss
+
+
 def test_lightning_ema_weight_averaging_leaves_the_stochastic_depth_run_unchanged(tmp_path) -> None:
     """Lightning's ``EMAWeightAveraging`` copies the gated model (its own live gates) and swaps the averaged
-    weights in for validation: the training losses of every step are those of the run without it."""
+    weights in for validation: the training losses of every step are those of the run without it, and the
+    validation (through the gates, evaluation mode) sees other weights than the training model's."""
     callbacks = pytest.importorskip("lightning.pytorch.callbacks")
     if not hasattr(callbacks, "EMAWeightAveraging"):
         pytest.skip("EMAWeightAveraging is in Lightning >= 2.6")
 
-    def fit(ema: bool) -> tuple[list[float], RegressionModule]:
+    def fit(ema: bool) -> tuple[list[float], _ValidatedRegression]:
         pl.seed_everything(0)
-        module = RegressionModule(depth=6, lr=0.01)
+        module = _ValidatedRegression(depth=6, lr=0.01)
         record = _RecordLosses()
         sd = StochasticDepth(mode="sensemode", budget=0.5, seed=0, sensitivity_batches=2)
         extra = [callbacks.EMAWeightAveraging(decay=0.9)] if ema else []
@@ -315,9 +328,13 @@ def test_lightning_ema_weight_averaging_leaves_the_stochastic_depth_run_unchange
         trainer.fit(module, DataLoader(regression_data(64), batch_size=16), DataLoader(regression_data(32, seed=3), batch_size=16))
         return record.losses, module
 
-    plain_losses, _ = fit(ema=False)
+    plain_losses, plain_module = fit(ema=False)
     ema_losses, module = fit(ema=True)
     assert len(plain_losses) == 12
     assert ema_losses == plain_losses
+    # validation ran (sanity check + 3 epochs, 2 batches each) and saw the averaged weights with EMA
+    assert len(module.val_losses) == len(plain_module.val_losses) == 8
+    assert module.val_losses[:2] == plain_module.val_losses[:2]  # the sanity check, before any update
+    assert module.val_losses[2:] != plain_module.val_losses[2:]
     h = existing_handle(module.net)
     assert h is not None and all(g.handle is h for g in h.gates)
