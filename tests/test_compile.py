@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -583,6 +584,36 @@ def test_regional_compilation_with_dynamic_true_follows_eager_over_changing_batc
     assert handle.compile(backend=counter, dynamic=True) == 1
     graphs = _follow_eager_over_batch_sizes(model, model, ref, handle, ref_handle, counter, warm_up=2)
     assert graphs[-1] == graphs[1] >= 1  # no graph per batch size
+
+
+def test_a_compiled_model_says_once_when_a_branch_runs_eagerly() -> None:
+    """Gates on the "graph_break" route run their branches eagerly unless ``handle.compile()`` made regions:
+    one warning per model, naming the first such block and why; none with regions, none on the cond route."""
+    x = torch.randn(2, 3, 8, 8)
+    resnet = CifarResNet(8, width=4).train()
+    handle = inject_stochastic_depth(resnet, 0.5, auto_resample=False, seed=3)
+    handle.compile_route = "graph_break"
+    compiled = torch.compile(resnet, backend="aot_eager")
+    with pytest.warns(UserWarning, match=r"gate of 'layer1.0' decides outside the compiled graph because its handle's compile_route") as record:
+        for step in range(3):
+            handle.resample(step)
+            compiled(x).sum().backward()
+    assert sum("decides outside the compiled graph" in str(w.message) for w in record) == 1
+
+    torch._dynamo.reset()
+    regional = CifarResNet(8, width=4).train()
+    handle = inject_stochastic_depth(regional, 0.5, auto_resample=False, seed=3)
+    handle.compile_route = "graph_break"
+    handle.compile(backend="aot_eager")  # the same gates decide outside the graph, their branches compiled
+    cond = CifarResNet(8, width=4).train()  # route "cond": decides inside the graph
+    cond_handle = inject_stochastic_depth(cond, 0.5, auto_resample=False, seed=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lightning_sd: in this compiled model")
+        for step in range(3):
+            handle.resample(step)
+            cond_handle.resample(step)
+            torch.compile(regional, backend="aot_eager")(x).sum().backward()
+            torch.compile(cond, backend="aot_eager")(x).sum().backward()
 
 
 # ---------------------------------------------------------------- in a Trainer

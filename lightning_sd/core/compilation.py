@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -112,10 +113,11 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         # Every rate is 1: every branch runs, m_l = 1, as the eager gate computes it. No cond: its
         # backward would recompute each branch's forward.
         return shortcut + gate._call_branch(*inputs)
-    if handle.skip_compute and _decides_outside_graph(gate, shortcut, inputs):
+    reason = _outside_graph_reason(gate, shortcut, inputs) if handle.skip_compute else None
+    if reason is not None:
         # Before reading the gate's index or masks: the frames Dynamo compiles around this break must not
         # depend on the index (one graph per gate otherwise). The test above reads only the block's structure.
-        return _decide_between_regions(gate, shortcut, inputs)
+        return _decide_between_regions(gate, shortcut, inputs, reason)
     kept, m = _batch_mask(handle, gate.index)
     if not handle.skip_compute:  # masking instead of skipping (FSDP, DeepSpeed): the mask as data
         return shortcut + gate._call_branch(*inputs) * (m * kept).to(shortcut.dtype)
@@ -133,17 +135,28 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
 
 
 def _decides_outside_graph(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> bool:
-    """Whether a traced batch-drop gate takes the ``"graph_break"`` route (see the module docstring).
+    """Whether a traced batch-drop gate takes the ``"graph_break"`` route (see the module docstring)."""
+    return _outside_graph_reason(gate, shortcut, inputs) is not None
 
-    Chosen by the handle (``compile_route``), or forced by a projection shortcut or by a branch
-    ``torch.cond`` cannot take. Reads the block's structure and the tensors' shapes, never the masks.
+
+def _outside_graph_reason(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> str | None:
+    """Why a traced batch-drop gate takes the ``"graph_break"`` route, or None when it keeps its ``torch.cond``.
+
+    Chosen by the handle (``compile_route``), or forced by a projection shortcut, by ``dynamic=True`` or
+    by a branch ``torch.cond`` cannot take. Reads the block's structure and the tensors' shapes, never the masks.
     """
-    return (
-        gate.handle.compile_route == "graph_break"
-        or gate.projection_shortcut
-        or _floats_traced_as_tensors()
-        or not _cond_accepts(gate, shortcut, inputs)
-    )
+    if gate.handle.compile_route == "graph_break":
+        return "its handle's compile_route is 'graph_break'"
+    if gate.projection_shortcut:
+        return "its branch is added to a projection of the block input (a convolution in the shortcut)"
+    if _floats_traced_as_tensors():
+        return (
+            "the model is compiled with dynamic=True, which traces the branch's float attributes as tensors "
+            "(torch._dynamo.config.specialize_float = True keeps torch.cond)"
+        )
+    if not _cond_accepts(gate, shortcut, inputs):
+        return "torch.cond cannot take its branch (a tensor with a dimension of size 1 among several)"
+    return None
 
 
 def _floats_traced_as_tensors() -> bool:
@@ -229,9 +242,11 @@ def disable_with_reason(reason: str) -> Callable[[Callable[..., Any]], Callable[
 
 
 @disable_with_reason(_GRAPH_BREAK_REASON)
-def _decide_between_regions(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
+def _decide_between_regions(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...], reason: str) -> Tensor:
     # Runs eagerly: a graph break in the traced model, the decision outside any graph. The branch runs
     # through the compiled regions of handle.compile() when there are, else eagerly.
+    if "_compiled" not in gate.__dict__:
+        _warn_eager_branch(gate, reason)
     out = gate.forward_outside_graph(shortcut, *inputs)
     # The code after this break (the rest of the block, the stage, the next blocks) is compiled as frames
     # of their own, whose code objects recur at every stage: at the second stage's shapes Dynamo would
@@ -241,6 +256,21 @@ def _decide_between_regions(gate: ResidualGate, shortcut: Tensor, inputs: tuple[
     if out.ndim > 1:
         torch._dynamo.mark_static(out, list(range(1, out.ndim)))
     return out
+
+
+def _warn_eager_branch(gate: ResidualGate, reason: str) -> None:
+    """Say once per handle that a compiled model runs a gate's branch eagerly: a slow path nobody asked for."""
+    handle = gate.handle
+    if handle.__dict__.get("_warned_eager_branch"):
+        return
+    handle.__dict__["_warned_eager_branch"] = True
+    warnings.warn(
+        f"lightning_sd: in this compiled model, the gate of {handle.branches[gate.index].name!r} decides outside the "
+        f"compiled graph because {reason}, and its branch runs eagerly (not compiled); other gates may do the same. "
+        "To compile those branches too, call handle.compile(**torch_compile_kwargs) (StochasticDepth(compile=True) "
+        "in a Trainer): each branch becomes a compiled region. Shown once per model.",
+        stacklevel=2,
+    )
 
 
 def _region_source(name: str) -> str:
