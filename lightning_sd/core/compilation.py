@@ -146,17 +146,31 @@ def _outside_graph_reason(gate: ResidualGate, shortcut: Tensor, inputs: tuple[An
     by a branch ``torch.cond`` cannot take. Reads the block's structure and the tensors' shapes, never the masks.
     """
     if gate.handle.compile_route == "graph_break":
-        return "its handle's compile_route is 'graph_break'"
+        return _CHOSEN_ROUTE
     if gate.projection_shortcut:
-        return "its branch is added to a projection of the block input (a convolution in the shortcut)"
+        return _PROJECTION_SHORTCUT
     if _floats_traced_as_tensors():
-        return (
-            "the model is compiled with dynamic=True, which traces the branch's float attributes as tensors "
-            "(torch._dynamo.config.specialize_float = True keeps torch.cond)"
-        )
+        return _DYNAMIC_FLOATS
     if not _cond_accepts(gate, shortcut, inputs):
-        return "torch.cond cannot take its branch (a tensor with a dimension of size 1 among several)"
+        return _COND_REFUSES_BRANCH
     return None
+
+
+# Why a traced gate decides outside the graph: said by the warning of an eager branch and, all together, at
+# the graph break (what torch.compile(fullgraph=True) raises with).
+_CHOSEN_ROUTE = "its handle's compile_route is 'graph_break'"
+_PROJECTION_SHORTCUT = (
+    "its branch is added to a projection of the block input (a convolution in the shortcut, which Inductor's "
+    "layout optimization breaks torch.cond with)"
+)
+_DYNAMIC_FLOATS = (
+    "the model is compiled with dynamic=True, which traces the branch's float attributes as tensors "
+    "(torch._dynamo.config.specialize_float = True keeps torch.cond)"
+)
+_COND_REFUSES_BRANCH = (
+    "torch.cond cannot take its branch (a tensor with a dimension of size 1 among several, e.g. depthwise "
+    "convolution weights (C, 1, k, k))"
+)
 
 
 def _floats_traced_as_tensors() -> bool:
@@ -224,13 +238,9 @@ def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:
 
 # What Dynamo prints at this graph break (torch.compile(fullgraph=True) raises there); torch >= 2.7 takes a reason
 _GRAPH_BREAK_REASON = (
-    "lightning_sd: this batch-drop gate decides outside the compiled graph, because its handle's compile_route is "
-    "'graph_break', because its branch is added to a projection of the block input (a convolution in the shortcut, "
-    "which Inductor's layout optimization breaks torch.cond with), because torch.cond cannot take its branch (a tensor "
-    "with a dimension of size 1 among several, e.g. depthwise convolution weights (C, 1, k, k)), or because the model is "
-    "compiled with dynamic=True, which traces the branch's float attributes as tensors (set "
-    "torch._dynamo.config.specialize_float = True to keep torch.cond). With fullgraph=True, "
-    "use drop='sample' or drop='subset' (traced as data), or compile without fullgraph"
+    "lightning_sd: this batch-drop gate decides outside the compiled graph, because "
+    + ", or because ".join((_CHOSEN_ROUTE, _PROJECTION_SHORTCUT, _COND_REFUSES_BRANCH, _DYNAMIC_FLOATS))
+    + ". With fullgraph=True, use drop='sample' or drop='subset' (traced as data), or compile without fullgraph"
 )
 
 
@@ -261,9 +271,9 @@ def _decide_between_regions(gate: ResidualGate, shortcut: Tensor, inputs: tuple[
 def _warn_eager_branch(gate: ResidualGate, reason: str) -> None:
     """Say once per handle that a compiled model runs a gate's branch eagerly: a slow path nobody asked for."""
     handle = gate.handle
-    if handle.__dict__.get("_warned_eager_branch"):
+    if handle._warned_eager_branch:
         return
-    handle.__dict__["_warned_eager_branch"] = True
+    handle._warned_eager_branch = True
     warnings.warn(
         f"lightning_sd: in this compiled model, the gate of {handle.branches[gate.index].name!r} decides outside the "
         f"compiled graph because {reason}, and its branch runs eagerly (not compiled); other gates may do the same. "

@@ -512,6 +512,8 @@ class StochasticDepthHandle:
         self._zero_touch: int | None = None
         self._undo: list[Callable[[], None]] = []
         self.removed = False
+        #: Whether a compiled model has said that a gate's branch runs eagerly (once per handle).
+        self._warned_eager_branch = False
         #: Dropped branches (batch drop, training) are skipped; False multiplies them by 0 instead.
         self.skip_compute = True
         #: Draw new masks at every training-mode forward (set by ``inject_stochastic_depth(auto_resample=)``).
@@ -554,6 +556,7 @@ class StochasticDepthHandle:
         # Derived rate state is rebuilt, not trusted: handles pickled (inside a model) by an older
         # version lack some of it.
         state.setdefault("_specialize_full_depth", True)
+        state.setdefault("_warned_eager_branch", False)
         self.__dict__.update(state)
         self._rates_key = None
         self._refresh_rates(self._train_multipliers.device)
