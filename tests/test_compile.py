@@ -157,22 +157,26 @@ def test_graph_break_route_with_batchnorm_gives_the_same_graph_count_for_any_dep
 
 @pytest.mark.slow
 def test_zoo_models_compile_whole_with_batch_drop_as_eager(caplog) -> None:
-    """torchvision ResNet-18 (BatchNorm; its blocks with a downsample convolution fall back to a graph break)
-    and timm ConvNeXt (depthwise weights (C, 1, 7, 7), which torch.cond rejects: those gates fall back to a
-    graph break) compiled whole, equal to eager for the same masks."""
+    """torchvision ResNet-18 (BatchNorm, downsample convolutions in 3 shortcuts) and timm ConvNeXt (depthwise
+    weights (C, 1, 7, 7)) compiled whole with Inductor: one graph, every gate a ``torch.cond``, equal to eager
+    for the same masks. Before the gates chose the layouts of what crosses the cond, both took the ``"graph_break"``
+    route at those blocks (12 and 8 graphs, their branches eager) to avoid torch 2.14's failures."""
     import timm
     import torchvision
 
     caplog.set_level(logging.WARNING)
-    # ResNet-18: its 3 blocks with a downsample convolution in the shortcut decide outside the graph
-    for build, bound in [(lambda: torchvision.models.resnet18(num_classes=10), 12), (lambda: timm.create_model("convnext_atto", num_classes=10), 12)]:
+    for build in [lambda: torchvision.models.resnet18(num_classes=10), lambda: timm.create_model("convnext_atto", num_classes=10)]:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = build().train()
+        model = build().train().double()  # float64: in float32 a ReLU's kink moves single gradients by percents
         handle, ref, ref_handle = _pair(model)
-        compiled = _Compiled(model)
-        counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(2, 3, 64, 64), 4, caplog=caplog)
-        assert counts[-1] == counts[0] <= bound
+        compiled = _Compiled(model, backend="inductor")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="lightning_sd: in this compiled model")  # no branch runs eagerly
+            x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+            counts = _run_pair(model, compiled, ref, handle, ref_handle, x, 4, caplog=caplog)
+        assert counts == [1, 1, 1, 1]
+        assert _conds(compiled.counter.graphs[0]) == handle.num_blocks
         for (name, buf), (_, want) in zip(model.named_buffers(), ref.named_buffers()):
             torch.testing.assert_close(buf, want, rtol=1e-4, atol=1e-4, msg=name)
 
@@ -194,42 +198,79 @@ class _DownsampleResNet(nn.Module):
 
 
 @pytest.mark.slow
-def test_inductor_default_route_with_a_convolution_in_a_shortcut() -> None:
+def test_inductor_cond_route_with_a_convolution_in_a_shortcut() -> None:
     """With Inductor's layout optimization (on by default, always taken for convolutions on CPU), a block
     whose input feeds both a convolution in its shortcut and a gate's cond failed at the first forward
-    (``assert_size_stride``: the cond's subgraph expected the input channels_last, the main graph passed it
-    contiguous; torch 2.14). Such a gate (``projection_shortcut``) decides outside the graph instead, the
-    others keep the cond: outputs and gradients as eager."""
+    (``assert_size_stride``: the cond's subgraph was compiled for the input's traced layout, the main graph
+    passed it channels_last; torch 2.14). The activations of a branch with convolutions now cross the cond in
+    channels_last, the layout Inductor gives them (the parameters flattened): one graph,
+    both gates conds, outputs and gradients as eager."""
     torch.manual_seed(0)
     model = _DownsampleResNet().train()
     handle, ref, ref_handle = _pair(model)
-    assert [g.projection_shortcut for g in handle.gates] == [False, True] and handle.compile_route == "cond"
+    assert [b.shortcut for b in handle.branches] == ["identity", "projection"] and handle.compile_route == "cond"
     compiled = _Compiled(model, backend="inductor")
     counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(2, 3, 16, 16), 4, warm_up=2)
-    assert counts[-1] == counts[1] >= 2  # the break at the projection gate: graphs before and after it
-    assert any(_has_cond(g) for g in compiled.counter.graphs)  # the identity block kept its cond
+    assert counts == [1, 1, 1, 1]
+    assert _conds(compiled.counter.graphs[0]) == 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workaround", ["graph_break", "regional", "channels_last", "no_layout_optimization"])
-def test_inductor_workarounds_for_a_convolution_in_a_shortcut(workaround) -> None:
-    """Other ways around the failure above, as docs/compile.md lists them, with Inductor: outputs and gradients as eager."""
+@pytest.mark.parametrize("route", ["graph_break", "regional", "channels_last", "no_layout_optimization"])
+def test_inductor_other_routes_with_a_convolution_in_a_shortcut(route) -> None:
+    """The other ways to compile the network above, as docs/compile.md lists them, with Inductor: outputs and gradients as eager."""
     torch.manual_seed(0)
     model = _DownsampleResNet().train()
     x = torch.randn(2, 3, 16, 16)
-    if workaround == "channels_last":
+    if route == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     handle, ref, ref_handle = _pair(model)
-    if workaround == "regional":
+    if route == "regional":
         compiled = _Regions(model, handle)
     else:
-        handle.compile_route = "graph_break" if workaround == "graph_break" else "cond"
+        handle.compile_route = "graph_break" if route == "graph_break" else "cond"
         compiled = _Compiled(model, backend="inductor")
-    layout_optimization = workaround != "no_layout_optimization"
+    layout_optimization = route != "no_layout_optimization"
     with torch._inductor.config.patch(layout_optimization=layout_optimization):  # read when Inductor compiles
         counts = _run_pair(model, compiled, ref, handle, ref_handle, x, 4, warm_up=2)
     assert counts[-1] == counts[1] >= 1
+
+
+class _MobileNet(nn.Module):
+    """A stem (convolution, BatchNorm) and two timm ``InvertedResidual`` blocks (1 x 1 and depthwise convolutions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models._efficientnet_blocks import InvertedResidual
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.blocks = nn.Sequential(InvertedResidual(8, 8, exp_ratio=2.0), InvertedResidual(8, 8, exp_ratio=2.0))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.slow
+def test_inductor_cond_route_with_depthwise_and_pointwise_convolutions() -> None:
+    """MobileNet/EfficientNet blocks under Inductor. Their weights have dimensions of size 1 (depthwise
+    (C, 1, 3, 3), pointwise (C', C, 1, 1)), whose gradients ``torch.cond`` rejected when their strides
+    differed on those dimensions between its two branches ("The sorted order of strides ... doesn't
+    match"), and the input of the first block is a BatchNorm output that Inductor laid out channels_last
+    while the cond's subgraph expected its traced layout (``assert_size_stride``; timm EfficientNet-B0):
+    those gates took the ``"graph_break"`` route, their branches eager. The parameters now cross the cond
+    flattened and the activations in channels_last: one graph, two conds, outputs and gradients as eager."""
+    torch.manual_seed(0)
+    model = _MobileNet().train()
+    handle, ref, ref_handle = _pair(model)
+    assert handle.num_blocks == 2 and any(w.ndim == 4 and w.shape[1] == 1 for w in handle.gates[0]._weights())
+    compiled = _Compiled(model, backend="inductor")
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(2, 3, 16, 16), 4, warm_up=2)
+    assert counts == [1, 1, 1, 1]
+    assert _conds(compiled.counter.graphs[0]) == 2
+    for (name, buf), (_, want) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(buf, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
 class _Regions:
@@ -256,17 +297,17 @@ def test_inductor_cond_route_when_the_next_block_reads_the_output_transposed() -
     torch.manual_seed(0)
     model = MlpMixer(num_classes=10, img_size=32, patch_size=8, embed_dim=32, num_blocks=2).train()
     handle, ref, ref_handle = _pair(model)
-    assert handle.num_blocks == 4 and not any(g.projection_shortcut for g in handle.gates)
+    assert handle.num_blocks == 4
     compiled = _Compiled(model, backend="inductor")
     counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(2, 3, 32, 32), 4, warm_up=2)
     assert counts == [1, 1, 1, 1]
-    assert _has_cond(compiled.counter.graphs[0])
+    assert _conds(compiled.counter.graphs[0]) == 4
 
 
 @pytest.mark.slow
 def test_inductor_graph_break_route_across_stage_shapes() -> None:
-    """ConvNeXt's gates break the graph (depthwise weights, see ``_cond_accepts``); the code after a break
-    is compiled as frames that recur at every stage. At the second stage's shapes Dynamo recompiled them
+    """ConvNeXt with its gates on the ``"graph_break"`` route: the code after a break is compiled as frames
+    that recur at every stage. At the second stage's shapes Dynamo recompiled them
     with symbolic sizes, which Inductor failed on ("cannot determine truth value of Relational", as it
     does for the plain ConvNeXt under ``dynamic=True``). Sizes other than the batch now stay static:
     outputs and gradients as eager, no new graph after the first step."""
@@ -275,6 +316,7 @@ def test_inductor_graph_break_route_across_stage_shapes() -> None:
     torch.manual_seed(0)
     model = timm.create_model("convnext_atto", num_classes=10, dims=(8, 16, 32, 64), depths=(1, 1, 2, 1)).train()
     handle, ref, ref_handle = _pair(model)
+    handle.compile_route = ref_handle.compile_route = "graph_break"
     compiled = _Compiled(model, backend="inductor")
     counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(2, 3, 64, 64), 3, warm_up=1)
     assert counts[0] == counts[-1] <= 12
@@ -294,6 +336,9 @@ def test_compile_route_is_cond_by_default_and_can_be_set() -> None:
     block = resnet.model.layer1[0]
     assert names == [f"block.{m}.{b}" for m in ("bn1", "bn2") for b in ("running_mean", "running_var", "num_batches_tracked")]
     assert buffers[0] is block.bn1.running_mean and buffers[-1] is block.bn2.num_batches_tracked
+    params = resnet.gates[0].branch_parameters()  # what the cond's branch runs on (views of them)
+    assert list(params) == [f"block.{m}.{w}" for m, w in [("conv1", "weight"), ("bn1", "weight"), ("bn1", "bias"), ("conv2", "weight"), ("bn2", "weight"), ("bn2", "bias")]]
+    assert params["block.conv2.weight"] is block.conv2.weight and len(params) == len(resnet.gates[0]._weights())
 
 
 def test_masking_without_skipping_and_expected_evaluation_compile_once() -> None:
@@ -385,8 +430,12 @@ def test_whole_model_and_regional_compilation_together() -> None:
     assert 1 <= regions.frame_count <= 6
 
 
+def _conds(graph: torch.fx.GraphModule) -> int:
+    return sum(node.target is torch.ops.higher_order.cond for node in graph.graph.nodes)
+
+
 def _has_cond(graph: torch.fx.GraphModule) -> bool:
-    return any(node.target is torch.ops.higher_order.cond for node in graph.graph.nodes)
+    return _conds(graph) > 0
 
 
 def test_rates_at_one_compile_without_cond_and_one_variant_with_it() -> None:
@@ -483,7 +532,13 @@ def test_compiled_under_bf16_autocast_equals_eager(drop) -> None:
         expected.float().square().sum().backward()
         torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
         for got, want in zip(_grads(model), _grads(ref)):
-            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+            # drop="batch": the compiled branches convolve channels_last activations (the layout that crosses
+            # torch.cond), another oneDNN kernel whose bf16 rounding differs; a wrong mask moves gradients by
+            # their own size
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=(3e-2 if drop == "batch" else 1e-2) * max(scale, 1.0))
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
     assert compiled.counter.frame_count == 1
 
 

@@ -36,6 +36,7 @@ first configuration alone pays the start-up. ``--cache`` keeps all caches instea
     python examples/benchmarks/bench_compile.py                       # CifarResNet-56 and vit_tiny, CPU
     python examples/benchmarks/bench_compile.py --models vit_tiny --configs "batch 0.5" "subset 0.5"
     python examples/benchmarks/bench_compile.py --device cuda --dtype bfloat16 --models resnet50 cifar110 vit_small
+    python examples/benchmarks/bench_compile.py --models resnet50 --image-size 64 --batch-size 16   # ResNet-50 on a CPU
 """
 
 from __future__ import annotations
@@ -65,22 +66,23 @@ from lightning_sd.models import CifarResNet
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 
 
-def build(name: str, drop_path: float = 0.0) -> tuple[nn.Module, tuple[int, ...]]:
-    """The model and its input shape (without batch)."""
+def build(name: str, drop_path: float = 0.0, image_size: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    """The model and its input shape (without batch); ``image_size`` 0: each model's default (32, 224, 64)."""
     import timm
     import torchvision
 
     if name.startswith("cifar"):
-        return CifarResNet(int(name[5:]), num_classes=10), (3, 32, 32)
+        return CifarResNet(int(name[5:]), num_classes=10), (3, image_size or 32, image_size or 32)
     if name == "resnet50":
-        return torchvision.models.resnet50(num_classes=100), (3, 224, 224)
+        return torchvision.models.resnet50(num_classes=100), (3, image_size or 224, image_size or 224)
     if name in ("vit_tiny", "vit_small"):
-        model = timm.create_model(f"{name}_patch16_224", img_size=64, num_classes=10, drop_path_rate=drop_path)
+        size = image_size or 64
+        model = timm.create_model(f"{name}_patch16_224", img_size=size, num_classes=10, drop_path_rate=drop_path)
         if drop_path:
             for module in model.modules():
                 if type(module).__name__ == "DropPath":
                     module.drop_prob = drop_path  # the same rate in every block (not timm's linear ramp)
-        return model, (3, 64, 64)
+        return model, (3, size, size)
     raise ValueError(f"unknown model {name!r}; choose cifar<depth>, resnet50, vit_tiny or vit_small")
 
 
@@ -170,7 +172,7 @@ def configurations(name: str, timm_model: bool) -> list[tuple[str, dict[str, Any
 def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     timm_model = name.startswith("vit")
-    shape = build(name)[1]
+    shape = build(name, image_size=args.image_size)[1]
     x = torch.randn(args.batch_size, *shape, device=DEVICE)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=layout)
@@ -182,7 +184,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.configs and label not in args.configs and label != "no SD" and not label.startswith("all dropped"):
             continue
         torch.manual_seed(0)
-        model, _ = build(name, drop_path)
+        model, _ = build(name, drop_path, args.image_size)
         model = model.to(DEVICE, memory_format=layout).train()
         handle = None
         regional = False
@@ -261,6 +263,7 @@ def main() -> None:
     parser.add_argument("--cache", action="store_true", help="allow inductor's on-disk caches (compile times then depend on earlier runs)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument("--image-size", type=int, default=0, help="input height and width (0: 32 for cifar, 224 for resnet50, 64 for ViTs)")
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format (4-D weights and images)")
     args = parser.parse_args()
     DEVICE = torch.device(args.device)
@@ -286,7 +289,8 @@ def main() -> None:
         rows += bench_model(name, args)
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     layout = ", channels_last" if args.channels_last else ""
-    print(f"\n{where}, {args.dtype}{layout}, batch {args.batch_size}, backend {args.backend}, torch {torch.__version__}")
+    size = f", {args.image_size} x {args.image_size}" if args.image_size else ""
+    print(f"\n{where}, {args.dtype}{layout}{size}, batch {args.batch_size}, backend {args.backend}, torch {torch.__version__}")
     print("| model | config | eager (ms) | compiled (ms) | / compiled no SD | ideal | compile (s) | graphs | peak (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:

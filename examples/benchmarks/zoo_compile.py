@@ -23,7 +23,7 @@ everything before them, and the comparison would be empty.
 * **SD** (each ``--drops`` kind): ``inject_stochastic_depth(model, 0.5)`` in both copies with the same
   seed, so both run the same masks (``resample`` before each step); the same differences, the number
   of compiled graphs after the first and after the last step, and the gates that decide outside the
-  graph (``break``: route ``"graph_break"``, a projection shortcut, or a branch ``torch.cond`` cannot take).
+  graph (``break``: route ``"graph_break"``, chosen or forced by ``dynamic=True``).
   ``crash``: the first line of the exception a compiled step raised.
 
 ``--dynamic`` compiles both with ``torch.compile(..., dynamic=True)`` (symbolic sizes from the first
@@ -144,7 +144,7 @@ def compare(
     return {"out": out_diff, "grad": grad_diff, "graphs": graphs}
 
 
-def _breaks(handle: Any, x: torch.Tensor, dynamic: bool | None = None) -> int:
+def _breaks(handle: Any, dynamic: bool | None = None) -> int:
     """Gates that decide outside the compiled graph under batch drop (see lightning_sd.core.compilation).
 
     ``dynamic=True``: as they decide under ``torch.compile(..., dynamic=True)``, which patches Dynamo's
@@ -153,20 +153,8 @@ def _breaks(handle: Any, x: torch.Tensor, dynamic: bool | None = None) -> int:
     from lightning_sd.core.compilation import _decides_outside_graph
     from lightning_sd.core.gates import ResidualGate
 
-    seen: dict[int, tuple[torch.Tensor, tuple[Any, ...]]] = {}
-
-    def record(gate: Any, args: tuple[Any, ...]) -> None:
-        seen[gate.index] = (args[0], args[1:])
-
-    hooks = [g.register_forward_pre_hook(record) for g in handle.gates if isinstance(g, ResidualGate)]
-    try:
-        with torch.no_grad(), handle.override(torch.ones(handle.num_blocks)):
-            handle.model(x)
-    finally:
-        for h in hooks:
-            h.remove()
     with torch._dynamo.config.patch(assume_static_by_default=not dynamic):
-        return sum(_decides_outside_graph(handle.gates[i], s, inputs) for i, (s, inputs) in seen.items())
+        return sum(_decides_outside_graph(g) for g in handle.gates if isinstance(g, ResidualGate))
 
 
 def run_model(
@@ -196,7 +184,7 @@ def run_model(
                     h.resample(step, batch_size=batch)
 
             row["sd"] = compare(model, reference, x, steps, backend, before_step, dynamic)
-            row["breaks"] = _breaks(handle, x, dynamic) if drop == "batch" else 0  # after: its forward updates BatchNorm statistics
+            row["breaks"] = _breaks(handle, dynamic) if drop == "batch" else 0
         except Exception as err:  # noqa: BLE001
             row["crash"] = f"{type(err).__name__}: {_first_line(err)}"
         rows.append(row)

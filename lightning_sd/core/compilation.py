@@ -12,17 +12,13 @@ handle refreshes outside the forward (at ``resample``, ``set_survival``, ``recon
   branch's parameters exact zero gradients (DDP with ``find_unused_parameters=False`` keeps working).
   ``torch.cond`` refuses branches that mutate state, so the buffers of a branch's modules (BatchNorm's
   running statistics) cross the cond as inputs and outputs: the kept branch updates copies
-  (:func:`torch.func.functional_call`), the live buffers take them after the cond. In torch 2.14 the
-  backward of ``torch.cond`` recomputes the kept branch's forward (``CondAutogradOp`` saves only the
-  inputs), so a kept block costs about one more forward than in the plain compiled model. A branch
-  that modifies its inputs in place cannot be traced by ``torch.cond``: use ``"graph_break"``.
-  A branch added to a projection of the block input (a convolution in the shortcut: torchvision
-  ResNets' ``downsample``) takes the ``"graph_break"`` route instead: with Inductor's layout
-  optimization (always on for convolutions on CPU, torch 2.14), the block input, read by both that
-  convolution and the cond, reaches the cond's subgraph in another layout than it expects, and the
-  compiled forward fails (``assert_size_stride``). The same mismatch in the backward (the gradient of
-  the cond's output, where the next block reads it transposed) is mended in place: see
-  :class:`_FixedLayoutGradient`. Under ``torch.compile(..., dynamic=True)`` Dynamo traces Python
+  (:func:`torch.func.functional_call`), the live buffers take them after the cond. The gate chooses the
+  layouts of what crosses the cond (parameters flattened, the activations of convolutional branches in
+  channels_last), where torch 2.14's cond and Inductor's layout optimization disagreed (see
+  :func:`_cond_gate`). In torch 2.14 the backward of ``torch.cond`` recomputes the kept branch's forward
+  (``CondAutogradOp`` saves only the inputs), so a kept block costs about one more forward than in the
+  plain compiled model. A branch that modifies its inputs in place cannot be traced by ``torch.cond``:
+  use ``"graph_break"``. Under ``torch.compile(..., dynamic=True)`` Dynamo traces Python
   floats as tensors (BatchNorm's momentum and eps, LayerNorm's eps), whose ``.item()`` inside a
   branch ``torch.cond`` refuses: every gate then takes ``"graph_break"``, unless
   ``torch._dynamo.config.specialize_float`` is set (see :func:`_floats_traced_as_tensors`).
@@ -59,7 +55,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from lightning_sd.core.gates import ResidualGate, SlotGate, StochasticDepthHandle
@@ -113,63 +109,40 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         # Every rate is 1: every branch runs, m_l = 1, as the eager gate computes it. No cond: its
         # backward would recompute each branch's forward.
         return shortcut + gate._call_branch(*inputs)
-    reason = _outside_graph_reason(gate, shortcut, inputs) if handle.skip_compute else None
+    reason = _outside_graph_reason(gate) if handle.skip_compute else None
     if reason is not None:
         # Before reading the gate's index or masks: the frames Dynamo compiles around this break must not
-        # depend on the index (one graph per gate otherwise). The test above reads only the block's structure.
+        # depend on the index (one graph per gate otherwise).
         return _decide_between_regions(gate, shortcut, inputs, reason)
     kept, m = _batch_mask(handle, gate.index)
     if not handle.skip_compute:  # masking instead of skipping (FSDP, DeepSpeed): the mask as data
         return shortcut + gate._call_branch(*inputs) * (m * kept).to(shortcut.dtype)
-    if gate.holds_state:
-        return _cond_with_buffers(gate, kept, m, shortcut, inputs)
-    dtype = shortcut.dtype
-
-    def run(s: Tensor, *args: Any) -> Tensor:
-        return (s + gate._call_branch(*args) * m).to(dtype)
-
-    def skip(s: Tensor, *args: Any) -> Tensor:
-        return s.clone()  # cond's outputs may not alias its inputs
-
-    return _FixedLayoutGradient.apply(torch.cond(kept, run, skip, (shortcut, *inputs)))
+    return _cond_gate(gate, kept, m, shortcut, inputs)
 
 
-def _decides_outside_graph(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> bool:
+def _decides_outside_graph(gate: ResidualGate) -> bool:
     """Whether a traced batch-drop gate takes the ``"graph_break"`` route (see the module docstring)."""
-    return _outside_graph_reason(gate, shortcut, inputs) is not None
+    return _outside_graph_reason(gate) is not None
 
 
-def _outside_graph_reason(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> str | None:
+def _outside_graph_reason(gate: ResidualGate) -> str | None:
     """Why a traced batch-drop gate takes the ``"graph_break"`` route, or None when it keeps its ``torch.cond``.
 
-    Chosen by the handle (``compile_route``), or forced by a projection shortcut, by ``dynamic=True`` or
-    by a branch ``torch.cond`` cannot take. Reads the block's structure and the tensors' shapes, never the masks.
+    Chosen by the handle (``compile_route``), or forced by ``dynamic=True``. Never reads the masks.
     """
     if gate.handle.compile_route == "graph_break":
         return _CHOSEN_ROUTE
-    if gate.projection_shortcut:
-        return _PROJECTION_SHORTCUT
     if _floats_traced_as_tensors():
         return _DYNAMIC_FLOATS
-    if not _cond_accepts(gate, shortcut, inputs):
-        return _COND_REFUSES_BRANCH
     return None
 
 
 # Why a traced gate decides outside the graph: said by the warning of an eager branch and, all together, at
 # the graph break (what torch.compile(fullgraph=True) raises with).
 _CHOSEN_ROUTE = "its handle's compile_route is 'graph_break'"
-_PROJECTION_SHORTCUT = (
-    "its branch is added to a projection of the block input (a convolution in the shortcut, which Inductor's "
-    "layout optimization breaks torch.cond with)"
-)
 _DYNAMIC_FLOATS = (
     "the model is compiled with dynamic=True, which traces the branch's float attributes as tensors "
     "(torch._dynamo.config.specialize_float = True keeps torch.cond)"
-)
-_COND_REFUSES_BRANCH = (
-    "torch.cond cannot take its branch (a tensor with a dimension of size 1 among several, e.g. depthwise "
-    "convolution weights (C, 1, k, k))"
 )
 
 
@@ -184,45 +157,85 @@ def _floats_traced_as_tensors() -> bool:
     return not (getattr(config, "specialize_float", True) or config.assume_static_by_default)
 
 
-def _cond_accepts(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> bool:
-    """Whether ``torch.cond`` can take this branch: no tensor with a dimension of size 1 (several dims).
+def _activation_layout(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> str:
+    """How a gate's activations cross its ``torch.cond``: ``"flat"``, ``"channels_last"`` or ``"as_traced"`` (see :func:`_cond_gate`)."""
+    activations = [shortcut, *(x for x in inputs if isinstance(x, Tensor))]
+    if any(t.ndim > 1 and 1 in t.shape for t in activations):
+        return "flat"
+    if all(t.ndim == 4 for t in activations) and any(
+        isinstance(module, nn.modules.conv._ConvNd) for name in gate.weight_modules for module in gate.block.get_submodule(name).modules()
+    ):
+        return "channels_last"
+    return "as_traced"
 
-    torch 2.14's cond compares the stride order of the two branches' outputs and gradients, and
-    rejects tensors whose strides differ only on a dimension of size 1 ("The sorted order of strides
-    of the two branches' output doesn't match"): depthwise convolution weights ``(C, 1, k, k)``
-    (ConvNeXt), activations at 1 x 1 resolution. Such a gate takes the ``"graph_break"`` route.
+
+def _cond_gate(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
+    """``torch.cond(kept, shortcut + m f(x), shortcut)`` for a traced batch-drop gate, within torch 2.14's limits.
+
+    - ``torch.cond`` refuses a branch that mutates state, so the buffers of the branch's modules
+      (BatchNorm statistics) enter the cond as inputs (copies: cond keeps its inputs for the backward)
+      and leave it as outputs: the kept branch runs on fresh copies through
+      :func:`torch.func.functional_call` (BatchNorm updates those), the dropped branch returns them
+      unchanged; the live buffers take the outputs afterwards, in the main graph. Integer buffers
+      (``num_batches_tracked``) cross the cond as float64 (exact below 2**53).
+    - The parameters cross it **flattened** (``reshape(-1)``: views) and the branch runs on views of them
+      with their shapes back, through ``functional_call``. ``torch.cond`` compares the stride order of its
+      two branches' outputs (in its backward: the gradients of its inputs) and rejected strides that
+      differ only on a dimension of size 1, though they describe the same memory ("The sorted order of
+      strides of the two branches' output doesn't match": depthwise weights ``(C, 1, k, k)``, 1 x 1
+      convolution weights). A one-dimensional dense tensor has one layout.
+    - Inductor compiles the cond's subgraphs for the layouts their inputs had when traced, but its layout
+      optimization (on by default; always taken for convolutions on CPU) lays the 4-D tensors next to
+      convolutions out channels_last in the main graph and passed them as they were: the first compiled
+      forward failed (``assert_size_stride``; a block input also read by a convolution in the shortcut, a
+      BatchNorm output in EfficientNet, and, once those blocks kept their cond, the blocks after them).
+      The activations of a branch with convolutions therefore cross the cond in channels_last, the
+      layout Inductor gives them (a copy only where it did not: another backend, or no layout
+      optimization), and its output leaves in channels_last; activations with a dimension of size 1 cross
+      flattened (the stride order again); the others as they are (:func:`_activation_layout`).
+    - The output leaves through :class:`_FixedLayoutGradient` (a copy, and its gradient in the traced layout).
     """
-    tensors = [shortcut, *(x for x in inputs if isinstance(x, Tensor)), *gate._weights()]
-    return not any(t.ndim > 1 and 1 in t.shape for t in tensors)
-
-
-def _cond_with_buffers(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
-    """``torch.cond`` for a branch whose modules hold buffers (BatchNorm statistics), functionalized.
-
-    ``torch.cond`` refuses a branch that mutates state. The buffers enter the cond as inputs (copies:
-    cond keeps its inputs for the backward) and leave it as outputs: the kept branch runs on fresh
-    copies through :func:`torch.func.functional_call` (BatchNorm updates those), the dropped branch
-    returns them unchanged; the live buffers take the outputs afterwards, in the main graph. Integer
-    buffers (``num_batches_tracked``) cross the cond as float64 (exact below 2**53).
-    """
-    names, live = gate.branch_buffers()
-    dtype, count = shortcut.dtype, len(inputs)
-    carried = tuple(b.to(torch.float64) if not b.is_floating_point() else b.clone() for b in live)
+    names, live = gate.branch_buffers() if gate.holds_state else ([], [])
+    params = gate.branch_parameters()
+    layout = _activation_layout(gate, shortcut, inputs)
+    flatten = layout == "flat"
+    # The branches close over sizes and dtypes, never over the tensors (torch.cond would lift those as extra
+    # operands, aliasing their flattened views), and over tuples, not torch.Size: sizes (symbolic under
+    # dynamic shapes) are lifted one by one.
+    dtype, shape = shortcut.dtype, tuple(shortcut.shape)
+    shapes = [tuple(x.shape) if isinstance(x, Tensor) and flatten else None for x in inputs]
+    param_shapes = [(name, tuple(p.shape)) for name, p in params.items()]
+    buffer_types = [(name, tuple(b.shape), b.dtype) for name, b in zip(names, live)]
+    carried = [b.to(torch.float64) if not b.is_floating_point() else b.clone() for b in live]
+    counts = (len(inputs), len(params))
 
     def run(s: Tensor, *args: Any) -> tuple[Tensor, ...]:
-        fresh = {
-            name: c.to(b.dtype) if not b.is_floating_point() else c.clone() for name, c, b in zip(names, args[count:], live)
-        }
-        out = torch.func.functional_call(gate.runner, fresh, tuple(args[:count]), strict=False)
-        return ((s + out * m).to(dtype), *(f.to(c.dtype) for f, c in zip(fresh.values(), args[count:])))
+        xs = [x.view(size) if size is not None else x for x, size in zip(args[: counts[0]], shapes)]
+        ws = args[counts[0] : counts[0] + counts[1]]
+        cs = args[counts[0] + counts[1] :]
+        state = {name: w.view(size) for (name, size), w in zip(param_shapes, ws)}
+        fresh = {name: c.view(size).to(kind, copy=True) for (name, size, kind), c in zip(buffer_types, cs)}
+        out = torch.func.functional_call(gate.runner, {**state, **fresh}, tuple(xs), strict=False)
+        new = ((s.view(shape) if flatten else s) + out * m).to(dtype)
+        if layout == "channels_last":  # the two branches' outputs in one layout
+            new = new.contiguous(memory_format=torch.channels_last)
+        return (new.reshape(-1) if flatten else new, *(f.to(c.dtype).reshape(-1) for f, c in zip(fresh.values(), cs)))
 
     def skip(s: Tensor, *args: Any) -> tuple[Tensor, ...]:
-        return (s.clone(), *(c.clone() for c in args[count:]))  # cond's outputs may not alias its inputs
+        return (s.clone(), *(c.clone() for c in args[counts[0] + counts[1] :]))  # outputs may not alias inputs
 
-    result = torch.cond(kept, run, skip, (shortcut, *inputs, *carried))
+    flattened: dict[int, Tensor] = {}  # the shortcut is often an input too: one view (cond refuses aliased inputs)
+    def crossing(x: Tensor) -> Tensor:
+        if flatten:
+            return x.reshape(-1)
+        return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+    activations = [flattened.setdefault(id(x), crossing(x)) if isinstance(x, Tensor) else x for x in (shortcut, *inputs)]
+    operands = (*activations, *(p.reshape(-1) for p in params.values()), *(c.reshape(-1) for c in carried))
+    result = torch.cond(kept, run, skip, operands)
     for buffer, new in zip(live, result[1:]):
-        buffer.copy_(new.detach())
-    return _FixedLayoutGradient.apply(result[0])
+        buffer.copy_(new.detach().view(buffer.shape))
+    return _FixedLayoutGradient.apply(result[0].view(shape) if flatten else result[0])
 
 
 def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:
@@ -239,7 +252,7 @@ def traced_slot_forward(gate: SlotGate, x: Tensor) -> Tensor | None:
 # What Dynamo prints at this graph break (torch.compile(fullgraph=True) raises there); torch >= 2.7 takes a reason
 _GRAPH_BREAK_REASON = (
     "lightning_sd: this batch-drop gate decides outside the compiled graph, because "
-    + ", or because ".join((_CHOSEN_ROUTE, _PROJECTION_SHORTCUT, _COND_REFUSES_BRANCH, _DYNAMIC_FLOATS))
+    + ", or because ".join((_CHOSEN_ROUTE, _DYNAMIC_FLOATS))
     + ". With fullgraph=True, use drop='sample' or drop='subset' (traced as data), or compile without fullgraph"
 )
 

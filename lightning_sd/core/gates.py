@@ -137,9 +137,6 @@ class ResidualGate(_GateBase):
     branch: Callable[..., Tensor]
     block: nn.Module
     runner: _BranchRunner
-    #: Whether the branch is added to a projection of the block input (``ResidualBranch.shortcut``): under
-    #: ``torch.compile`` such a gate decides outside the graph (see :mod:`lightning_sd.core.compilation`).
-    projection_shortcut: bool = False
 
     def __init__(
         self,
@@ -158,8 +155,7 @@ class ResidualGate(_GateBase):
         #: Whether the branch's modules hold buffers (BatchNorm statistics): under ``torch.compile`` they
         #: cross ``torch.cond`` as inputs and outputs (see :mod:`lightning_sd.core.compilation`).
         self.holds_state = any(True for name in self.weight_modules for _ in block.get_submodule(name).buffers())
-        self.projection_shortcut = handle.branches[index].shortcut == "projection"
-        #: The branch as a module whose tree holds the block (``torch.func.functional_call`` swaps its buffers).
+        #: The branch as a module whose tree holds the block (``torch.func.functional_call`` swaps its parameters and buffers).
         self.__dict__["runner"] = _BranchRunner(self)
 
     def branch_buffers(self) -> tuple[list[str], list[Tensor]]:
@@ -174,6 +170,23 @@ class ResidualGate(_GateBase):
                     names.append(f"block.{name}.{buffer_name}")
                     tensors.append(buffer)
         return names, tensors
+
+    def branch_parameters(self) -> dict[str, Tensor]:
+        """The branch's parameters by name as seen from :attr:`runner` (``block.conv1.weight``), looked up now."""
+        params: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        block = self.block
+        for name in self.weight_modules:
+            for param_name, param in _walk(block, name).named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    params[f"block.{name}.{param_name}"] = param
+        for name in self.weight_attrs:
+            param = block.get_parameter(name)
+            if id(param) not in seen:
+                seen.add(id(param))
+                params[f"block.{name}"] = param
+        return params
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
