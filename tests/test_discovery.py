@@ -117,3 +117,37 @@ def test_untraceable_block_with_slot_falls_back_to_slot():
     model = nn.Sequential(Untraceable(), Untraceable())
     branches = find_residual_branches(model)
     assert [(b.name, b.slot, b.skippable) for b in branches] == [("0", "0.drop_path", False), ("1", "1.drop_path", False)]
+
+
+class _CountingBlock(nn.Module):
+    """A residual block whose forward keeps state: a buffer updated in place and two Python attributes."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.register_buffer("seen", torch.zeros(()))
+        self.calls = 0
+
+    def forward(self, x):
+        self.seen.add_(1)
+        self.calls += 1
+        self.last_input = x
+        return x + torch.relu(self.fc(x))
+
+
+def test_discovery_leaves_the_blocks_state_as_it_was():
+    """Discovery traces each block's forward: what that forward changes (a buffer, Python attributes) is put
+    back, so that a probe of the model's structure does not change its state (nor leave an fx Proxy in it)."""
+    from lightning_sd import inject_stochastic_depth
+
+    model = nn.Sequential(_CountingBlock(4), _CountingBlock(4))
+    model[0].calls = 5
+    handle = inject_stochastic_depth(model, 0.5)
+    assert handle.num_blocks == 2
+    for block in model:
+        assert float(block.seen) == 0.0 and "last_input" not in block.__dict__
+    assert [model[0].calls, model[1].calls] == [5, 0]
+    x = torch.randn(3, 4)
+    handle.remove()
+    model(x)
+    assert [model[0].calls, model[1].calls] == [6, 1] and model[1].last_input is not None

@@ -240,6 +240,9 @@ def _is_meta(node: fx.Node) -> bool:
     return False
 
 
+_MISSING = object()
+
+
 def _trace(module: nn.Module, none_slots: Sequence[str]) -> fx.Graph:
     """The shallow graph of ``module``, with ``None`` slots traced as ``Identity``, normalised."""
     saved = {n: module.__dict__.pop(n, None) for n in none_slots if n not in module._modules}
@@ -251,6 +254,10 @@ def _trace(module: nn.Module, none_slots: Sequence[str]) -> fx.Graph:
     # really happen. Discovery must not change the model: the buffers are put back as they were.
     # (Inference tensors cannot be updated in place outside inference mode: nothing to put back.)
     buffers = [(b, b._version, b.clone()) for b in module.buffers() if not b.is_inference()]
+    # Likewise the block's own Python attributes: a forward that counts its calls or keeps its last input
+    # (``self.calls += 1``, ``self.last = x``) would keep what the trace set, an fx Proxy among them.
+    # Shallow: an attribute's object mutated in place (a list appended to) is not put back.
+    attrs = {k: v for k, v in module.__dict__.items() if not k.startswith("_")}
     try:
         graph = _ShallowTracer().trace(module)
     finally:
@@ -258,6 +265,11 @@ def _trace(module: nn.Module, none_slots: Sequence[str]) -> fx.Graph:
             for buffer, version, value in buffers:
                 if buffer._version != version:
                     buffer.copy_(value)
+        for k in [k for k in module.__dict__ if not k.startswith("_") and k not in attrs]:
+            del module.__dict__[k]
+        for k, v in attrs.items():
+            if module.__dict__.get(k, _MISSING) is not v:
+                module.__dict__[k] = v
         for n in added:
             del module._modules[n]
         for n, v in saved.items():
