@@ -224,13 +224,18 @@ def _cond_gate(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, in
     def skip(s: Tensor, *args: Any) -> tuple[Tensor, ...]:
         return (s.clone(), *(c.clone() for c in args[counts[0] + counts[1] :]))  # outputs may not alias inputs
 
-    flattened: dict[int, Tensor] = {}  # the shortcut is often an input too: one view (cond refuses aliased inputs)
     def crossing(x: Tensor) -> Tensor:
         if flatten:
             return x.reshape(-1)
         return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
-    activations = [flattened.setdefault(id(x), crossing(x)) if isinstance(x, Tensor) else x for x in (shortcut, *inputs)]
+    # The shortcut is often an input too: it crosses once (two views of it would be aliased inputs, which
+    # cond refuses), and its crossing is traced once.
+    crossed: dict[int, Tensor] = {}
+    for x in (shortcut, *inputs):
+        if isinstance(x, Tensor) and id(x) not in crossed:
+            crossed[id(x)] = crossing(x)
+    activations = [crossed[id(x)] if isinstance(x, Tensor) else x for x in (shortcut, *inputs)]
     operands = (*activations, *(p.reshape(-1) for p in params.values()), *(c.reshape(-1) for c in carried))
     result = torch.cond(kept, run, skip, operands)
     for buffer, new in zip(live, result[1:]):
