@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from lightning_sd.core.gates import existing_handle, inject_stochastic_depth, mask_generator
+from lightning_sd.core.pruning import export_pruned
 from lightning_sd.core.survival import survival_rates
 from lightning_sd.models import CifarResNet, ResidualMLP
 
@@ -378,6 +379,67 @@ def test_dropped_branches_share_one_zero_gradient_node_per_forward():
     check_grads()
     with torch.no_grad():  # no graph, no node
         assert model(x).grad_fn is None
+
+
+class _InPlaceAfterAdd(nn.Module):
+    """``out = x + f(x)`` followed by an in-place op on ``out``: legal, since the add made a new tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x + self.linear(x)
+        out.mul_(2.0)
+        return out
+
+
+class _KeepsInputs(nn.Module):
+    """Reads each block's input again after the block ran (as U-Net skips or DenseNet features do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_InPlaceAfterAdd(), _InPlaceAfterAdd()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x) + x
+        return x
+
+
+def test_a_skipped_or_pruned_block_never_returns_its_input_itself():
+    """A skipped branch leaves ``x + 0``, a new tensor: an in-place op after the gate must not write into
+    the block's input, with or without autograd, trainable or frozen, in training or pruned evaluation."""
+    torch.manual_seed(0)
+    model = _KeepsInputs()
+    handle = inject_stochastic_depth(model, [0.0, 1.0], drop="batch", scaling="expected", auto_resample=False, seed=0)
+    handle.resample(0)
+    assert handle.kept.tolist() == [False, True]
+    x = torch.randn(3, 4)
+
+    def expected() -> torch.Tensor:  # block 0 dropped: 2 x + x; block 1 kept
+        h = 3.0 * x
+        b = model.blocks[1]
+        return 2.0 * (h + b.linear(h)) + h
+
+    with torch.no_grad():
+        want = expected()
+    out = model(x.clone())
+    assert torch.equal(out.detach(), want)  # the graph case (zero-gradient node and copies)
+    with torch.no_grad():
+        assert torch.equal(model(x.clone()), want)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert torch.equal(model(x.clone()), want)  # frozen: no dropped weight to touch
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    handle.prune(0.5, by="last")  # block 1 pruned, block 0 kept (scaling "expected" with p_0 = 0: 0 x f)
+    h = 2.0 * x + x
+    with torch.no_grad():
+        assert torch.equal(model(x.clone()), 2.0 * h + h)
+        exported = export_pruned(model)
+        assert torch.equal(exported(x.clone()), 2.0 * h + h)
 
 
 def test_dropped_channels_last_parameters_get_zero_gradients_in_their_layout():

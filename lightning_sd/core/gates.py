@@ -241,16 +241,16 @@ class ResidualGate(_GateBase):
         return weights
 
     def _skip(self, shortcut: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return shortcut
+        # Never the shortcut itself: ``shortcut + f(x)`` is a new tensor, and an in-place op after the gate
+        # (``out.mul_(2)``, ``ReLU(inplace=True)``) must not write into the block's input.
         handle = self.handle
-        if handle._zero_touch == handle._draws:
-            # The zero-gradient node of this step's dropped branches is already in the graph (and its
-            # backward has not run yet): a copy, as ``shortcut + f(x)`` would be (later in-place ops stay legal).
+        if not torch.is_grad_enabled() or handle._zero_touch == handle._draws:
+            # No graph, or the zero-gradient node of this step's dropped branches is already in it (and its
+            # backward has not run yet): a copy.
             return shortcut.clone()
         weights = handle._dropped_weights()
         if not weights:
-            return shortcut
+            return shortcut.clone()
         handle._zero_touch = handle._draws
         return _ZeroGradients.apply(handle, shortcut, *weights)
 
@@ -291,7 +291,7 @@ class ResidualGate(_GateBase):
             return self._combine(shortcut, self._call_branch(*inputs))
         if not self.training:
             if self.pruned:
-                return shortcut  # pruned for inference: the branch is not called
+                return shortcut.clone()  # pruned for inference: the branch is not called (a copy: see _skip)
             return _add_scaled(shortcut, self._call_branch(*inputs), handle._p[self.index] if handle.scaling == "expected" else 1.0)
         kind, index = handle.drop_kind, self.index
         if kind.dropped(index):

@@ -203,11 +203,12 @@ class KeptBranch(nn.Module):
 
 
 class PrunedBranch(nn.Module):
-    """A removed branch of an exported model: the block returns its shortcut."""
+    """A removed branch of an exported model: the block returns (a copy of) its shortcut."""
 
     @override
     def forward(self, shortcut: Tensor, *inputs: Any) -> Tensor:
-        return shortcut
+        # A copy, as ``shortcut + f(x)`` is a new tensor: an in-place op after it must not change the block's input.
+        return shortcut.clone()
 
 
 class SlotScale(nn.Module):
