@@ -273,6 +273,54 @@ def test_inductor_cond_route_with_depthwise_and_pointwise_convolutions() -> None
         torch.testing.assert_close(buf, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("source", "name", "before_convolution"),
+    [
+        ("timm", "poolformer_s12", [True] * 24),  # convolutions in every MLP branch and between stages
+        ("torchvision", "swin_t", [False] * 24),  # the patch embedding is the only convolution, before the blocks
+        ("timm", "vit_tiny_patch16_224", [False] * 24),
+        ("torchvision", "resnet18", [True] * 8),
+    ],
+)
+def test_gates_know_whether_a_convolution_follows_their_block(source: str, name: str, before_convolution: list[bool]) -> None:
+    """Which gates' 4-D activations cross ``torch.cond`` in channels_last: those of blocks registered before a
+    convolution of the model (in their branch or after them), the tensors Inductor lays out channels_last."""
+    import timm
+    import torchvision
+
+    with torch.device("meta"):
+        model = timm.create_model(name) if source == "timm" else getattr(torchvision.models, name)()
+    handle = inject_stochastic_depth(model, 0.5)
+    assert [gate.precedes_convolution for gate in handle.gates] == before_convolution
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_inductor_cond_route_with_branches_without_convolutions_before_a_convolution(version: str) -> None:
+    """PoolFormer (timm MetaFormer with pooling token mixers, GroupNorm): a block's token-mixing branch has
+    no convolution, but its 4-D activations feed the convolutions of the later MLP branches and
+    downsampling layers, which Inductor's layout optimization reads as a reason to lay them out
+    channels_last: the cond's subgraph expected the traced layout (``assert_size_stride``), and once they
+    crossed in channels_last, the kept branch's input gradient came out contiguous where the dropped
+    branch's had the output gradient's layout ("The sorted order of strides of the two branches' output
+    doesn't match"; timm poolformer_s12 and poolformerv2_s12 crashed, the first and the second way). Now:
+    one graph, one cond per gate, outputs and gradients as eager."""
+    from timm.models.metaformer import GroupNorm1, GroupNorm1NoBias, MetaFormer
+
+    configs = {  # timm's poolformer_s12 and poolformerv2_s12, two stages of one block each
+        "v1": dict(downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True, norm_layers=GroupNorm1, layer_scale_init_values=1e-5, res_scale_init_values=None),
+        "v2": dict(norm_layers=GroupNorm1NoBias, res_scale_init_values=(1.0, 1.0)),
+    }
+    torch.manual_seed(0)
+    model = MetaFormer(num_classes=10, depths=(1, 1), dims=(8, 16), use_mlp_head=False, **configs[version]).double().train()
+    handle, ref, ref_handle = _pair(model)
+    assert handle.num_blocks == 4 and all(gate.precedes_convolution for gate in handle.gates)
+    compiled = _Compiled(model, backend="inductor")
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(4, 3, 16, 16, dtype=torch.float64), 4, warm_up=2)
+    assert counts == [1, 1, 1, 1]
+    assert _conds(compiled.counter.graphs[0]) == 4
+
+
 class _Regions:
     """A model run eagerly, its branches compiled as regions by ``handle.compile`` (Inductor), with a graph counter."""
 

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py                     # 17 models, batch drop
+    PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py                     # 19 models, batch drop
     PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py --models tv:swin_t timm:mixer_s16_224 \
         --drops batch sample subset
     PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py --dynamic   # torch.compile(..., dynamic=True)
@@ -67,6 +67,8 @@ DEFAULT_MODELS = [
     "timm:mixer_s16_224 224",
     "timm:levit_128s 224",
     "timm:swin_tiny_patch4_window7_224 224",
+    "timm:poolformer_s12 64",
+    "timm:poolformerv2_s12 64",
     "tv:resnet18 64",
     "tv:convnext_tiny 64",
     "tv:swin_t 64",

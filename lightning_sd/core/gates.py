@@ -137,6 +137,10 @@ class ResidualGate(_GateBase):
     branch: Callable[..., Tensor]
     block: nn.Module
     runner: _BranchRunner
+    #: Whether a convolution of the model is registered in or after this gate's block (set at injection;
+    #: True for gates pickled before it existed): under ``torch.compile`` the gate's 4-D activations then
+    #: cross ``torch.cond`` in channels_last (see :func:`lightning_sd.core.compilation._activation_layout`).
+    precedes_convolution: bool = True
 
     def __init__(
         self,
@@ -1017,6 +1021,7 @@ def inject_stochastic_depth(
             index += 1
         actions.append(functools.partial(_set_forward, block, functools.partial(forward, block)))
 
+    _mark_gates_before_convolutions(model, handle.gates)
     done: list[Callable[[], None]] = []
     try:
         for act in actions:
@@ -1032,6 +1037,15 @@ def inject_stochastic_depth(
     if drop == "subset":
         _warn_if_branches_couple_examples(handle)
     return handle
+
+
+def _mark_gates_before_convolutions(model: nn.Module, gates: Sequence[_GateBase]) -> None:
+    """Sets ``precedes_convolution`` of each residual gate: a convolution is registered in or after its block."""
+    position = {id(module): i for i, module in enumerate(model.modules())}
+    last = max((i for i, module in enumerate(model.modules()) if isinstance(module, nn.modules.conv._ConvNd)), default=-1)
+    for gate in gates:
+        if isinstance(gate, ResidualGate):
+            gate.precedes_convolution = position[id(gate.block)] < last
 
 
 def _warn_if_branches_couple_examples(handle: StochasticDepthHandle) -> None:
