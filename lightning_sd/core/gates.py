@@ -1041,8 +1041,12 @@ def inject_stochastic_depth(
 
 def _mark_gates_before_convolutions(model: nn.Module, gates: Sequence[_GateBase]) -> None:
     """Sets ``precedes_convolution`` of each residual gate: a convolution is registered in or after its block."""
-    position = {id(module): i for i, module in enumerate(model.modules())}
-    last = max((i for i, module in enumerate(model.modules()) if isinstance(module, nn.modules.conv._ConvNd)), default=-1)
+    position: dict[int, int] = {}
+    last = -1  # position of the last convolution
+    for i, module in enumerate(model.modules()):
+        position[id(module)] = i
+        if isinstance(module, nn.modules.conv._ConvNd):
+            last = i
     for gate in gates:
         if isinstance(gate, ResidualGate):
             gate.precedes_convolution = position[id(gate.block)] < last
