@@ -83,3 +83,28 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class NestedResidualBlock(nn.Module):
+    """timm EdgeNeXt's ``SplitTransposeBlock`` in small: the outer branch holds an inner residual with a layer
+    scale attribute (and BatchNorm, optionally); one drop-path slot serves both adds, so both are found.
+
+    ``x + out(relu(y + gamma * inner(y)))`` with ``y = fc(x)``: branch0 is the inner residual, branch1 the outer.
+    """
+
+    def __init__(self, width: int, batchnorm: bool = False) -> None:
+        super().__init__()
+        from timm.layers import DropPath
+
+        self.fc = nn.Linear(width, width)
+        self.inner = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width) if batchnorm else nn.Identity())
+        self.gamma_inner = nn.Parameter(torch.full((width,), 0.5))
+        self.out = nn.Linear(width, width)
+        self.drop_path = DropPath(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        y = self.fc(x)
+        y = y + self.drop_path(self.gamma_inner * self.inner(y))
+        y = self.out(torch.relu(y))
+        return shortcut + self.drop_path(y)

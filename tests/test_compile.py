@@ -23,7 +23,7 @@ from lightning_sd.callbacks import StochasticDepth
 from lightning_sd.core.gates import inject_stochastic_depth
 from lightning_sd.models.cifar_resnet import CifarResNet
 from lightning_sd.models.residual_mlp import ResidualMLP
-from tests.helpers import ClassifierModule, RegressionModule, image_loader, regression_data, trainer_kwargs
+from tests.helpers import ClassifierModule, NestedResidualBlock, RegressionModule, image_loader, regression_data, trainer_kwargs
 
 WARM_UP = 20
 
@@ -124,6 +124,30 @@ def test_whole_model_batch_drop_with_batchnorm_is_one_graph_with_the_buffers_of_
         torch.testing.assert_close(buf, want, rtol=1e-4, atol=1e-4, msg=name)
     # the first block ran on some steps only: its BatchNorm counted exactly those
     assert 0 < int(model.layer1[0].bn1.num_batches_tracked) - before < 60
+
+
+@pytest.mark.parametrize("drop", ["batch", "sample", "subset"])
+def test_whole_model_with_a_residual_inside_a_branch(caplog, drop) -> None:
+    """A residual nested in another's branch (timm EdgeNeXt), BatchNorm in the inner branch: one graph over 40
+    steps; outputs, gradients and buffers as eager. Batch drop: the inner gate's torch.cond runs inside the
+    outer one's kept branch (crashed before: the inner gate looked its layer scale up with ``get_parameter``
+    inside the outer ``functional_call``, and the two conds lifted aliased views of the multipliers). Subset
+    drop: the inner rows are drawn at resample for the outer subset's size (17 graphs before, one per draw)."""
+    caplog.set_level(logging.WARNING)
+    torch.manual_seed(0)
+    model = nn.Sequential(NestedResidualBlock(8, batchnorm=True), NestedResidualBlock(8, batchnorm=True)).train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="drop='subset'")  # BatchNorm on subsets: expected here
+        handle, ref, ref_handle = _pair(model, drop=drop)
+    assert [b.name for b in handle.branches] == ["0.branch0", "0.branch1", "1.branch0", "1.branch1"]
+    assert handle.drop_kind.enclosing == [1, None, 3, None]
+    compiled = _Compiled(model)
+    counts = _run_pair(model, compiled, ref, handle, ref_handle, torch.randn(6, 8), 40, caplog=caplog)
+    assert counts[-1] == counts[WARM_UP - 1] == 1
+    if drop == "batch":
+        assert _conds(compiled.counter.graphs[0]) == 2  # the outer gates'; each holds its inner gate's cond
+    for (name, buf), (_, want) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(buf, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_graph_break_route_with_batchnorm_gives_the_same_graph_count_for_any_depth(caplog) -> None:

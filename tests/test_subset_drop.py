@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sd.callbacks import StochasticDepth
 from lightning_sd.core.gates import inject_stochastic_depth
 from lightning_sd.models.residual_mlp import ResidualMLP, ResidualMLPBlock
-from tests.helpers import RegressionModule, trainer_kwargs
+from tests.helpers import NestedResidualBlock, RegressionModule, trainer_kwargs
 
 
 def _one_block(width: int = 6) -> nn.Sequential:
@@ -46,6 +46,39 @@ def test_the_branch_runs_on_round_pB_rows_and_is_scaled(rate: float, batch: int,
     (grad,) = torch.autograd.grad(manual, ref)
     torch.testing.assert_close(model[0].linear.weight.grad, grad, rtol=1e-6, atol=1e-6)
     assert handle.realized_depth() == pytest.approx(size / batch)
+
+
+@pytest.mark.parametrize("drawn_at_resample", [True, False])
+def test_a_residual_inside_a_branch_runs_on_a_subset_of_its_enclosing_subset(drawn_at_resample: bool) -> None:
+    """timm EdgeNeXt's form (an inner residual inside the outer branch): the inner block sees the outer subset's
+    rows only, and runs on round(p k) of those k. Values and gradients against a hand computation of the DINOv2
+    rule applied twice; the realized depth counts the inner rows against the whole batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(NestedResidualBlock(6))
+    plain = copy.deepcopy(model)[0]
+    handle = inject_stochastic_depth(model, [0.5, 0.75], drop="subset", scaling="inverted", seed=3)  # inner 0.5, outer 0.75
+    assert handle.drop_kind.enclosing == [1, None]
+    x = torch.randn(8, 6)
+    handle.resample(step=2, batch_size=8 if drawn_at_resample else None)
+    seen: list[int] = []
+    model[0].inner.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    y = model.train()(x)
+    outer_rows = handle.drop_kind.rows(1, 8, handle._p, x.device)  # the rows this step drew, as the gates read them
+    inner_rows = handle.drop_kind.rows(0, 6, handle._p, x.device)
+    assert outer_rows.numel() == 6 and inner_rows.numel() == 3 and seen == [3]  # round(0.75 * 8), round(0.5 * 6)
+    assert int(inner_rows.max()) < 6  # rows of the outer subset, not of the batch
+    # the DINOv2 rule by hand, on a copy of the block's parameters
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in plain.named_parameters()}
+    fc, inner, out = (lambda t, k=k: torch.nn.functional.linear(t, params[f"{k}.weight"], params[f"{k}.bias"]) for k in ("fc", "inner.0", "out"))
+    h = fc(x[outer_rows])
+    h = h.index_add(0, inner_rows, params["gamma_inner"] * inner(h[inner_rows]), alpha=6 / 3)
+    expected = x.index_add(0, outer_rows, out(torch.relu(h)), alpha=8 / 6)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    for name, param in model[0].named_parameters():
+        torch.testing.assert_close(param.grad, params[name].grad, rtol=1e-6, atol=1e-6, msg=name)
+    assert handle.realized_depth() == pytest.approx((6 + 3) / 8)
 
 
 def test_eval_is_the_plain_or_p_scaled_network() -> None:

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py                     # 19 models, batch drop
+    PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py                     # 32 models, batch drop
     PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py --models tv:swin_t timm:mixer_s16_224 \
         --drops batch sample subset
     PYTHONPATH=$PWD python examples/benchmarks/zoo_compile.py --dynamic   # torch.compile(..., dynamic=True)
@@ -69,6 +69,19 @@ DEFAULT_MODELS = [
     "timm:swin_tiny_patch4_window7_224 224",
     "timm:poolformer_s12 64",
     "timm:poolformerv2_s12 64",
+    "timm:caformer_s18 64",
+    "timm:edgenext_xx_small 64",
+    "timm:efficientformer_l1 224",
+    "timm:efficientformerv2_s0 224",
+    "timm:inception_next_atto 64",
+    "timm:nextvit_small 64",
+    "timm:mambaout_femto 64",
+    "timm:starnet_s050 64",
+    "timm:fastvit_t8 64",
+    "timm:repvit_m0_9 64",
+    "timm:efficientvit_b0 64",
+    "timm:tiny_vit_5m_224 224",
+    "timm:gcvit_xxtiny 224",
     "tv:resnet18 64",
     "tv:convnext_tiny 64",
     "tv:swin_t 64",

@@ -15,7 +15,8 @@ handle refreshes outside the forward (at ``resample``, ``set_survival``, ``recon
   (:func:`torch.func.functional_call`), the live buffers take them after the cond. The gate chooses the
   layouts of what crosses the cond (parameters flattened, the activations of convolutional branches in
   channels_last), where torch 2.14's cond and Inductor's layout optimization disagreed (see
-  :func:`_cond_gate`). In torch 2.14 the backward of ``torch.cond`` recomputes the kept branch's forward
+  :func:`_cond_gate`). A residual inside another's branch (timm EdgeNeXt) is a cond inside that
+  branch's. In torch 2.14 the backward of ``torch.cond`` recomputes the kept branch's forward
   (``CondAutogradOp`` saves only the inputs), so a kept block costs about one more forward than in the
   plain compiled model. A branch that modifies its inputs in place cannot be traced by ``torch.cond``:
   use ``"graph_break"``. Under ``torch.compile(..., dynamic=True)`` Dynamo traces Python
@@ -139,7 +140,7 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
     kept, m = _batch_mask(handle, gate.index)
     if not handle.skip_compute:  # masking instead of skipping (FSDP, DeepSpeed): the mask as data
         return shortcut + gate._call_branch(*inputs) * (m * kept).to(shortcut.dtype)
-    return _cond_gate(gate, kept, m, shortcut, inputs)
+    return _cond_gate(gate, kept, shortcut, inputs)
 
 
 def _decides_outside_graph(gate: ResidualGate) -> bool:
@@ -199,7 +200,7 @@ def _has_convolution(gate: ResidualGate) -> bool:
     return any(isinstance(module, nn.modules.conv._ConvNd) for module in modules)
 
 
-def _cond_gate(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
+def _cond_gate(gate: ResidualGate, kept: Tensor, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
     """``torch.cond(kept, shortcut + m f(x), shortcut)`` for a traced batch-drop gate, within torch 2.14's limits.
 
     - ``torch.cond`` refuses a branch that mutates state, so the buffers of the branch's modules
@@ -234,15 +235,16 @@ def _cond_gate(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, in
     # costs copies (CifarResNet-56 at budget 0.5: 0.682 of the compiled plain step against 0.648).
     pin_gradients = layout == "channels_last" and not _has_convolution(gate)
     flatten = layout == "flat"
-    # The branches close over sizes and dtypes, never over the tensors (torch.cond would lift those as extra
-    # operands, aliasing their flattened views), and over tuples, not torch.Size: sizes (symbolic under
-    # dynamic shapes) are lifted one by one.
+    # The branches close over sizes and dtypes, never over the branch's tensors (torch.cond would lift those as
+    # extra operands, aliasing their flattened views), and over tuples, not torch.Size: sizes (symbolic under
+    # dynamic shapes) are lifted one by one. The one tensor they close over is the handle's multipliers.
     dtype, shape = shortcut.dtype, tuple(shortcut.shape)
     shapes = [tuple(x.shape) if isinstance(x, Tensor) and flatten else None for x in inputs]
     param_shapes = [(name, tuple(p.shape)) for name, p in params.items()]
     buffer_types = [(name, tuple(b.shape), b.dtype) for name, b in zip(names, live)]
     carried = [b.to(torch.float64) if not b.is_floating_point() else b.clone() for b in live]
     counts = (len(inputs), len(params))
+    multipliers, index = gate.handle._train_multipliers, gate.index
 
     def run(s: Tensor, *args: Any) -> tuple[Tensor, ...]:
         xs = [x.view(size) if size is not None else x for x, size in zip(args[: counts[0]], shapes)]
@@ -254,6 +256,9 @@ def _cond_gate(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, in
         state = {name: w.view(size) for (name, size), w in zip(param_shapes, ws)}
         fresh = {name: c.view(size).to(kind, copy=True) for (name, size, kind), c in zip(buffer_types, cs)}
         out = torch.func.functional_call(gate.runner, {**state, **fresh}, tuple(xs), strict=False)
+        # m_l indexed here, not closed over as ``_train_multipliers[l]``: a gate nested in this branch (timm
+        # EdgeNeXt) reads the same tensor, which torch.cond lifts once; a view of it beside it would alias it.
+        m = multipliers[index]
         new = ((s.view(shape) if flatten else s) + out * m).to(dtype)
         if layout == "channels_last":  # the two branches' outputs in one layout
             new = new.contiguous(memory_format=torch.channels_last)

@@ -58,6 +58,9 @@ class DropKind:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = int(num_blocks)
         self._key: tuple[int, tuple[int, ...], int] = (0, (0, 0), 0)  # seed, (step, micro_batch), rank
+        #: For each block, the block whose branch computes its residual (timm EdgeNeXt: the attention
+        #: residual inside the block's outer one), or None; set by the handle from the traced forwards.
+        self.enclosing: list[int | None] = [None] * self.num_blocks
         self.reset()
 
     def reset(self) -> None:
@@ -289,7 +292,9 @@ class SubsetDrop(DropKind):
     examples; the branch output, times ``B / |subset|`` (``scaling="inverted"``) or 1 (``"expected"``), is
     index-added to the shortcut. The other examples skip the branch's compute, every parameter gets a
     gradient every step, and the subset size is fixed per block (static shapes). A branch that couples
-    examples (BatchNorm in training mode) computes its statistics on the subset. The subsets come from
+    examples (BatchNorm in training mode) computes its statistics on the subset. A block whose residual
+    lies inside another's branch (timm EdgeNeXt) sees that branch's k rows and runs on ``round(p_l k)`` of
+    them (an example runs it with probability about ``p_outer p_l``). The subsets come from
     ``(seed, step, micro_batch, rank, block)``; they are drawn in :meth:`resample` when the batch size is
     known (outside the forward, so that a compiled model reads them as inputs: one graph), else at the
     first gate call.
@@ -313,8 +318,16 @@ class SubsetDrop(DropKind):
             # Outside the forward: a compiled model reads the rows as inputs (no graph break, no recompile).
             for index in range(self.num_blocks):
                 position, rate = self.source[index], float(rates[index])
-                rows = self._draw_rows(position, self.subset_size(rate, batch_size), batch_size).to(device or "cpu")
-                self._drawn[index] = (position, int(batch_size), rate, rows)
+                batch = self._batch_of(index, rates, int(batch_size))
+                rows = self._draw_rows(position, self.subset_size(rate, batch), batch).to(device or "cpu")
+                self._drawn[index] = (position, batch, rate, rows)
+
+    def _batch_of(self, index: int, rates: Sequence[float], batch_size: int) -> int:
+        """Examples block ``index`` sees: the batch, or the subset of the block whose branch holds it."""
+        outer = self.enclosing[index]
+        if outer is None:
+            return batch_size
+        return self.subset_size(float(rates[outer]), self._batch_of(outer, rates, batch_size))
 
     def subset_size(self, rate: float, batch: int) -> int:
         """``max(1, round(rate * batch))``, at most ``batch``."""
@@ -334,7 +347,8 @@ class SubsetDrop(DropKind):
         else:
             rows = self._draw_rows(self.source[index], self.subset_size(rates[index], batch), batch)
         self.sizes[index] = rows.shape[0]
-        self.batch = batch
+        if self.enclosing[index] is None:  # a nested block sees its enclosing branch's subset, not the batch
+            self.batch = batch
         return rows.to(device)
 
     def row_scale(self, index: int, batch: int, rows: int, rates: Sequence[float], scaling: str) -> float:  # noqa: D102

@@ -84,6 +84,18 @@ def _walk(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
+def _parameter_at(block: nn.Module, name: str) -> Tensor:
+    """The parameter ``name`` (``"gamma"``, ``"attn.scale"``) of ``block``, through the ``_modules`` and ``_parameters`` dicts.
+
+    A fraction of the cost of ``get_parameter``, which also refuses what it finds inside the
+    ``torch.func.functional_call`` of an enclosing gate's traced branch (a residual nested in another, timm
+    EdgeNeXt), where parameters are plain tensors.
+    """
+    owner, _, attr = name.rpartition(".")
+    found = (_walk(block, owner) if owner else block)._parameters.get(attr)
+    return found if found is not None else block.get_parameter(name)
+
+
 def _broadcast_over_batch(m: Tensor, like: Tensor) -> Tensor:
     return m.reshape((m.shape[0],) + (1,) * (like.ndim - 1))
 
@@ -156,6 +168,9 @@ class ResidualGate(_GateBase):
         self.__dict__["block"] = block
         self.weight_modules = tuple(weight_modules)
         self.weight_attrs = tuple(weight_attrs)
+        #: The gate whose branch computes this gate's residual (a residual nested in another), or None.
+        #: In ``__dict__``: not a submodule.
+        self.__dict__["enclosing"] = None
         #: Whether the branch's modules hold buffers (BatchNorm statistics): under ``torch.compile`` they
         #: cross ``torch.cond`` as inputs and outputs (see :mod:`lightning_sd.core.compilation`).
         self.holds_state = any(True for name in self.weight_modules for _ in block.get_submodule(name).buffers())
@@ -186,10 +201,10 @@ class ResidualGate(_GateBase):
                     seen.add(id(param))
                     params[f"block.{name}.{param_name}"] = param
         for name in self.weight_attrs:
-            param = block.get_parameter(name)
-            if id(param) not in seen:
-                seen.add(id(param))
-                params[f"block.{name}"] = param
+            weight = _parameter_at(block, name)
+            if id(weight) not in seen:
+                seen.add(id(weight))
+                params[f"block.{name}"] = weight
         return params
 
     def __getstate__(self) -> dict[str, Any]:
@@ -238,10 +253,7 @@ class ResidualGate(_GateBase):
                 weights.extend(module.parameters())
             else:
                 weights.extend(w for w in module._parameters.values() if w is not None)
-        for name in self.weight_attrs:
-            owner, _, attr = name.rpartition(".")
-            weight = (_walk(block, owner) if owner else block)._parameters.get(attr)
-            weights.append(weight if weight is not None else block.get_parameter(name))
+        weights.extend(_parameter_at(block, name) for name in self.weight_attrs)
         return weights
 
     def _skip(self, shortcut: Tensor) -> Tensor:
@@ -499,6 +511,16 @@ def _rewrite(plan: BlockPlan, gate_names: list[str]) -> tuple[_GeneratedFunction
     return forward, branches
 
 
+def _enclosing_adds(plan: BlockPlan) -> list[int | None]:
+    """For each residual add of ``plan``, the innermost other add whose branch computes it, or None."""
+    members = [set(a.nodes) for a in plan.adds]
+    enclosing: list[int | None] = []
+    for a in plan.adds:
+        outer = [j for j, m in enumerate(members) if a.add in m and plan.adds[j] is not a]
+        enclosing.append(min(outer, key=lambda j: len(members[j])) if outer else None)
+    return enclosing
+
+
 class StochasticDepthHandle:
     """What :func:`inject_stochastic_depth` returns: gates in forward order, rates, masks, removal.
 
@@ -574,6 +596,9 @@ class StochasticDepthHandle:
         # version lack some of it.
         state.setdefault("_specialize_full_depth", True)
         state.setdefault("_warned_eager_branch", False)
+        kind = state["drop_kind"]
+        if not hasattr(kind, "enclosing"):  # pickled before nesting was recorded: every block at the top
+            kind.enclosing = [None] * kind.num_blocks
         self.__dict__.update(state)
         self._rates_key = None
         self._refresh_rates(self._train_multipliers.device)
@@ -777,6 +802,7 @@ class StochasticDepthHandle:
         check_inverted_rates(p, scaling)
         switched_to_subset = drop == "subset" and self.drop != "subset"
         self.drop_kind = DROP_KIND_CLASSES[drop](self.num_blocks)  # fresh masks: all kept until the next resample
+        self._sync_nesting()
         self._draws += 1
         self.scaling = scaling
         if seed is not None:
@@ -804,7 +830,14 @@ class StochasticDepthHandle:
         self._p = [self._p[i] for i in order]
         self._refresh_rates()
         self.drop_kind.permute(order)
+        self._sync_nesting()
         self._draws += 1
+
+    def _sync_nesting(self) -> None:
+        """Tell the drop kind which block's branch holds each nested block (after injection, reorder, reconfigure)."""
+        position = {id(gate): i for i, gate in enumerate(self.gates)}
+        outer = [gate.__dict__.get("enclosing") for gate in self.gates]
+        self.drop_kind.enclosing = [None if o is None else position[id(o)] for o in outer]
 
     def _on_model_forward(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook of the injected model: new masks (``auto_resample``), or a new zero-gradient node."""
@@ -1009,6 +1042,7 @@ def inject_stochastic_depth(
         neutral = list(dict.fromkeys([*plan.none_slots, *(s for a in plan.adds for s in a.slots)]))
         for slot in neutral:
             actions.append(functools.partial(_set_module, model, prefix + slot, nn.Identity()))
+        plan_gates: list[ResidualGate] = []
         for gname, a, fn in zip(gate_names, plan.adds, branch_fns):
             mods = [str(n.target) for n in a.nodes if n.op == "call_module"]
             attrs = [
@@ -1016,12 +1050,16 @@ def inject_stochastic_depth(
             ]
             gate = ResidualGate(index, handle, functools.partial(fn, block), block, list(dict.fromkeys(mods)), attrs)
             gate.train(block.training)
+            plan_gates.append(gate)
             handle.gates.append(gate)
             actions.append(functools.partial(_add_gate, block, gname, gate))
             index += 1
+        for gate, outer in zip(plan_gates, _enclosing_adds(plan)):
+            gate.__dict__["enclosing"] = None if outer is None else plan_gates[outer]
         actions.append(functools.partial(_set_forward, block, functools.partial(forward, block)))
 
     _mark_gates_before_convolutions(model, handle.gates)
+    handle._sync_nesting()
     done: list[Callable[[], None]] = []
     try:
         for act in actions:
