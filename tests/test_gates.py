@@ -11,6 +11,7 @@ from lightning_sd.core.gates import existing_handle, inject_stochastic_depth, ma
 from lightning_sd.core.pruning import export_pruned
 from lightning_sd.core.survival import survival_rates
 from lightning_sd.models import CifarResNet, ResidualMLP
+from tests.helpers import NestedResidualBlock
 
 
 def manual_mlp(model: ResidualMLP, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,38 @@ def test_sample_drop_realized_depth_is_read_from_the_cpu_draw():
     handle.resample(3, batch_size=16)
     handle.drop_kind.permute([4, 3, 2, 1, 0])  # renumbered masks: computed from them
     assert handle.realized_depth() == expected
+
+
+@pytest.mark.parametrize("drop", ["batch", "sample"])
+def test_realized_depth_counts_a_nested_residual_only_where_its_enclosing_branch_runs(drop):
+    """timm EdgeNeXt's form: the inner residual (branch0) runs only where the outer branch (branch1) does.
+    Batch drop: the realized depth is what the branches' modules saw (forward hooks); sample drop: an example
+    runs the inner branch where its masks keep both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(NestedResidualBlock(4), NestedResidualBlock(4)).train()
+    handle = inject_stochastic_depth(model, 0.5, drop=drop, seed=1, auto_resample=False)
+    assert handle.drop_kind.enclosing == [1, None, 3, None]
+    seen = [0]
+    for block in model:  # inner: the inner branch's module; out: the outer branch's
+        for module in (block.inner, block.out):
+            module.register_forward_hook(lambda _m, args, _out: seen.__setitem__(0, seen[0] + args[0].shape[0]))
+    ran, kept_flags, realized = 0.0, 0.0, 0.0
+    x = torch.randn(8, 4)
+    for step in range(40):
+        handle.resample(step, batch_size=8)
+        if drop == "batch":
+            seen[0] = 0
+            model(x)
+            ran += seen[0] / 8
+            kept_flags += float(handle.kept.sum())
+        else:
+            kept = handle.drop_kind.masks > 0
+            for inner, outer in [(0, 1), (2, 3)]:
+                ran += float((kept[:, inner] & kept[:, outer]).double().mean() + kept[:, outer].double().mean())
+            kept_flags += float(kept.sum(dim=1).double().mean())
+        realized += handle.realized_depth()
+    assert realized == pytest.approx(ran)
+    assert realized < kept_flags  # some inner gates were kept inside dropped outer branches
 
 
 def test_batch_drop_does_not_call_dropped_modules():

@@ -114,6 +114,17 @@ class DropKind:
         """Branches executed at this step (per-example kinds: their mean over examples; NaN before a draw)."""
         raise NotImplementedError
 
+    def _runs(self, kept: Tensor) -> Tensor:
+        """Which blocks run, from which are kept (bool, ``(..., L)``): a nested block runs where its enclosing ones do."""
+        if all(outer is None for outer in self.enclosing):
+            return kept
+        runs = kept.clone()
+        for index, outer in enumerate(self.enclosing):
+            while outer is not None:
+                runs[..., index] &= kept[..., outer]
+                outer = self.enclosing[outer]
+        return runs
+
     def permute(self, order: Sequence[int]) -> None:
         """Renumber the blocks (new block ``l`` is old block ``order[l]``); the masks move with their branch."""
         raise NotImplementedError
@@ -185,7 +196,9 @@ class BatchDrop(DropKind):
         return self.kept_tensor.clone()
 
     def realized_depth(self) -> float:  # noqa: D102
-        return float(sum(self.kept))
+        if all(outer is None for outer in self.enclosing):
+            return float(sum(self.kept))
+        return float(self._runs(torch.tensor(self.kept)).sum())
 
     def permute(self, order: Sequence[int]) -> None:  # noqa: D102
         self._set_kept([self.kept[i] for i in order])
@@ -227,7 +240,7 @@ class SampleDrop(DropKind):
 
     def _set_drawn(self, drawn: Tensor, device: torch.device | str) -> Tensor:
         masks = self.masks = drawn.to(device)
-        self._kept_count = (masks, float((drawn > 0).sum(dim=1).double().mean()))
+        self._kept_count = (masks, float(self._runs(drawn > 0).sum(dim=1).double().mean()))
         return masks
 
     def _draw_step(self, rates: Sequence[float], scaling: str, batch_size: int | None, device: torch.device | str | None) -> None:
@@ -257,7 +270,7 @@ class SampleDrop(DropKind):
             return float("nan")
         if self._kept_count is not None and self._kept_count[0] is self.masks:
             return self._kept_count[1]  # from the CPU draw
-        return float((self.masks > 0).sum(dim=1).double().mean().cpu())  # masks renumbered or restored since
+        return float(self._runs(self.masks > 0).sum(dim=1).double().mean().cpu())  # masks renumbered or restored since
 
     def permute(self, order: Sequence[int]) -> None:  # noqa: D102
         if self.masks is not None:
