@@ -4,7 +4,8 @@ The oracle is timm itself (``examples/benchmarks/zoo_coverage.py``, which sweeps
 model is built with ``drop_path_rate=0.1`` on every block, one training-mode forward pass records which
 ``DropPath`` modules are called, and a gate must cover exactly each called drop path that timm adds to a
 shortcut. Drop paths timm applies to something that is not added to a shortcut (mobilevit, vovnet,
-rdnet, resnest's input drop) must get no gate and must be reported. The gates must not depend on
+rdnet, resnest's input drop) must get no gate and must be reported; ResNeSt, whose every drop path is on
+the block input, gets its residual blocks by structure (one gate per block). The gates must not depend on
 ``drop_path_rate`` (the same names at 0).
 """
 
@@ -84,7 +85,7 @@ FAMILY_MODELS = {
     "rdnet": "rdnet_tiny",
     "regnet": "regnety_002",
     "res2net": "res2net50_48w_2s",
-    "resnest": "resnest14d",
+    "resnest": "resnest26d",  # resnest14d: every block has a projection shortcut, passed over by structure
     "resnet": "resnet14t",
     "resnetv2": "resnetv2_50d_evos",
     "rexnet": "rexnet_150",

@@ -37,7 +37,8 @@ What is measured, per model (nothing is downloaded: models are built on the meta
   ``torch.fx`` trace of the slot's parent, climbing to the grandparent when the slot's output is the
   parent's output), or that is applied to the block's input itself (ResNeSt drops the input that then
   feeds the downsample shortcut), is "not residual (timm quirk)": no gate is expected there, none must
-  be put there.
+  be put there. A block whose slot drops its input (ResNeSt) is a residual block all the same: one gate
+  on the block is expected, as for torchvision's blocks.
   A parent whose forward cannot be traced counts the slot as residual.
 * ``lightning_sd.find_residual_branches(model)``: a gate covers a slot when the slot is the gate's
   ``slot`` or one of its ``modules`` (for torchvision's blocks: the gate's ``block`` is the block).
@@ -282,7 +283,7 @@ def _closure(node: fx.Node, up: bool) -> set[fx.Node]:
 
 
 def _residual_verdict(model: nn.Module, slot: str, cache: dict, max_levels: int = 3) -> str:
-    """``"residual"``, ``"not_residual"`` or ``"untraceable"`` for the module slot ``slot``.
+    """``"residual"``, ``"not_residual"``, ``"input_dropped"`` or ``"untraceable"`` for the module slot ``slot``.
 
     At the slot's parent: a slot applied to the parent's input itself drops the shortcut, not a branch
     (timm's ResNeSt). Otherwise the slot's output, through any ops, must reach an add whose other operand does
@@ -309,7 +310,7 @@ def _residual_verdict(model: nn.Module, slot: str, cache: dict, max_levels: int 
         if not nodes:
             return "untraceable"
         if level == 1 and any(n.args and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder" for n in nodes):
-            return "not_residual"  # the drop path takes the block's input itself (resnest: the shortcut is dropped)
+            return "input_dropped"  # the drop path takes the block's input itself (resnest: the shortcut is dropped)
         reaches_output = False
         for node in nodes:
             desc = _closure(node, up=False)
@@ -414,7 +415,12 @@ def _evaluate_model(model: nn.Module, input_size: tuple[int, ...], rec: dict[str
         return branches
     cache: dict = {}
     verdicts = {s: _residual_verdict(model, s, cache) for s in slots}
-    quirk = {s for s, v in verdicts.items() if v == "not_residual"}
+    quirk = {s for s, v in verdicts.items() if v in ("not_residual", "input_dropped")}
+    # A drop path on the block's input (ResNeSt) marks no branch, but its block is residual all the same:
+    # one gate on the block is expected there, as for torchvision's blocks.
+    for s, v in verdicts.items():
+        if v == "input_dropped":
+            virtual[s.rpartition(".")[0]] = 1
     rec.update(
         called_slots=slots,
         virtual_slots=virtual,

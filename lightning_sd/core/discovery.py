@@ -11,7 +11,8 @@ are classified by these rules, in order:
    add and the operand holding the slot is the branch, whatever ``drop_path_rate`` the model was built
    with. In a model that carries such slots they are the complete list: residual adds without a slot
    (conv position encodings, class-attention blocks, adds inside attention or re-parameterised convs)
-   are passed over and reported, unless ``blocks=`` names them.
+   are passed over and reported, unless ``blocks=`` names them. A model whose slots all mark nothing
+   (timm's ResNeSt drops the block input) is read by rule 2, its slots reported.
 2. **Without slots** (torchvision ResNet/RegNet/MobileNet/ViT, user models) the shortcut must be the
    block input or a thin transform of it (identity, pooling, slicing, padding, or one 1x1
    projection/normalisation), and the branch is the weighted path added to it.
@@ -783,6 +784,13 @@ def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnal
         # Slots that no forward calls (timm's ConvBnAct without skip in an otherwise slot-less model)
         # do not make the slots the complete list.
         if result.plans or result.uncovered or result.slots_called:
+            if not result.plans and names is None:
+                # Every slot is applied to something that is not a branch (timm ResNeSt drops the block
+                # input): they mark nothing, and the blocks are found by structure. The slots stay named.
+                structural = _analyse_mode(model, None, False)
+                if structural.plans:
+                    structural.uncovered = result.uncovered + structural.uncovered
+                    return structural
             return result if names is not None else _without_fixed_zero_slots(model, result)
     return _analyse_mode(model, names, False)
 
