@@ -85,7 +85,7 @@ FAMILY_MODELS = {
     "rdnet": "rdnet_tiny",
     "regnet": "regnety_002",
     "res2net": "res2net50_48w_2s",
-    "resnest": "resnest26d",  # resnest14d: every block has a projection shortcut, passed over by structure
+    "resnest": "resnest26d",  # resnest14d (every block has a projection shortcut): its own test below
     "resnet": "resnet14t",
     "resnetv2": "resnetv2_50d_evos",
     "rexnet": "rexnet_150",
@@ -145,3 +145,16 @@ def test_gates_are_exactly_timms_drop_paths(zoo, family: str) -> None:
         assert "not added to a shortcut" in text and "blocks=" in text
     else:
         assert rec["not_residual"] == [] and rec["expected"] > 0
+
+
+@pytest.mark.slow
+def test_resnest_with_only_projection_blocks_is_gated_by_its_slot_class(zoo) -> None:
+    # resnest14d: one bottleneck per stage, each with a projection shortcut, so no instance of the class
+    # adds its input unchanged (structure alone would take it for a NAS cell). The class carries timm's
+    # drop-path slot, so its author meant it as a stochastic-depth block: one gate per block.
+    rec = zoo.evaluate_timm("resnest14d")
+    assert rec["status"] == "ok", rec.get("error")
+    assert [b["name"] for b in rec["branches"]] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert all(b["skippable"] and b["slot"] is None for b in rec["branches"])
+    assert rec["misses"] == [] and rec["extra_gates"] == [] and rec["exact"] and rec["gates"] == rec["expected"] == 4
+    assert rec["same_at_0"]

@@ -787,7 +787,7 @@ def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnal
             if not result.plans and names is None:
                 # Every slot is applied to something that is not a branch (timm ResNeSt drops the block
                 # input): they mark nothing, and the blocks are found by structure. The slots stay named.
-                structural = _analyse_mode(model, None, False)
+                structural = _analyse_mode(model, None, False, slot_classes_are_blocks=True)
                 if structural.plans:
                     structural.uncovered = result.uncovered + structural.uncovered
                     return structural
@@ -833,7 +833,15 @@ def _without_fixed_zero_slots(model: nn.Module, result: _ModelAnalysis) -> _Mode
     return result
 
 
-def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool) -> _ModelAnalysis:
+def _analyse_mode(
+    model: nn.Module, names: Sequence[str] | None, slot_mode: bool, slot_classes_are_blocks: bool = False
+) -> _ModelAnalysis:
+    """Plans in one mode (by drop-path slots, or by structure).
+
+    ``slot_classes_are_blocks``: in the structural reading of a model whose slots mark nothing, a class
+    that carries a drop-path slot is a residual block class by its author's word, so its projection
+    shortcuts are trusted even where no instance adds the identity (timm resnest14d).
+    """
     wanted = None if names is None else set(names)
     modules = list(model.named_modules(remove_duplicate=False))
     seen: set[int] = set()
@@ -911,6 +919,8 @@ def _analyse_mode(model: nn.Module, names: Sequence[str] | None, slot_mode: bool
     # (ResNet, RegNet, SENet); alone it is a sum of two weighted paths (a NAS cell, a re-parameterised conv).
     if not slot_mode:
         with_identity = {type(p.module) for p in plans if any(a.kind != "projection" for a in p.adds)}
+        if slot_classes_are_blocks:
+            with_identity |= {type(p.module) for p in plans if any(_slot_attrs(p.module))}
         kept = []
         for plan in plans:
             if type(plan.module) in with_identity or (wanted is not None and plan.name in wanted):
