@@ -68,10 +68,14 @@ def test_a_non_timm_model_has_no_fixed_zero_slot() -> None:
 
 
 def test_resnest_input_drop_is_not_a_gate_and_is_reported() -> None:
-    # ResNeSt applies DropPath to the block input before the downsample: it drops no branch
+    # ResNeSt applies DropPath to the block input before the downsample: it drops no branch. The slot is
+    # left alone and named; the blocks that hold the slots are gated by structure (projection shortcuts)
     model = _meta("resnest14d", drop_path_rate=0.1)
-    with pytest.warns(UserWarning, match=r"(?s)layer1\.0\.drop_path: drop-path slot applied to something that is not added to a shortcut.*blocks="):
-        assert find_residual_branches(model) == []
+    with pytest.warns(UserWarning, match=r"(?s)layer1\.0\.drop_path: drop-path slot applied to something that is "
+                      r"not added to a shortcut: left alone; the block holding it is gated by structure.*drop_path_rate=0"):
+        branches = find_residual_branches(model)
+    assert [b.name for b in branches] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert all(b.slot is None and not any(m.endswith("drop_path") for m in b.modules) for b in branches)
     # a regex names the blocks the slots do not mark, and gates them by structure
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

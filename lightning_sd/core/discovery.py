@@ -41,7 +41,7 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 import torch
@@ -789,7 +789,8 @@ def _analyse(model: nn.Module, names: Sequence[str] | None = None) -> _ModelAnal
                 # input): they mark nothing, and the blocks are found by structure. The slots stay named.
                 structural = _analyse_mode(model, None, False, slot_classes_are_blocks=True)
                 if structural.plans:
-                    structural.uncovered = result.uncovered + structural.uncovered
+                    gated = [p.name for p in structural.plans]
+                    structural.uncovered = [_note_gated_block(item, gated) for item in result.uncovered] + structural.uncovered
                     return structural
             return result if names is not None else _without_fixed_zero_slots(model, result)
     return _analyse_mode(model, names, False)
@@ -992,7 +993,23 @@ def _branches_of(plan: BlockPlan) -> list[ResidualBranch]:
     ]
 
 
+_GATED_BY_STRUCTURE = "; the block holding it is gated by structure"
+
+
+def _note_gated_block(item: PassedOver, gated: Sequence[str]) -> PassedOver:
+    """``item`` (a slot), saying so where the block that holds it got a gate by structure (ResNeSt)."""
+    if any(item.where.startswith(f"{name}.") for name in gated):
+        return replace(item, reason=item.reason + _GATED_BY_STRUCTURE)
+    return item
+
+
 def _fix_hint(items: Sequence[PassedOver]) -> str:
+    if all(item.reason.endswith(_GATED_BY_STRUCTURE) for item in items):
+        return (
+            "Their blocks are gated (describe_branches(model) lists them); the slots themselves keep the rate "
+            "the model was built with (build it with drop_path_rate=0 to leave only the gates). strict=True turns "
+            "this warning into an error."
+        )
     return (
         "If these are residual branches you want gated, name their blocks explicitly, e.g. "
         "blocks=['<module name>'] or a regex over module names (see describe_branches(model)); "
