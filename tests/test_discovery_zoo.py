@@ -160,3 +160,47 @@ def test_resnest_with_only_projection_blocks_is_gated_by_its_slot_class(zoo) -> 
     assert all(b["skippable"] and b["slot"] is None for b in rec["branches"])
     assert rec["misses"] == [] and rec["extra_gates"] == [] and rec["exact"] and rec["gates"] == rec["expected"] == 4
     assert rec["same_at_0"]
+
+
+# torchvision beyond the classifiers: one model per module of detection, segmentation, video, optical
+# flow and quantization, with its residual count read off the architecture (ResNet-50: 16 bottlenecks;
+# MobileNetV3-Large: 10 inverted residuals that add their input; MViT-v2-S and Video Swin-T: two per
+# transformer block; RAFT-small: 2 bottlenecks x 3 stages in each of its two encoders; VGG, S3D,
+# ShuffleNetV2, GoogLeNet, Inception: none). The oracle is torchvision's StochasticDepth calls and its
+# residual block classes (detectors: called in a forward of the backbone, where those blocks are).
+TV_FAMILY_MODELS = {
+    "detection.faster_rcnn": ("fasterrcnn_mobilenet_v3_large_320_fpn", 10),
+    "detection.fcos": ("fcos_resnet50_fpn", 16),
+    "detection.keypoint_rcnn": ("keypointrcnn_resnet50_fpn", 16),
+    "detection.mask_rcnn": ("maskrcnn_resnet50_fpn_v2", 16),
+    "detection.retinanet": ("retinanet_resnet50_fpn", 16),
+    "detection.ssd": ("ssd300_vgg16", 0),
+    "detection.ssdlite": ("ssdlite320_mobilenet_v3_large", 10),
+    "segmentation.deeplabv3": ("deeplabv3_mobilenet_v3_large", 10),
+    "segmentation.fcn": ("fcn_resnet50", 16),
+    "segmentation.lraspp": ("lraspp_mobilenet_v3_large", 10),
+    "video.mvit": ("mvit_v2_s", 32),
+    "video.resnet": ("r2plus1d_18", 8),
+    "video.s3d": ("s3d", 0),
+    "video.swin_transformer": ("swin3d_t", 24),
+    "optical_flow.raft": ("raft_small", 12),
+    "quantization.resnet": ("quantized_resnet18", 8),
+    "quantization.mobilenetv3": ("quantized_mobilenet_v3_large", 10),
+    "quantization.shufflenetv2": ("quantized_shufflenet_v2_x0_5", 0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(TV_FAMILY_MODELS))
+def test_torchvision_beyond_classifiers_gates_are_its_residuals(zoo, family: str) -> None:
+    name, residuals = TV_FAMILY_MODELS[family]
+    rec = zoo.evaluate_torchvision(name)
+    assert rec["family"] == family and rec["built_on"] == "meta"
+    assert rec["warnings"] == [], rec["warnings"]
+    assert rec["gates"] == residuals, [b["name"] for b in rec["branches"]]
+    if residuals == 0:
+        assert rec["status"] == "no_drop_path_called"
+        return
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["misses"] == [] and rec["extra_gates"] == [] and rec["merged_gates"] == [] and rec["split_slots"] == []
+    assert rec["exact"] and rec["expected"] == residuals

@@ -30,7 +30,7 @@ torchvision = pytest.importorskip("torchvision")
 
 pytestmark = pytest.mark.slow
 
-# (library, name, build kwargs, input side). timm models get drop_path_rate=0.1 so that their drop-path
+# (library, name, build kwargs, input side or shape without the batch). timm models get drop_path_rate=0.1 so that their drop-path
 # slots exist. Sides are the smallest the model accepts, to keep the file to about a minute on 1 thread.
 _DISCOVERY_RIGHT_TODAY = [
     ("timm", "resnet18", {}, 32),
@@ -71,6 +71,10 @@ _DISCOVERY_RIGHT_TODAY = [
     ("torchvision", "mobilenet_v3_small", {}, 32),
     ("torchvision", "mnasnet0_5", {}, 32),
     ("torchvision", "vit_b_32", {"image_size": 32}, 32),
+    ("torchvision", "quantized_resnet18", {}, 32),  # the residual add is FloatFunctional.add_relu
+    ("torchvision", "quantized_mobilenet_v3_large", {}, 32),
+    ("torchvision", "r3d_18", {}, (3, 4, 32, 32)),  # video: 3-D convolutions, clips of 4 frames
+    ("torchvision", "swin3d_t", {}, (3, 4, 64, 64)),  # video: StochasticDepth slots
 ]
 
 # Families whose discovery was wrong before issue 11 (gates on the wrong adds, missed drop paths); injection
@@ -112,13 +116,13 @@ def _probe_module(model: nn.Module, branch: lightning_sd.ResidualBranch, others:
 
 
 @pytest.mark.parametrize(("library", "name", "kwargs", "side"), _MODELS, ids=[m.id if hasattr(m, "marks") else f"{m[0]}:{m[1]}" for m in _MODELS])
-def test_inject_train_step_eval_remove(library: str, name: str, kwargs: dict, side: int) -> None:
+def test_inject_train_step_eval_remove(library: str, name: str, kwargs: dict, side: int | tuple[int, ...]) -> None:
     torch.manual_seed(0)
     model = _build(library, name, kwargs)
     plain = copy.deepcopy(model)
     keys = list(model.state_dict())
     types = [(n, type(m)) for n, m in model.named_modules()]
-    x = torch.randn(4, 3, side, side)
+    x = torch.randn(4, 3, side, side) if isinstance(side, int) else torch.randn(4, *side)
     target = torch.tensor([1, 7, 0, 3])
 
     handle = lightning_sd.inject_stochastic_depth(model, 0.5, drop="batch", seed=3)

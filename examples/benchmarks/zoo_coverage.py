@@ -2,7 +2,7 @@
 
 Usage (from the repository root; ``PYTHONPATH=$PWD`` picks this checkout's ``lightning_sd``)::
 
-    # the whole zoo (every timm model twice, every torchvision classifier), 2 worker processes
+    # the whole zoo (every timm model twice, every torchvision model), 2 worker processes
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python examples/benchmarks/zoo_coverage.py --jobs 2
     # a few models or families, results to a file of your choice
     PYTHONPATH=$PWD python examples/benchmarks/zoo_coverage.py --models 'resnet18,convnext_*' --skip-torchvision
@@ -23,14 +23,18 @@ What is measured, per model (nothing is downloaded: models are built on the meta
   block at rate 0 gets ``nn.Identity``/``None`` instead of ``DropPath``; ``_EveryBlockRate`` makes the
   schedule constant), and again with ``drop_path_rate=0``. Models that refuse the argument are recorded
   as ``no drop_path_rate`` and built without it. torchvision: built with its defaults (its
-  stochastic-depth models have rates > 0 by default).
+  stochastic-depth models have rates > 0 by default), every model of ``torchvision.models.list_models()``:
+  classifiers, detection, segmentation, video, optical flow and quantization (float, ``quantize=False``),
+  with ``weights=None`` (and ``weights_backbone=None``).
 * The oracle is the library itself: one training-mode forward pass (meta input of the model's
-  default input size from its ``pretrained_cfg``, batch 2) with forward hooks records which drop-path
-  modules are actually CALLED, and how often: timm ``DropPath``, torchvision ``StochasticDepth`` (and
+  default input size from its ``pretrained_cfg``, batch 2; torchvision video models a 16-frame clip,
+  detectors their backbone alone, as their training forward wants targets, RAFT two images) with
+  forward hooks records which drop-path modules are actually CALLED, and how often: timm ``DropPath``, torchvision ``StochasticDepth`` (and
   the ``nn.Identity`` torchvision's MaxViT puts in its first block's ``stochastic_depth`` slot); for
   torchvision models without stochastic depth, the residual blocks torchvision defines (ResNet
   BasicBlock/Bottleneck, RegNet ResBottleneckBlock, MobileNetV2/V3 InvertedResidual and MNASNet
-  _InvertedResidual when their ``use_res_connect``/``apply_residual`` is set, ViT EncoderBlock: two).
+  _InvertedResidual when their ``use_res_connect``/``apply_residual`` is set, ViT EncoderBlock: two;
+  video ResNet BasicBlock/Bottleneck, RAFT ResidualBlock/BottleneckBlock; the quantizable subclasses).
   Slots a timm model keeps at rate 0 whatever ``drop_path_rate`` is (CaiT's class-attention blocks)
   are not drop paths: a gate there counts as extra. They are listed in ``zero_rate_slots``.
 * A slot whose output does not flow into an add with the block's input (checked with a shallow
@@ -65,6 +69,7 @@ import time
 import traceback
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +90,20 @@ _TV_RESIDUAL_BLOCKS: dict[tuple[str, str], int | str] = {
     ("torchvision.models.mobilenetv3", "InvertedResidual"): "use_res_connect",
     ("torchvision.models.mnasnet", "_InvertedResidual"): "apply_residual",
     ("torchvision.models.vision_transformer", "EncoderBlock"): 2,
+    ("torchvision.models.video.resnet", "BasicBlock"): 1,
+    ("torchvision.models.video.resnet", "Bottleneck"): 1,
+    ("torchvision.models.optical_flow.raft", "ResidualBlock"): 1,
+    ("torchvision.models.optical_flow.raft", "BottleneckBlock"): 1,
 }
+
+
+def _tv_block_spec(m: nn.Module) -> int | str | None:
+    """The residual spec of ``m``'s class or of a class it derives from (the quantizable blocks)."""
+    for cls in type(m).__mro__:
+        spec = _TV_RESIDUAL_BLOCKS.get((cls.__module__, cls.__qualname__))
+        if spec is not None:
+            return spec
+    return None
 
 
 # Attribute names under which the libraries keep a drop-path slot (an ``nn.Identity`` where the rate is 0).
@@ -220,8 +238,13 @@ def _zero_rate_slots(model: nn.Module) -> list[str]:
     return found
 
 
-def _called_slots(model: nn.Module, x: torch.Tensor, identity_slots: bool) -> tuple[dict[str, int], dict[str, int]]:
+def _called_slots(
+    model: nn.Module, x: torch.Tensor, identity_slots: bool, run: Callable[[nn.Module, torch.Tensor], Any] | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
     """Run one training-mode forward; return the called module slots and virtual slots, each name -> count.
+
+    ``run(model, x)`` is the forward (default ``model(x)``): a detector's training forward wants targets,
+    so its oracle runs the backbone, where its residual blocks are; RAFT takes two images.
 
     Module slots: library drop-path modules and, with ``identity_slots``, ``nn.Identity`` under a slot
     attribute; a module slot's count is how often it was called (torchvision's MaxViT calls one
@@ -233,7 +256,7 @@ def _called_slots(model: nn.Module, x: torch.Tensor, identity_slots: bool) -> tu
         if _is_library_drop_path(m) or (identity_slots and type(m) is nn.Identity and _SLOT_ATTR.search(name.rpartition(".")[2])):
             slots[name] = m
         else:
-            spec = _TV_RESIDUAL_BLOCKS.get((type(m).__module__, type(m).__qualname__))
+            spec = _tv_block_spec(m)
             if spec is not None:
                 count = spec if isinstance(spec, int) else int(bool(getattr(m, spec)))
                 if count:
@@ -252,7 +275,10 @@ def _called_slots(model: nn.Module, x: torch.Tensor, identity_slots: bool) -> tu
     try:
         model.train()
         with torch.no_grad():
-            model(x)
+            if run is None:
+                model(x)
+            else:
+                run(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -390,7 +416,13 @@ def _short_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
 
 
-def _evaluate_model(model: nn.Module, input_size: tuple[int, ...], rec: dict[str, Any], identity_slots: bool) -> list[Any] | None:
+def _evaluate_model(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    rec: dict[str, Any],
+    identity_slots: bool,
+    run: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+) -> list[Any] | None:
     """Oracle + discovery on one built model; fills ``rec``; returns the branches (None on failure)."""
     try:
         branches, warns, dt = _discover(model)
@@ -407,7 +439,7 @@ def _evaluate_model(model: nn.Module, input_size: tuple[int, ...], rec: dict[str
     )
     x = torch.empty((2, *input_size), device="meta")
     try:
-        slots, virtual = _called_slots(model, x, identity_slots)
+        slots, virtual = _called_slots(model, x, identity_slots, run)
     except _Timeout:
         raise
     except Exception as err:
@@ -486,21 +518,46 @@ def evaluate_timm(name: str) -> dict[str, Any]:
     return rec
 
 
+def _tv_family(name: str) -> str:
+    """torchvision's module of the builder, below ``torchvision.models``: ``resnet``, ``video.resnet``, ``detection.ssd``."""
+    import torchvision
+
+    return torchvision.models.get_model_builder(name).__module__.removeprefix("torchvision.models.")
+
+
+def _tv_oracle_input(name: str, family: str) -> tuple[tuple[int, ...], Callable[[nn.Module, torch.Tensor], Any] | None]:
+    """Input size (without batch) and forward of the oracle's pass for a torchvision model."""
+    if family.startswith("detection."):
+        return (3, 320, 320), lambda m, x: m.backbone(x)  # SSD300's VGG extras need >= 300
+    if family.startswith("optical_flow."):
+        return (3, 128, 128), lambda m, x: m(x, x)
+    if family == "video.resnet":
+        return (3, 16, 112, 112), None
+    if family.startswith("video."):
+        return (3, 16, 224, 224), None
+    return ((3, 299, 299) if "inception" in name else (3, 224, 224)), None
+
+
 def evaluate_torchvision(name: str) -> dict[str, Any]:
     import torchvision
 
     builder = torchvision.models.get_model_builder(name)
-    rec: dict[str, Any] = {"source": "torchvision", "model": name, "family": builder.__module__.rsplit(".", 1)[-1]}
+    family = _tv_family(name)
+    rec: dict[str, Any] = {"source": "torchvision", "model": name, "family": family}
+    # no weights, and none for the backbone of detection and segmentation models either
+    kwargs: dict[str, Any] = {"weights": None}
+    if family.startswith(("detection.", "segmentation.")):
+        kwargs["weights_backbone"] = None
     try:
-        model, rec["built_on"] = _build(builder, weights=None)
+        model, rec["built_on"] = _build(builder, **kwargs)
     except _Timeout:
         raise
     except Exception as err:
         rec.update(status="build_failed", error=_short_error(err))
         return rec
-    size = (3, 299, 299) if name.startswith("inception") else (3, 224, 224)
+    size, run = _tv_oracle_input(name, family)
     rec["input_size"] = list(size)
-    _evaluate_model(model, size, rec, identity_slots=True)
+    _evaluate_model(model, size, rec, identity_slots=True, run=run)
     return rec
 
 
@@ -633,7 +690,7 @@ def _select_models(args: argparse.Namespace) -> list[tuple[str, str]]:
     if not args.skip_torchvision:
         import torchvision
 
-        tasks += [("torchvision", n) for n in torchvision.models.list_models(module=torchvision.models)]
+        tasks += [("torchvision", n) for n in torchvision.models.list_models()]
     if args.models:
         pats = [p.strip() for p in args.models.split(",") if p.strip()]
         tasks = [t for t in tasks if any(fnmatch.fnmatchcase(t[1], p) for p in pats)]
@@ -644,9 +701,7 @@ def _select_models(args: argparse.Namespace) -> list[tuple[str, str]]:
             if source == "timm":
                 fam = _timm_family(name)
             else:
-                import torchvision
-
-                fam = torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+                fam = _tv_family(name)
             if fam in fams:
                 keep.append((source, name))
         tasks = keep
