@@ -1,5 +1,6 @@
 import csv
 import glob
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -156,3 +157,66 @@ def test_model_without_residual_branch(tmp_path):
     trainer = pl.Trainer(max_steps=1, callbacks=[StochasticDepth()], **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match=r"found no residual branch.*blocks="):
         trainer.fit(module, image_loader(n=8, batch_size=4))
+
+
+class _DetectorFormModule(pl.LightningModule):
+    """A detector's batch form: a list of ``(3, H, W)`` images and a list of per-image target dicts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ClassifierModule().net
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        labels = torch.stack([t["label"] for t in targets])
+        loss = torch.nn.functional.cross_entropy(self.net(torch.stack(images)), labels)
+        self.log("train_loss", loss, batch_size=len(images))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _detector_loader() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    items = [
+        (torch.randn(3, 8, 8, generator=g), {"label": torch.tensor(i % 10), "boxes": torch.rand(1 + i % 3, 4, generator=g)})
+        for i in range(8)
+    ]
+    return torch.utils.data.DataLoader(items, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
+
+
+@pytest.mark.parametrize("drop", ["batch", "sample"])
+def test_a_batch_of_image_lists_draws_for_the_real_batch_without_lightnings_warning(tmp_path, drop):
+    # Lightning's extract_batch_size reads 3 (the channels of the first image) off this batch and warns the
+    # user to pass batch_size= to their self.log, which they did: the callback must not ask it.
+    from lightning.pytorch.utilities.data import warning_cache
+
+    warning_cache.clear()
+    cb = StochasticDepth(budget=0.5, drop=drop, seed=0)
+    trainer = pl.Trainer(max_steps=3, callbacks=[cb], **trainer_kwargs(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_DetectorFormModule(), _detector_loader())
+    assert [str(w.message) for w in caught if "ambiguous collection" in str(w.message)] == []
+    assert trainer.global_step == 3
+    if drop == "sample":
+        assert tuple(cb.handle.drop_kind.masks.shape) == (2, cb.handle.num_blocks)
+
+
+def test_shared_batch_size_is_the_size_every_tensor_agrees_on():
+    from dataclasses import dataclass
+
+    from lightning_sd.callbacks.stochastic_depth import _shared_batch_size
+
+    @dataclass
+    class Batch:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    x, y = torch.zeros(5, 3), torch.zeros(5)
+    assert _shared_batch_size((x, y)) == 5
+    assert _shared_batch_size({"input_ids": torch.zeros(5, 7), "labels": y, "step": torch.tensor(1.0)}) == 5
+    assert _shared_batch_size(Batch(x, y)) == 5
+    assert _shared_batch_size([[torch.zeros(3, 8, 8)] * 2, [{"boxes": torch.zeros(1, 4)}] * 2]) is None
+    assert _shared_batch_size(["text", 3]) is None

@@ -6,14 +6,14 @@ import functools
 import math
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import fields, is_dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
@@ -76,6 +76,34 @@ def default_p_min(mode: str, budget: float, scaling: str) -> float:
     if mode in _MEASURED_MODES and scaling == "inverted":
         return min(0.05, float(budget) / 2.0)
     return 0.0
+
+
+def _shared_batch_size(batch: Any) -> int | None:
+    """The first dimension that every tensor of ``batch`` shares, or None (no tensor, or sizes that disagree).
+
+    Lightning's ``extract_batch_size`` returns the first tensor's size and, where the sizes disagree (a
+    detector's list of ``(3, H, W)`` images beside its targets), warns the user to pass ``batch_size=`` to
+    their own ``self.log``, which would not silence it. Here an ambiguous batch gives None, and the gates
+    draw their masks at their first call, where the batch size is known.
+    """
+    size = None
+    stack = [batch]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            if item.ndim == 0:
+                continue
+            if size is None:
+                size = item.shape[0]
+            elif item.shape[0] != size:
+                return None
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif is_dataclass(item) and not isinstance(item, type):
+            stack.extend(getattr(item, f.name) for f in fields(item))
+    return size
 
 
 class StochasticDepth(Callback):
@@ -569,10 +597,7 @@ class StochasticDepth(Callback):
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
             self._measure(trainer, pl_module)
         self._follow_schedule(trainer.global_step)
-        try:
-            batch_size: int | None = extract_batch_size(batch)
-        except Exception:  # no tensor to read it from: the gates draw at their first call
-            batch_size = None
+        batch_size = _shared_batch_size(batch)  # None: the gates draw at their first call
         # One mask per micro-batch: with gradient accumulation the micro-batches of an optimizer step
         # (same global_step, consecutive batch_idx) get independent masks, as separate steps would.
         self.handle.resample(trainer.global_step, batch_idx, batch_size=batch_size, device=pl_module.device)
@@ -594,7 +619,7 @@ class StochasticDepth(Callback):
         self._depth_sq_sum += depth * depth
         self._depth_count += 1
         if batch_idx % self.log_every_n_steps == 0 and writes:
-            pl_module.log("sd/realized_depth", depth, on_step=True, on_epoch=False)
+            pl_module.log("sd/realized_depth", depth, on_step=True, on_epoch=False, batch_size=1)  # a step value: no weighting
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
