@@ -394,6 +394,36 @@ def test_inductor_graph_break_route_across_stage_shapes() -> None:
     assert counts[0] == counts[-1] <= 12
 
 
+@pytest.mark.parametrize("untested", [True, False])
+def test_compiled_skipping_on_an_untested_torch_warns_once_at_the_next_resample(monkeypatch, untested) -> None:
+    """On a torch older than ``TESTED_TORCH`` (torch 2.11 gave ConvNeXt zero gradients under Inductor), the
+    first trace of a skipping gate sets a flag and the next (eager) resample warns, once; the tested torch,
+    and a traced forward at full depth (no cond), stay silent."""
+    from lightning_sd.core import compilation
+
+    monkeypatch.setattr(compilation, "UNTESTED_TORCH", untested)
+    torch.manual_seed(0)
+    model = ResidualMLP(8, 16, 4, 2).train()
+    handle = inject_stochastic_depth(model, 1.0, auto_resample=False, seed=5)
+    compiled = _Compiled(model)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle.resample(0, batch_size=4)
+        compiled(x).sum().backward()  # every rate 1: traced without torch.cond
+        handle.resample(1, batch_size=4)
+        assert not [w for w in caught if "tested on torch" in str(w.message)]
+        handle.set_survival([0.5] * handle.num_blocks)
+        for step in range(2, 6):
+            handle.resample(step, batch_size=4)
+            compiled(x).sum().backward()
+    messages = [str(w.message) for w in caught if "tested on torch" in str(w.message)]
+    assert len(messages) == (1 if untested else 0)
+    if untested:
+        assert f">= {compilation.TESTED_TORCH[0]}.{compilation.TESTED_TORCH[1]}" in messages[0] and "drop='subset'" in messages[0]
+        assert [w.filename for w in caught if "tested on torch" in str(w.message)] == [__file__]  # points at the caller
+
+
 def test_compile_route_is_cond_by_default_and_can_be_set() -> None:
     mlp = inject_stochastic_depth(ResidualMLP(4, 8, 2, 1), 0.5)
     resnet = inject_stochastic_depth(CifarResNet(8, width=4), 0.5)

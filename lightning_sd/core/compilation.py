@@ -61,7 +61,15 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from lightning_sd.core.gates import ResidualGate, SlotGate, StochasticDepthHandle
 
-__all__ = ["COMPILE_ROUTES", "CompileRoute", "compile_branches", "traced_gate_forward", "traced_slot_forward"]
+__all__ = [
+    "COMPILE_ROUTES",
+    "TESTED_TORCH",
+    "CompileRoute",
+    "compile_branches",
+    "traced_gate_forward",
+    "traced_slot_forward",
+    "warn_untested_torch",
+]
 
 CompileRoute = Literal["cond", "graph_break"]
 #: How a batch-drop gate traced by ``torch.compile`` decides (see the module docstring).
@@ -113,6 +121,25 @@ class _InputLayoutGradient(torch.autograd.Function):
         return inductor_prims.force_stride_order(grad, ctx.stride)
 
 
+#: The oldest torch (major, minor) on which skipping batch drop under ``torch.compile`` is tested (CI).
+TESTED_TORCH = (2, 14)
+#: Whether this torch is older. On torch 2.11 Inductor gave a ConvNeXt with skipping batch-drop gates zero
+#: gradients upstream of the gates (both routes), where the plain compiled ConvNeXt and ``aot_eager`` were right.
+UNTESTED_TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < TESTED_TORCH
+
+
+def warn_untested_torch(handle: StochasticDepthHandle) -> None:
+    """Say once per handle that a compiled model skips blocks on a torch older than the tested one."""
+    handle._warned_untested_torch = True
+    warnings.warn(
+        f"lightning_sd: a compiled model skips dropped blocks (drop='batch') on torch {torch.__version__}; this is "
+        f"tested on torch >= {TESTED_TORCH[0]}.{TESTED_TORCH[1]} only, and on torch 2.11 Inductor gave some models "
+        "(timm ConvNeXt) zero gradients upstream of the gates. Upgrade torch, or check a few steps' gradients "
+        "against the uncompiled model, or use drop='subset' or drop='sample' (no torch.cond). Shown once per model.",
+        stacklevel=3,
+    )
+
+
 def _batch_mask(handle: StochasticDepthHandle, index: int) -> tuple[Tensor, Tensor]:
     """``(kept_l, m_l)`` as tensors: the kept flag (bool, 0-dim) and the multiplier of a kept branch."""
     kind: Any = handle.drop_kind
@@ -132,6 +159,8 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
         # Every rate is 1: every branch runs, m_l = 1, as the eager gate computes it. No cond: its
         # backward would recompute each branch's forward.
         return shortcut + gate._call_branch(*inputs)
+    if UNTESTED_TORCH and handle.skip_compute:
+        handle._traced_on_untested_torch = True  # a side effect Dynamo replays; resample warns (eager)
     reason = _outside_graph_reason(gate) if handle.skip_compute else None
     if reason is not None:
         # Before reading the gate's index or masks: the frames Dynamo compiles around this break must not
@@ -275,12 +304,18 @@ def _cond_gate(gate: ResidualGate, kept: Tensor, shortcut: Tensor, inputs: tuple
         return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
     # The shortcut is often an input too: it crosses once (two views of it would be aliased inputs, which
-    # cond refuses), and its crossing is traced once.
-    crossed: dict[int, Tensor] = {}
-    for x in (shortcut, *inputs):
-        if isinstance(x, Tensor) and id(x) not in crossed:
-            crossed[id(x)] = crossing(x)
-    activations = [crossed[id(x)] if isinstance(x, Tensor) else x for x in (shortcut, *inputs)]
+    # cond refuses), and its crossing is traced once. Matched with ``is``, not ``id()``: Dynamo before
+    # torch 2.14 breaks the graph on ``id()`` of a tensor made inside it (the block's shortcut).
+    crossed: list[tuple[Tensor, Tensor]] = []
+
+    def crossed_once(x: Tensor) -> Tensor:
+        for original, done in crossed:
+            if original is x:
+                return done
+        crossed.append((x, crossing(x)))
+        return crossed[-1][1]
+
+    activations = [crossed_once(x) if isinstance(x, Tensor) else x for x in (shortcut, *inputs)]
     operands = (*activations, *(p.reshape(-1) for p in params.values()), *(c.reshape(-1) for c in carried))
     result = torch.cond(kept, run, skip, operands)
     for buffer, new in zip(live, result[1:]):

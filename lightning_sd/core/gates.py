@@ -32,7 +32,7 @@ import functools
 import linecache
 import pickle
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -46,6 +46,7 @@ from lightning_sd.core.compilation import (
     disable_with_reason,
     traced_gate_forward,
     traced_slot_forward,
+    warn_untested_torch,
 )
 from lightning_sd.core.discovery import BlockPlan, ResidualBranch, lookup_attribute, select_branches
 from lightning_sd.core.drop_kinds import DROP_KIND_CLASSES, DropKind, mask_generator
@@ -82,6 +83,16 @@ def _walk(root: nn.Module, path: str) -> nn.Module:
             return root.get_submodule(path)
         module = child
     return module
+
+
+def _holds(tensors: Iterable[Tensor], tensor: Tensor) -> bool:
+    """Whether ``tensor`` is one of ``tensors`` (identity).
+
+    ``is``, not ``id()``: this runs while Dynamo traces a ``torch.cond`` branch, where the buffers are
+    tensors made in the graph, and Dynamo before torch 2.14 breaks the graph (fatal inside ``torch.cond``)
+    on ``id()`` of such a tensor.
+    """
+    return any(t is tensor for t in tensors)
 
 
 def _parameter_at(block: nn.Module, name: str) -> Tensor:
@@ -181,11 +192,9 @@ class ResidualGate(_GateBase):
         """Names (as seen from :attr:`runner`) and tensors of the buffers of the branch's modules, looked up now."""
         names: list[str] = []
         tensors: list[Tensor] = []
-        seen: set[int] = set()
         for name in self.weight_modules:
             for buffer_name, buffer in _walk(self.block, name).named_buffers():
-                if id(buffer) not in seen:
-                    seen.add(id(buffer))
+                if not _holds(tensors, buffer):
                     names.append(f"block.{name}.{buffer_name}")
                     tensors.append(buffer)
         return names, tensors
@@ -193,17 +202,14 @@ class ResidualGate(_GateBase):
     def branch_parameters(self) -> dict[str, Tensor]:
         """The branch's parameters by name as seen from :attr:`runner` (``block.conv1.weight``), looked up now."""
         params: dict[str, Tensor] = {}
-        seen: set[int] = set()
         block = self.block
         for name in self.weight_modules:
             for param_name, param in _walk(block, name).named_parameters():
-                if id(param) not in seen:
-                    seen.add(id(param))
+                if not _holds(params.values(), param):
                     params[f"block.{name}.{param_name}"] = param
         for name in self.weight_attrs:
             weight = _parameter_at(block, name)
-            if id(weight) not in seen:
-                seen.add(id(weight))
+            if not _holds(params.values(), weight):
                 params[f"block.{name}"] = weight
         return params
 
@@ -553,6 +559,10 @@ class StochasticDepthHandle:
         self.removed = False
         #: Whether a compiled model has said that a gate's branch runs eagerly (once per handle).
         self._warned_eager_branch = False
+        #: Set while Dynamo traces a skipping batch-drop gate on a torch older than the tested one; the
+        #: next ``resample`` (eager) warns once (see :func:`lightning_sd.core.compilation.warn_untested_torch`).
+        self._traced_on_untested_torch = False
+        self._warned_untested_torch = False
         #: Dropped branches (batch drop, training) are skipped; False multiplies them by 0 instead.
         self.skip_compute = True
         #: Draw new masks at every training-mode forward (set by ``inject_stochastic_depth(auto_resample=)``).
@@ -596,6 +606,8 @@ class StochasticDepthHandle:
         # version lack some of it.
         state.setdefault("_specialize_full_depth", True)
         state.setdefault("_warned_eager_branch", False)
+        state.setdefault("_traced_on_untested_torch", False)
+        state.setdefault("_warned_untested_torch", False)
         kind = state["drop_kind"]
         if not hasattr(kind, "enclosing"):  # pickled before nesting was recorded: every block at the top
             kind.enclosing = [None] * kind.num_blocks
@@ -711,6 +723,8 @@ class StochasticDepthHandle:
         """
         self._key = (int(step), int(micro_batch))
         self._draws += 1
+        if self._traced_on_untested_torch and not self._warned_untested_torch:
+            warn_untested_torch(self)
         self._refresh_rates(device)
         self.drop_kind.resample(
             seed=self.seed, key=self._key, rank=self._rank, rates=self._p, scaling=self.scaling, batch_size=batch_size, device=device
