@@ -8,8 +8,14 @@ median over ``--repeats`` repeats of the mean over ``--steps`` steps; configurat
 within each repeat (in alternating order), and every ratio is the median over repeats of the ratio to
 the no-SD time of the same repeat, so that drift of a shared machine cancels.
 
-    python examples/benchmarks/bench_speed.py                    # CifarResNet-110 and resnet50
+On CUDA, steps are timed with the host clock after ``torch.cuda.synchronize()`` (before and after
+the timed steps, not between them: the host's launch work overlaps the device's, as in training), and
+``--dtype bfloat16`` runs forward and loss under ``torch.autocast`` (bf16 mixed precision, fp32
+parameters and optimizer), what Lightning's ``precision="bf16-mixed"`` does.
+
+    python examples/benchmarks/bench_speed.py                    # CifarResNet-110 and resnet50 (64 x 64)
     python examples/benchmarks/bench_speed.py --models cifar110 --batch-size 32 --steps 3
+    python examples/benchmarks/bench_speed.py --device cuda --dtype bfloat16 --models resnet50 cifar110 vit_small --image-size 224
 """
 
 from __future__ import annotations
@@ -29,12 +35,31 @@ from lightning_sd.models import CifarResNet
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 
 
-def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
-    if name == "cifar110":
-        return CifarResNet(110, num_classes=10), (3, 32, 32), 10
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(name: str, image_size: int = 0) -> tuple[nn.Module, tuple[int, ...], int]:
+    """The model, its input shape (without batch) and its number of classes.
+
+    ``image_size`` applies to resnet50 (default 64) and vit_small (default 224); CifarResNets take 32 x 32.
+    """
+    if name.startswith("cifar"):
+        return CifarResNet(int(name[5:]), num_classes=10), (3, 32, 32), 10
     if name == "resnet50":
-        return torchvision.models.resnet50(num_classes=100), (3, 64, 64), 100
-    raise ValueError(f"unknown model {name!r}; choose cifar110 or resnet50")
+        size = image_size or 64
+        return torchvision.models.resnet50(num_classes=100), (3, size, size), 100
+    if name == "vit_small":
+        import timm
+
+        size = image_size or 224
+        return timm.create_model("vit_small_patch16_224", img_size=size, num_classes=100), (3, size, size), 100
+    raise ValueError(f"unknown model {name!r}; choose cifar<depth>, resnet50 or vit_small")
 
 
 def time_steps(
@@ -48,24 +73,29 @@ def time_steps(
     def one(step: int) -> float:
         kept = 1.0
         if handle is not None:
-            kept = float(handle.resample(step, batch_size=x.shape[0]).float().mean()) if handle.drop == "batch" else 1.0
+            kept = float(handle.resample(step, batch_size=x.shape[0], device=x.device).float().mean()) if handle.drop == "batch" else 1.0
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE != torch.float32):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
         return kept
 
     one(step0)  # warm-up
+    sync()
     start = time.perf_counter()
     for s in range(steps):
         executed += one(step0 + 1 + s)
+    sync()
     return (time.perf_counter() - start) / steps, executed / steps
 
 
-def bench(name: str, batch_size: int, steps: int, repeats: int) -> list[dict]:
+def bench(name: str, batch_size: int, steps: int, repeats: int, image_size: int = 0) -> list[dict]:
     torch.manual_seed(0)
-    base, shape, classes = build(name)
-    x = torch.randn(batch_size, *shape)
-    y = torch.randint(0, classes, (batch_size,))
+    base, shape, classes = build(name, image_size)
+    base = base.to(DEVICE)
+    x = torch.randn(batch_size, *shape, device=DEVICE)
+    y = torch.randint(0, classes, (batch_size,), device=DEVICE)
     plain = copy.deepcopy(base)
     batch_model = copy.deepcopy(base)
     batch_handle = inject_stochastic_depth(batch_model, 1.0, drop="batch", scaling="expected", auto_resample=False)
@@ -124,13 +154,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast (mixed precision)")
+    parser.add_argument("--image-size", type=int, default=0, help="input size of resnet50 and vit_small (0: 64 and 224)")
     args = parser.parse_args()
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats (median)")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {args.threads} threads"
+    size = f", resnet50/vit_small at {args.image_size} x {args.image_size}" if args.image_size else ""
+    print(f"torch {torch.__version__}, {where}, {args.dtype}{size}, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats (median)")
     print("| model | config | budget | executed | step ms | ratio to no SD | ideal (executed) | ratio / ideal | ideal (budget) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
-        for r in bench(name, args.batch_size, args.steps, args.repeats):
+        for r in bench(name, args.batch_size, args.steps, args.repeats, args.image_size):
             print(
                 f"| {r['model']} | {r['config']} | {r['budget']:.2f} | {r['executed']:.3f} | {r['ms']:.1f} | "
                 f"{r['ratio']:.3f} | {r['ideal']:.3f} | {r['ratio'] / r['ideal']:.3f} | {r['ideal_b']:.3f} |"
