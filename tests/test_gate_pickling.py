@@ -121,6 +121,25 @@ def test_pickle_dumps_loads_round_trips_an_injected_model(name: str) -> None:
     _check_round_trip(name, model, pickle.loads(pickle.dumps(model)))
 
 
+def test_the_import_block_rebuilds_string_annotation_globals_and_imports() -> None:
+    """Generated code of a block defined under ``from __future__ import annotations`` has string globals
+    (its annotations); the import block writes them as literals, on every torch (torch 2.11's fx raised)."""
+    from lightning_sd.core.gates import _import_block
+
+    namespace: dict = {}
+    exec(_import_block({"Tensor": "Tensor", "typing_Optional": "Optional[Tensor]", "torch": torch}), namespace)  # noqa: S102
+    assert namespace["Tensor"] == "Tensor"
+    assert namespace["typing_Optional"] == "Optional[Tensor]"
+    assert namespace["torch"] is torch
+    # CifarResNet's module uses ``from __future__ import annotations``: its blocks' generated forwards hold such strings
+    model = CifarResNet(8, width=2)
+    inject_stochastic_depth(model, 0.5)
+    generated = model.layer1[0].__dict__["forward"].func
+    assert any(isinstance(v, str) for v in generated._globals.values())
+    copied = pickle.loads(pickle.dumps(generated))
+    assert copied.src == generated.src and copied._globals.keys() == generated._globals.keys()
+
+
 def _run_in_child(model: nn.Module, x: torch.Tensor) -> tuple[list[float], int, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Rates, seed, eval output, plain train-mode output after remove(), two gated training outputs."""
     torch.set_num_threads(1)  # as the parent (conftest): a spawned child starts with torch's default, whose conv sums round differently

@@ -416,7 +416,7 @@ class _GeneratedFunction:
     Plain generated functions cannot be pickled (``torch.save(model)``, multiprocessing spawn, MLflow's
     ``log_model``): pickle looks them up by name in a module. This keeps the source and its globals, and
     pickles as the source plus the import block torch.fx writes for its own ``GraphModule`` pickles
-    (:func:`torch.fx.graph_module._format_import_block`); unpickling compiles the source again.
+    (:func:`_import_block`); unpickling compiles the source again.
     ``copy.deepcopy`` shares the compiled code (it holds no module or tensor).
     """
 
@@ -436,11 +436,8 @@ class _GeneratedFunction:
         return self._fn(*args, **kwargs)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from torch.fx.graph_module import _format_import_block
-        from torch.package import sys_importer
-
         try:
-            imports = _format_import_block(self._globals, sys_importer)
+            imports = _import_block(self._globals)
         except Exception as err:  # an object the generated code calls has no importable name
             raise pickle.PicklingError(
                 f"cannot pickle the stochastic-depth forward of {self.label}: {err}. Define the functions "
@@ -450,6 +447,23 @@ class _GeneratedFunction:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _GeneratedFunction:
         return self
+
+
+def _import_block(globals_: dict[str, Any]) -> str:
+    """Source that rebuilds the globals of generated code: torch.fx's import statements, strings as literals.
+
+    The string globals are forward-reference annotations (a block defined under ``from __future__ import
+    annotations``); :func:`torch.fx.graph_module._format_import_block` of torch 2.14 writes them, that of
+    torch 2.11 raises on them, so they are written here and the rest is left to torch.fx.
+    """
+    from torch.fx.graph_module import _format_import_statement
+    from torch.package import sys_importer
+
+    lines = {
+        f"{name} = {obj!r}" if isinstance(obj, str) else _format_import_statement(name, obj, sys_importer)
+        for name, obj in globals_.items()
+    }
+    return "\n".join(sorted(lines))
 
 
 def _function_from_source(imports: str, src: str, label: str) -> _GeneratedFunction:
