@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scipy.integrate import trapezoid  # noqa: E402  (numpy's own is numpy >= 2 only)
 from scipy.stats import chi2  # noqa: E402
 
 from lightning_sd.theory import out_sq_moments, predict, predict_infinite_width, simulate  # noqa: E402
@@ -45,7 +46,7 @@ def _predicted_pdf(y: np.ndarray, mean_g: float, var_g: float, k: int) -> np.nda
     g = np.linspace(mean_g - 8 * sd, mean_g + 8 * sd, 1601)
     w = np.exp(-0.5 * ((g - mean_g) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
     dens = _ln_chi2_pdf(y[:, None] - g[None, :], k) * w[None, :]
-    return np.trapezoid(dens, g, axis=1)
+    return trapezoid(dens, g, axis=1)
 
 
 def run(n: int, ratios: list[float], samples: int, seed: int, alpha: float, lam: float, n_out: int):

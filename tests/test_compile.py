@@ -424,6 +424,31 @@ def test_compiled_skipping_on_an_untested_torch_warns_once_at_the_next_resample(
         assert [w.filename for w in caught if "tested on torch" in str(w.message)] == [__file__]  # points at the caller
 
 
+@pytest.mark.parametrize("drop", ["sample", "subset"])
+def test_compiled_gates_on_a_torch_older_than_any_tested_for_compile_warn_once(monkeypatch, drop) -> None:
+    """Below ``OLDEST_COMPILE_TORCH`` (torch 2.4.1 recompiled sample and subset drop at every step) every traced
+    gate, of any drop kind, sets the flag, and the next resample says so once, naming both tested versions."""
+    from lightning_sd.core import compilation
+
+    monkeypatch.setattr(compilation, "OLD_COMPILE_TORCH", True)
+    torch.manual_seed(0)
+    model = ResidualMLP(8, 16, 4, 2).train()
+    handle = inject_stochastic_depth(model, 0.5, drop=drop, auto_resample=False, seed=5)
+    compiled = _Compiled(model)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle.resample(0, batch_size=4)
+        assert not [w for w in caught if "tested on torch" in str(w.message)]  # nothing traced yet
+        for step in range(1, 5):
+            compiled(x).sum().backward()
+            handle.resample(step, batch_size=4)
+    messages = [str(w.message) for w in caught if "tested on torch" in str(w.message)]
+    assert len(messages) == 1
+    oldest, tested = compilation.OLDEST_COMPILE_TORCH, compilation.TESTED_TORCH
+    assert f"tested on torch >= {oldest[0]}.{oldest[1]} only (drop='batch': >= {tested[0]}.{tested[1]})" in messages[0]
+
+
 def test_compile_route_is_cond_by_default_and_can_be_set() -> None:
     mlp = inject_stochastic_depth(ResidualMLP(4, 8, 2, 1), 0.5)
     resnet = inject_stochastic_depth(CifarResNet(8, width=4), 0.5)

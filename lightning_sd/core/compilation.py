@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMPILE_ROUTES",
+    "OLDEST_COMPILE_TORCH",
     "TESTED_TORCH",
     "CompileRoute",
     "compile_branches",
@@ -121,23 +122,38 @@ class _InputLayoutGradient(torch.autograd.Function):
         return inductor_prims.force_stride_order(grad, ctx.stride)
 
 
+_TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 #: The oldest torch (major, minor) on which skipping batch drop under ``torch.compile`` is tested (CI).
 TESTED_TORCH = (2, 14)
 #: Whether this torch is older. On torch 2.11 Inductor gave a ConvNeXt with skipping batch-drop gates zero
 #: gradients upstream of the gates (both routes), where the plain compiled ConvNeXt and ``aot_eager`` were right.
-UNTESTED_TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < TESTED_TORCH
+UNTESTED_TORCH = _TORCH < TESTED_TORCH
+#: The oldest torch on which the other compiled gates (sample and subset drop, evaluation) passed the tests.
+OLDEST_COMPILE_TORCH = (2, 11)
+#: Whether this torch is older still. On torch 2.4.1 sample and subset drop compiled a new graph at every
+#: step, and Dynamo raised on batch drop; the eager gates pass every test there.
+OLD_COMPILE_TORCH = _TORCH < OLDEST_COMPILE_TORCH
 
 
 def warn_untested_torch(handle: StochasticDepthHandle) -> None:
-    """Say once per handle that a compiled model skips blocks on a torch older than the tested one."""
+    """Say once per handle that a compiled model runs its gates on a torch older than the tested one."""
     handle._warned_untested_torch = True
-    warnings.warn(
-        f"lightning_sd: a compiled model skips dropped blocks (drop='batch') on torch {torch.__version__}; this is "
-        f"tested on torch >= {TESTED_TORCH[0]}.{TESTED_TORCH[1]} only, and on torch 2.11 Inductor gave some models "
-        "(timm ConvNeXt) zero gradients upstream of the gates. Upgrade torch, or check a few steps' gradients "
-        "against the uncompiled model, or use drop='subset' or drop='sample' (no torch.cond). Shown once per model.",
-        stacklevel=3,
-    )
+    if OLD_COMPILE_TORCH:
+        message = (
+            f"lightning_sd: a compiled model runs its stochastic-depth gates on torch {torch.__version__}; compiled "
+            f"gates are tested on torch >= {OLDEST_COMPILE_TORCH[0]}.{OLDEST_COMPILE_TORCH[1]} only (drop='batch': "
+            f">= {TESTED_TORCH[0]}.{TESTED_TORCH[1]}); on torch 2.4.1 sample and subset drop compiled a new graph "
+            "at every step (then run eagerly past the recompile limit). Upgrade torch, or train without "
+            "torch.compile (the eager gates are tested on this torch). Shown once per model."
+        )
+    else:
+        message = (
+            f"lightning_sd: a compiled model skips dropped blocks (drop='batch') on torch {torch.__version__}; this is "
+            f"tested on torch >= {TESTED_TORCH[0]}.{TESTED_TORCH[1]} only, and on torch 2.11 Inductor gave some models "
+            "(timm ConvNeXt) zero gradients upstream of the gates. Upgrade torch, or check a few steps' gradients "
+            "against the uncompiled model, or use drop='subset' or drop='sample' (no torch.cond). Shown once per model."
+        )
+    warnings.warn(message, stacklevel=3)
 
 
 def _batch_mask(handle: StochasticDepthHandle, index: int) -> tuple[Tensor, Tensor]:
@@ -149,6 +165,8 @@ def _batch_mask(handle: StochasticDepthHandle, index: int) -> tuple[Tensor, Tens
 def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor | None:
     """The gate's output while Dynamo traces it, or None when the eager code traces without guards."""
     handle = gate.handle
+    if OLD_COMPILE_TORCH:
+        handle._traced_on_untested_torch = True  # a side effect Dynamo replays; resample warns (eager)
     if not gate.training:
         if gate.pruned or handle.scaling != "expected":  # pruned (handle.prune): the eager code returns the shortcut
             return None
