@@ -9,7 +9,7 @@ import torch
 
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
 from lightning_sd.core.gates import existing_handle
-from tests.helpers import ClassifierModule, image_loader, trainer_kwargs
+from tests.helpers import ClassifierModule, RegressionModule, image_loader, trainer_kwargs
 
 
 def _fit_backbone(tmp_path, precision, backbone):
@@ -220,3 +220,57 @@ def test_shared_batch_size_is_the_size_every_tensor_agrees_on():
     assert _shared_batch_size(Batch(x, y)) == 5
     assert _shared_batch_size([[torch.zeros(3, 8, 8)] * 2, [{"boxes": torch.zeros(1, 4)}] * 2]) is None
     assert _shared_batch_size(["text", 3]) is None
+
+
+class _Recorder(pl.Callback):
+    """Records the handle's zero-gradient mode during the fit; ``in_graph=True`` forces the graph node."""
+
+    def __init__(self, in_graph: bool | None = None) -> None:
+        self.in_graph = in_graph
+        self.seen: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        handle = existing_handle(pl_module)
+        if self.in_graph is not None:
+            handle.zero_gradients_in_graph = self.in_graph
+        self.seen.append(handle.zero_gradients_in_graph)
+
+
+class _MomentumRegression(RegressionModule):
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(lr=0.001)
+
+    def configure_optimizers(self):
+        # momentum and weight decay act on a zero gradient, not on a missing one
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_one_device_zero_gradients_after_backward_train_as_the_graph_node(tmp_path, monkeypatch, fill):
+    """On one device the callback gives skipped blocks their zero gradients in ``on_after_backward``
+    (no autograd node): 12 steps with momentum and weight decay end in the same weights, bit for bit, as
+    the run that keeps the node. Without the fill (``fill=False``) they differ: the test can fail."""
+    from torch.utils.data import DataLoader
+
+    from lightning_sd.core.gates import StochasticDepthHandle
+    from tests.helpers import regression_data
+
+    def fit(in_graph: bool | None) -> tuple[dict, _Recorder, StochasticDepth]:
+        model = _MomentumRegression()
+        recorder = _Recorder(in_graph)
+        sd = StochasticDepth(budget=0.5, seed=3)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, logger=False, callbacks=[sd, recorder]))
+        trainer.fit(model, DataLoader(regression_data(96), batch_size=8))
+        return {k: v.clone() for k, v in model.state_dict().items()}, recorder, sd
+
+    reference, forced, _ = fit(True)
+    assert forced.seen == [True] * 12
+    if not fill:
+        monkeypatch.setattr(StochasticDepthHandle, "fill_zero_gradients", lambda self: 0)
+    weights, recorder, sd = fit(None)
+    assert recorder.seen == [False] * 12  # single device: after the backward
+    assert sd.handle.zero_gradients_in_graph is True  # restored at teardown: the gates outlive the fit
+    assert all(bool(torch.isfinite(v).all()) for v in reference.values())
+    same = all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert same is fill

@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import (
     XLAStrategy,
 )
 
-from lightning_sd.callbacks.strategy_support import skips_compute_under
+from lightning_sd.callbacks.strategy_support import fills_zero_gradients_after_backward, skips_compute_under
 from lightning_sd.core.gates import mask_generator
 from tests.distributed import run_script, run_script_here
 
@@ -96,6 +96,10 @@ def test_strategy_decision():
     custom = mock.Mock(spec=Strategy)  # a Strategy that is none of the known families
     with pytest.raises(RuntimeError, match="does not support the strategy Mock"):
         skips_compute_under(custom)
+    # zero gradients after the backward on one device only: DDP's reducer needs them inside it
+    assert fills_zero_gradients_after_backward(SingleDeviceStrategy("cpu")) is True
+    assert fills_zero_gradients_after_backward(DDPStrategy()) is False
+    assert fills_zero_gradients_after_backward(FSDPStrategy()) is False
 
 
 @pytest.mark.slow

@@ -414,6 +414,44 @@ def test_dropped_branches_share_one_zero_gradient_node_per_forward():
         assert model(x).grad_fn is None
 
 
+def test_zero_gradients_after_backward_equal_the_graph_node_and_leave_existing_gradients():
+    """``zero_gradients_in_graph=False``: no node in the graph, the dropped parameters have no gradient after
+    the backward, and ``fill_zero_gradients`` gives them exact zeros; every gradient then equals the one the
+    node gives. An existing gradient (accumulation) is left as it is."""
+    torch.manual_seed(0)
+    node_model = ResidualMLP(6, 12, 8, 2)
+    fill_model = copy.deepcopy(node_model)
+    node = inject_stochastic_depth(node_model, 0.5, auto_resample=False, seed=1)
+    fill = inject_stochastic_depth(fill_model, 0.5, auto_resample=False, seed=1)
+    fill.zero_gradients_in_graph = False
+    x = torch.randn(5, 6)
+    kept = node.resample(3).tolist()
+    assert fill.resample(3).tolist() == kept
+    dropped = [i for i, k in enumerate(kept) if not k]
+    assert 2 <= len(dropped) <= 6
+    node_model(x).sum().backward()
+    out = fill_model(x)
+    assert _zero_gradient_nodes(out) == 0
+    out.sum().backward()
+    assert [b.linear.weight.grad is None for b in fill_model.blocks] == [not k for k in kept]
+    assert fill.fill_zero_gradients() == len(dropped)
+    for a, b in zip(node_model.parameters(), fill_model.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert all(float(fill_model.blocks[i].linear.weight.grad.abs().max()) == 0.0 for i in dropped)
+    # a second micro-batch under new masks: the block dropped now but kept before keeps its gradient
+    before = {i: b.linear.weight.grad.clone() for i, b in enumerate(fill_model.blocks)}
+    kept2 = fill.resample(4).tolist()
+    fill_model(x).sum().backward()
+    assert fill.fill_zero_gradients() == 0  # every parameter already has a gradient
+    for i, b in enumerate(fill_model.blocks):
+        if not kept2[i]:
+            assert torch.equal(b.linear.weight.grad, before[i])
+    fill.skip_compute = False  # masking (FSDP): nothing is skipped, nothing to fill
+    fill_model.zero_grad(set_to_none=True)
+    fill_model(x).sum().backward()
+    assert fill.fill_zero_gradients() == 0
+
+
 class _InPlaceAfterAdd(nn.Module):
     """``out = x + f(x)`` followed by an in-place op on ``out``: legal, since the add made a new tensor."""
 

@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_sd._internals import attached_trainer, loggers_write_this_step
 from lightning_sd.callbacks.output import log_epoch_metrics, log_per_block, publish_table
 from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, MeasurementSettings, RateMeasurement
-from lightning_sd.callbacks.strategy_support import skips_compute_under
+from lightning_sd.callbacks.strategy_support import fills_zero_gradients_after_backward, skips_compute_under
 from lightning_sd.core.budget_schedule import DEFAULT_PLD_GAMMA, BudgetSchedule, check_schedule, scheduled_budget
 from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.gates import (
@@ -125,6 +125,11 @@ class StochasticDepth(Callback):
     run the deterministic network (``"inverted"``: the plain network; ``"expected"``: branch l
     scaled by p_l). Hayou & Ayed (2021), Eq. (1):
     ``y_l = y_{l-1} + delta_l f_l(y_{l-1})``, budget ``sum_l p_l = budget * L``.
+
+    A block dropped for the whole batch (``drop="batch"``) is not computed, and its parameters get an
+    exact zero gradient (momentum and weight decay act on them as with timm's ``DropPath``): under DDP
+    from a node in the autograd graph (the reducer needs every gradient inside the backward), on one
+    device in ``on_after_backward`` (cheaper; before gradient clipping and the optimizer step).
 
     Blocks are numbered in the order the forward **calls** them: at the first training step the
     callback records the order in which the gates run; when it differs from the order the modules are
@@ -474,6 +479,7 @@ class StochasticDepth(Callback):
             skip, _ = skips_compute_under(trainer.strategy)
             self.handle.set_rank(trainer.global_rank)
             self.handle.skip_compute = skip
+            self.handle.zero_gradients_in_graph = not fills_zero_gradients_after_backward(trainer.strategy)
             return
         self.handle = None
         skips_compute_under(trainer.strategy)  # unsupported strategies fail here, before anything changes
@@ -546,6 +552,7 @@ class StochasticDepth(Callback):
             self.handle.compile(**({} if self.compile is True else self.compile))
         self.handle.set_rank(trainer.global_rank)
         self.handle.skip_compute = skip
+        self.handle.zero_gradients_in_graph = not fills_zero_gradients_after_backward(trainer.strategy)
         # A schedule starting at budget 1 lowers the rates at its second step: a compiled model then
         # takes the torch.cond graph from the start instead of compiling a second variant.
         self.handle.specialize_full_depth = self.schedule == "constant" or self.budget == 1.0
@@ -603,6 +610,17 @@ class StochasticDepth(Callback):
         self.handle.resample(trainer.global_step, batch_idx, batch_size=batch_size, device=pl_module.device)
         if not self._order_checked and self._order_probe is None:
             self._order_probe = _CallOrderProbe(self.handle, positional=self.mode in _POSITIONAL_MODES)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # On one device the skipped blocks' zero gradients come here, before clipping and the optimizer step.
+        if self.handle is not None and not self.handle.zero_gradients_in_graph:
+            self.handle.fill_zero_gradients()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.handle is not None:
+            self.handle.zero_gradients_in_graph = True  # the gates outlive the fit: a plain loop gets the node
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -9,6 +9,11 @@
   therefore multiplies dropped branches by 0 instead of skipping them (same values and gradients,
   no speed-up), and says so once.
 - Any other strategy: a clear error at ``setup``.
+
+On a single device the skipped blocks' zero gradients are given after each backward
+(``StochasticDepthHandle.fill_zero_gradients``) instead of by a node in the autograd graph: the same
+values, without an autograd edge per parameter. Under DDP the node stays: the reducer waits for every
+parameter's gradient during the backward.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from lightning.pytorch.strategies import (
     XLAStrategy,
 )
 
-__all__ = ["skips_compute_under"]
+__all__ = ["fills_zero_gradients_after_backward", "skips_compute_under"]
 
 _MASKING = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy, XLAStrategy)
 _SKIPPING = (DDPStrategy, SingleDeviceStrategy)
@@ -48,3 +53,12 @@ def skips_compute_under(strategy: Strategy) -> tuple[bool, str | None]:
         "DDP (ddp, ddp_spawn, ddp_fork, ddp_find_unused_parameters_true), FSDP, ModelParallel, DeepSpeed and XLA. "
         "Use one of them, or subclass DDPStrategy for a custom data-parallel strategy."
     )
+
+
+def fills_zero_gradients_after_backward(strategy: Strategy) -> bool:
+    """Whether skipped blocks may get their zero gradients after the backward (one device) rather than in it.
+
+    Under DDP (and any strategy that is not single-device) every parameter's gradient must arrive during
+    the backward, where the reducer's hooks see it: the zero-gradient node stays in the graph.
+    """
+    return isinstance(strategy, SingleDeviceStrategy)

@@ -266,9 +266,9 @@ class ResidualGate(_GateBase):
         # Never the shortcut itself: ``shortcut + f(x)`` is a new tensor, and an in-place op after the gate
         # (``out.mul_(2)``, ``ReLU(inplace=True)``) must not write into the block's input.
         handle = self.handle
-        if not torch.is_grad_enabled() or handle._zero_touch == handle._draws:
-            # No graph, or the zero-gradient node of this step's dropped branches is already in it (and its
-            # backward has not run yet): a copy.
+        if not handle.zero_gradients_in_graph or not torch.is_grad_enabled() or handle._zero_touch == handle._draws:
+            # Zero gradients given after the backward, or no graph, or the zero-gradient node of this step's
+            # dropped branches is already in it (and its backward has not run yet): a copy.
             return shortcut.clone()
         weights = handle._dropped_weights()
         if not weights:
@@ -579,6 +579,11 @@ class StochasticDepthHandle:
         self._warned_untested_torch = False
         #: Dropped branches (batch drop, training) are skipped; False multiplies them by 0 instead.
         self.skip_compute = True
+        #: How the parameters of skipped branches get their zero gradients: True, from a node in the
+        #: autograd graph (``_ZeroGradients``: DDP's reducer, parameter hooks and ``torch.autograd.grad``
+        #: see them); False, from :meth:`fill_zero_gradients`, which the training loop calls after each
+        #: backward (cheaper: no graph edge per parameter). StochasticDepth sets False on one device.
+        self.zero_gradients_in_graph = True
         #: Draw new masks at every training-mode forward (set by ``inject_stochastic_depth(auto_resample=)``).
         self.auto_resample = False
         #: How a batch-drop gate traced by ``torch.compile`` decides: ``"cond"`` or ``"graph_break"``
@@ -622,6 +627,7 @@ class StochasticDepthHandle:
         state.setdefault("_warned_eager_branch", False)
         state.setdefault("_traced_on_untested_torch", False)
         state.setdefault("_warned_untested_torch", False)
+        state.setdefault("zero_gradients_in_graph", True)
         kind = state["drop_kind"]
         if not hasattr(kind, "enclosing"):  # pickled before nesting was recorded: every block at the top
             kind.enclosing = [None] * kind.num_blocks
@@ -785,6 +791,33 @@ class StochasticDepthHandle:
             for w in gate._weights()
             if w.requires_grad
         ]
+
+    def fill_zero_gradients(self) -> int:
+        """Give the parameters of the branches skipped at this step a zero gradient where they have none.
+
+        With :attr:`zero_gradients_in_graph` False, call it after each backward (and before the optimizer
+        step): a dropped branch's parameters then hold ``0`` instead of ``None``, as timm's ``DropPath``
+        (multiplying by 0) would leave them, so that momentum and weight decay act on them as without
+        skipping. A parameter that already has a gradient (accumulation, ``zero_grad(set_to_none=False)``)
+        is left as is: adding 0 changes nothing. :class:`~lightning_sd.callbacks.StochasticDepth` calls it
+        in ``on_after_backward`` on a single device.
+
+        Returns:
+            The number of parameters that got a zero gradient.
+
+        Example::
+
+            >>> handle.zero_gradients_in_graph = False
+            >>> loss.backward(); handle.fill_zero_gradients(); optimizer.step()
+        """
+        if not self.skip_compute or not self.drop_kind.skips_compute:
+            return 0
+        filled = 0
+        for w in self._dropped_weights():
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+                filled += 1
+        return filled
 
     def realized_depth(self) -> float:
         """Number of branches executed at the current step (batch drop) or their mean over examples (sample)."""
