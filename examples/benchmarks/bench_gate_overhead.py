@@ -10,7 +10,10 @@ cancel most of it):
 - ``kept``: gates with every branch kept, ``scaling="expected"`` (no multiply) and ``"inverted"`` at
   p = 0.999 (a ``1/p`` multiply, fused into the add); per-gate cost = (row - plain) / 8;
 - ``skipped``: every branch dropped (``scaling="expected"``, p = 0); per-gate cost =
-  (row - no blocks) / 8, i.e. what a skipped gate costs beyond the stem and head;
+  (row - no blocks) / 8, i.e. what a skipped gate costs beyond the stem and head. Its zero gradients come
+  from a node in the autograd graph (the core default, needed under DDP); in ``zeros after backward``
+  ``handle.fill_zero_gradients()`` gives them after the backward (timed in the step), as
+  ``StochasticDepth`` does on one device;
 - ``budget 0.5``: half the branches run (uniform rates, inverted).
 - the mask draw: ``handle.resample(step)`` before each step, timed apart from the forward and backward
   (right after a backward any code runs several times slower than alone on this machine: caches).
@@ -21,7 +24,8 @@ in a training loop: a backward then stores a branch's (zero) gradient instead of
 Then Trainer fits of 4 epochs of ``--trainer-steps`` steps, plain vs ``StochasticDepth(budget=1.0)``
 vs ``StochasticDepth(budget=0.5)``, in rounds: the callback + gates cost per step at budget 1.0 is the
 median over rounds of the difference of the per-step times (each the median of the warm epochs 2-4);
-the callback's own hooks (``on_train_batch_start``, which draws the masks, and ``on_train_batch_end``)
+the callback's own hooks (``on_train_batch_start``, which draws the masks, ``on_after_backward``, which
+gives the skipped blocks' zero gradients, and ``on_train_batch_end``)
 are also timed inside the fits, per step (median over the warm epochs' steps, then over rounds).
 
     python examples/benchmarks/bench_gate_overhead.py
@@ -59,6 +63,8 @@ def step_time(model: nn.Module, handle, x: torch.Tensor, steps: int) -> tuple[fl
         if handle is not None:
             handle.resample(s)
         model(x).sum().backward()
+        if handle is not None and not handle.zero_gradients_in_graph:
+            handle.fill_zero_gradients()
     compute = draw = 0.0
     for s in range(steps):
         model.zero_grad(set_to_none=True)
@@ -67,6 +73,8 @@ def step_time(model: nn.Module, handle, x: torch.Tensor, steps: int) -> tuple[fl
             handle.resample(s)
         drawn = time.perf_counter()
         model(x).sum().backward()
+        if handle is not None and not handle.zero_gradients_in_graph:
+            handle.fill_zero_gradients()  # what StochasticDepth's on_after_backward does on one device
         compute += time.perf_counter() - drawn
         draw += drawn - start
     return compute / steps * 1e6, draw / steps * 1e6
@@ -101,6 +109,11 @@ class _TimedStochasticDepth(StochasticDepth):
         start = time.perf_counter()
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._started = time.perf_counter() - start
+
+    def on_after_backward(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        super().on_after_backward(trainer, pl_module)  # the zero gradients of the skipped blocks (one device)
+        self._started += time.perf_counter() - start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
@@ -154,9 +167,13 @@ def main() -> None:
     stem_head.blocks = nn.Sequential()
     configs["no blocks"] = (stem_head, None)
     for name, rate, scaling in [("kept, expected (no multiply)", 1.0, "expected"), ("kept, inverted (1/p multiply)", 0.999, "inverted"),
-                                ("skipped (p = 0)", 0.0, "expected"), ("budget 0.5, inverted", 0.5, "inverted")]:
+                                ("skipped (p = 0)", 0.0, "expected"), ("skipped (p = 0), zeros after backward", 0.0, "expected"),
+                                ("budget 0.5, inverted", 0.5, "inverted")]:
         model = copy.deepcopy(base)
         handle = inject_stochastic_depth(model, rate, scaling=scaling, auto_resample=False, seed=0)
+        # the zero gradients of skipped blocks: a node in the graph (the default), or given after the
+        # backward (handle.fill_zero_gradients, timed in the step), as StochasticDepth does on one device
+        handle.zero_gradients_in_graph = "after backward" not in name
         configs[name] = (model, handle)
     results: dict[str, list[float]] = {k: [] for k in configs}
     draws: list[float] = []
