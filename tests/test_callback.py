@@ -274,3 +274,39 @@ def test_one_device_zero_gradients_after_backward_train_as_the_graph_node(tmp_pa
     assert all(bool(torch.isfinite(v).all()) for v in reference.values())
     same = all(torch.equal(weights[k], reference[k]) for k in reference)
     assert same is fill
+
+
+class _ManualRegression(_MomentumRegression):
+    """Manual optimization whose training_step calls ``loss.backward()`` itself: no hook follows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        loss.backward()
+        opt.step()
+
+
+def test_manual_optimization_keeps_the_zero_gradient_node(tmp_path):
+    """With manual optimization the zeros stay in the graph (a direct ``loss.backward()`` has no hook after
+    it), so the weights equal a run that forces the node, bit for bit."""
+    from torch.utils.data import DataLoader
+
+    from tests.helpers import regression_data
+
+    def fit(in_graph: bool | None) -> tuple[dict, _Recorder]:
+        model = _ManualRegression()
+        recorder = _Recorder(in_graph)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, logger=False, callbacks=[StochasticDepth(budget=0.5, seed=3), recorder]))
+        trainer.fit(model, DataLoader(regression_data(96), batch_size=8))
+        return {k: v.clone() for k, v in model.state_dict().items()}, recorder
+
+    weights, recorder = fit(None)
+    assert recorder.seen == [True] * 8
+    reference, _ = fit(True)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)

@@ -78,6 +78,16 @@ def default_p_min(mode: str, budget: float, scaling: str) -> float:
     return 0.0
 
 
+def _zeros_after_backward(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether the skipped blocks' zero gradients may come in ``on_after_backward`` instead of the graph.
+
+    One device, and automatic optimization: Lightning then runs every backward itself and calls
+    ``on_after_backward`` after it. Manual optimization keeps the node: a ``training_step`` may call
+    ``loss.backward()`` directly, which no hook follows.
+    """
+    return fills_zero_gradients_after_backward(trainer.strategy) and pl_module.automatic_optimization
+
+
 def _shared_batch_size(batch: Any) -> int | None:
     """The first dimension that every tensor of ``batch`` shares, or None (no tensor, or sizes that disagree).
 
@@ -129,7 +139,8 @@ class StochasticDepth(Callback):
     A block dropped for the whole batch (``drop="batch"``) is not computed, and its parameters get an
     exact zero gradient (momentum and weight decay act on them as with timm's ``DropPath``): under DDP
     from a node in the autograd graph (the reducer needs every gradient inside the backward), on one
-    device in ``on_after_backward`` (cheaper; before gradient clipping and the optimizer step).
+    device with automatic optimization in ``on_after_backward`` (cheaper; before gradient clipping and
+    the optimizer step).
 
     Blocks are numbered in the order the forward **calls** them: at the first training step the
     callback records the order in which the gates run; when it differs from the order the modules are
@@ -479,7 +490,7 @@ class StochasticDepth(Callback):
             skip, _ = skips_compute_under(trainer.strategy)
             self.handle.set_rank(trainer.global_rank)
             self.handle.skip_compute = skip
-            self.handle.zero_gradients_in_graph = not fills_zero_gradients_after_backward(trainer.strategy)
+            self.handle.zero_gradients_in_graph = not _zeros_after_backward(trainer, pl_module)
             return
         self.handle = None
         skips_compute_under(trainer.strategy)  # unsupported strategies fail here, before anything changes
@@ -552,7 +563,7 @@ class StochasticDepth(Callback):
             self.handle.compile(**({} if self.compile is True else self.compile))
         self.handle.set_rank(trainer.global_rank)
         self.handle.skip_compute = skip
-        self.handle.zero_gradients_in_graph = not fills_zero_gradients_after_backward(trainer.strategy)
+        self.handle.zero_gradients_in_graph = not _zeros_after_backward(trainer, pl_module)
         # A schedule starting at budget 1 lowers the rates at its second step: a compiled model then
         # takes the torch.cond graph from the start instead of compiling a second variant.
         self.handle.specialize_full_depth = self.schedule == "constant" or self.budget == 1.0

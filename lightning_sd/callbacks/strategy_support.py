@@ -10,10 +10,10 @@
   no speed-up), and says so once.
 - Any other strategy: a clear error at ``setup``.
 
-On a single device the skipped blocks' zero gradients are given after each backward
-(``StochasticDepthHandle.fill_zero_gradients``) instead of by a node in the autograd graph: the same
-values, without an autograd edge per parameter. Under DDP the node stays: the reducer waits for every
-parameter's gradient during the backward.
+On a single device (with automatic optimization) the skipped blocks' zero gradients are given after
+each backward (``StochasticDepthHandle.fill_zero_gradients``) instead of by a node in the autograd
+graph: the same values, without an autograd edge per parameter. Under DDP the node stays: the reducer
+waits for every parameter's gradient during the backward.
 """
 
 from __future__ import annotations

@@ -582,7 +582,8 @@ class StochasticDepthHandle:
         #: How the parameters of skipped branches get their zero gradients: True, from a node in the
         #: autograd graph (``_ZeroGradients``: DDP's reducer, parameter hooks and ``torch.autograd.grad``
         #: see them); False, from :meth:`fill_zero_gradients`, which the training loop calls after each
-        #: backward (cheaper: no graph edge per parameter). StochasticDepth sets False on one device.
+        #: backward (cheaper: no graph edge per parameter). StochasticDepth sets False on one device with
+        #: automatic optimization.
         self.zero_gradients_in_graph = True
         #: Draw new masks at every training-mode forward (set by ``inject_stochastic_depth(auto_resample=)``).
         self.auto_resample = False
@@ -800,7 +801,7 @@ class StochasticDepthHandle:
         (multiplying by 0) would leave them, so that momentum and weight decay act on them as without
         skipping. A parameter that already has a gradient (accumulation, ``zero_grad(set_to_none=False)``)
         is left as is: adding 0 changes nothing. :class:`~lightning_sd.callbacks.StochasticDepth` calls it
-        in ``on_after_backward`` on a single device.
+        in ``on_after_backward`` on a single device with automatic optimization.
 
         Returns:
             The number of parameters that got a zero gradient.
