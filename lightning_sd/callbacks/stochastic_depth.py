@@ -78,16 +78,6 @@ def default_p_min(mode: str, budget: float, scaling: str) -> float:
     return 0.0
 
 
-def _zeros_after_backward(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-    """Whether the skipped blocks' zero gradients may come in ``on_after_backward`` instead of the graph.
-
-    One device, and automatic optimization: Lightning then runs every backward itself and calls
-    ``on_after_backward`` after it. Manual optimization keeps the node: a ``training_step`` may call
-    ``loss.backward()`` directly, which no hook follows.
-    """
-    return fills_zero_gradients_after_backward(trainer.strategy) and pl_module.automatic_optimization
-
-
 def _shared_batch_size(batch: Any) -> int | None:
     """The first dimension that every tensor of ``batch`` shares, or None (no tensor, or sizes that disagree).
 
@@ -487,10 +477,7 @@ class StochasticDepth(Callback):
         existing = existing_handle(pl_module)
         if self.handle is not None and self.handle is existing:
             # Same gates (fit then test, or this callback in a new Trainer): follow this Trainer's strategy.
-            skip, _ = skips_compute_under(trainer.strategy)
-            self.handle.set_rank(trainer.global_rank)
-            self.handle.skip_compute = skip
-            self.handle.zero_gradients_in_graph = not _zeros_after_backward(trainer, pl_module)
+            self._follow_strategy(trainer, pl_module)
             return
         self.handle = None
         skips_compute_under(trainer.strategy)  # unsupported strategies fail here, before anything changes
@@ -533,7 +520,7 @@ class StochasticDepth(Callback):
         pl_module.__dict__["configure_model"] = configure_model_then_inject
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        skip, message = skips_compute_under(trainer.strategy)
+        _, message = skips_compute_under(trainer.strategy)
         assert self.seed is not None
         existing = existing_handle(pl_module)
         if existing is not None:
@@ -561,9 +548,7 @@ class StochasticDepth(Callback):
         _OWNERS[self.handle] = weakref.ref(self)
         if self.compile is not False:
             self.handle.compile(**({} if self.compile is True else self.compile))
-        self.handle.set_rank(trainer.global_rank)
-        self.handle.skip_compute = skip
-        self.handle.zero_gradients_in_graph = not _zeros_after_backward(trainer, pl_module)
+        self._follow_strategy(trainer, pl_module)
         # A schedule starting at budget 1 lowers the rates at its second step: a compiled model then
         # takes the torch.cond graph from the start instead of compiling a second variant.
         self.handle.specialize_full_depth = self.schedule == "constant" or self.budget == 1.0
@@ -576,6 +561,19 @@ class StochasticDepth(Callback):
             self._pending_state = None
         rank_zero_info(self._settings_line())
         self._warn_large_multiplier()
+
+    def _follow_strategy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set the gates for this Trainer's strategy: rank, skipping or masking, where zero gradients come from.
+
+        The zeros come in ``on_after_backward`` only on one device with automatic optimization: a manual
+        ``training_step`` may call ``loss.backward()`` itself, which no hook follows.
+        """
+        assert self.handle is not None
+        self.handle.set_rank(trainer.global_rank)
+        self.handle.skip_compute = skips_compute_under(trainer.strategy)[0]
+        self.handle.zero_gradients_in_graph = not (
+            fills_zero_gradients_after_backward(trainer.strategy) and pl_module.automatic_optimization
+        )
 
     def _detach(self) -> None:
         """Another StochasticDepth took over this callback's gates."""
