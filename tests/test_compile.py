@@ -126,6 +126,50 @@ def test_whole_model_batch_drop_with_batchnorm_is_one_graph_with_the_buffers_of_
     assert 0 < int(model.layer1[0].bn1.num_batches_tracked) - before < 60
 
 
+def _branch_structure(graph_module: torch.fx.GraphModule) -> tuple:
+    """A cond branch's graph up to the names and order of its inputs (Dynamo names and sorts them by a counter)."""
+    position: dict[torch.fx.Node, int] = {}
+    nodes = []
+    for i, node in enumerate(graph_module.graph.nodes):
+        position[node] = i
+        if node.op == "placeholder":
+            continue
+        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: "input" if a.op == "placeholder" else position[a])
+        nodes.append((node.op, str(node.target), repr(args)))
+    return tuple(nodes)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "distinct"),
+    [
+        (lambda: ResidualMLP(8, 16, 4, 2), (6, 8), 1),  # 4 alike blocks
+        # 6 blocks: stage 1's two alike; in stages 2 and 3 a downsampling block (padded shortcut) and a plain one
+        (lambda: CifarResNet(14, width=4), (4, 3, 8, 8), 5),
+    ],
+)
+def test_alike_blocks_trace_to_one_cond_branch(model, shape, distinct) -> None:
+    """Alike blocks trace to the same ``torch.cond`` branch graph, whatever their index.
+
+    The block's index (into the handle's multipliers) was a constant of each branch, so that Inductor
+    generated and compiled one kernel set per block, not per block type: CifarResNet-56 at budget 0.5 compiled
+    112 C++ kernels (32 for the plain model), 64 once ``m_l`` entered the cond as an operand.
+    """
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    net = model().train()
+    handle = inject_stochastic_depth(net, 0.5, auto_resample=False, seed=5)
+    handle.resample(0)
+    torch.compile(net, backend=capture)(torch.randn(shape))
+    branches = [m for name, m in graphs[0].named_children() if name.startswith("cond_true")]
+    assert len(branches) == handle.num_blocks
+    assert len({_branch_structure(b) for b in branches}) == distinct
+
+
 @pytest.mark.parametrize("drop", ["batch", "sample", "subset"])
 def test_whole_model_with_a_residual_inside_a_branch(caplog, drop) -> None:
     """A residual nested in another's branch (timm EdgeNeXt), BatchNorm in the inner branch: one graph over 40

@@ -187,7 +187,7 @@ def traced_gate_forward(gate: ResidualGate, shortcut: Tensor, inputs: tuple[Any,
     kept, m = _batch_mask(handle, gate.index)
     if not handle.skip_compute:  # masking instead of skipping (FSDP, DeepSpeed): the mask as data
         return shortcut + gate._call_branch(*inputs) * (m * kept).to(shortcut.dtype)
-    return _cond_gate(gate, kept, shortcut, inputs)
+    return _cond_gate(gate, kept, m, shortcut, inputs)
 
 
 def _decides_outside_graph(gate: ResidualGate) -> bool:
@@ -247,7 +247,7 @@ def _has_convolution(gate: ResidualGate) -> bool:
     return any(isinstance(module, nn.modules.conv._ConvNd) for module in modules)
 
 
-def _cond_gate(gate: ResidualGate, kept: Tensor, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
+def _cond_gate(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
     """``torch.cond(kept, shortcut + m f(x), shortcut)`` for a traced batch-drop gate, within torch 2.14's limits.
 
     - ``torch.cond`` refuses a branch that mutates state, so the buffers of the branch's modules
@@ -291,9 +291,8 @@ def _cond_gate(gate: ResidualGate, kept: Tensor, shortcut: Tensor, inputs: tuple
     buffer_types = [(name, tuple(b.shape), b.dtype) for name, b in zip(names, live)]
     carried = [b.to(torch.float64) if not b.is_floating_point() else b.clone() for b in live]
     counts = (len(inputs), len(params))
-    multipliers, index = gate.handle._train_multipliers, gate.index
 
-    def run(s: Tensor, *args: Any) -> tuple[Tensor, ...]:
+    def run(s: Tensor, m: Tensor, *args: Any) -> tuple[Tensor, ...]:
         xs = [x.view(size) if size is not None else x for x, size in zip(args[: counts[0]], shapes)]
         if pin_gradients:
             s = _InputLayoutGradient.apply(s)
@@ -303,15 +302,12 @@ def _cond_gate(gate: ResidualGate, kept: Tensor, shortcut: Tensor, inputs: tuple
         state = {name: w.view(size) for (name, size), w in zip(param_shapes, ws)}
         fresh = {name: c.view(size).to(kind, copy=True) for (name, size, kind), c in zip(buffer_types, cs)}
         out = torch.func.functional_call(gate.runner, {**state, **fresh}, tuple(xs), strict=False)
-        # m_l indexed here, not closed over as ``_train_multipliers[l]``: a gate nested in this branch (timm
-        # EdgeNeXt) reads the same tensor, which torch.cond lifts once; a view of it beside it would alias it.
-        m = multipliers[index]
         new = ((s.view(shape) if flatten else s) + out * m).to(dtype)
         if layout == "channels_last":  # the two branches' outputs in one layout
             new = new.contiguous(memory_format=torch.channels_last)
         return (new.reshape(-1) if flatten else new, *(f.to(c.dtype).reshape(-1) for f, c in zip(fresh.values(), cs)))
 
-    def skip(s: Tensor, *args: Any) -> tuple[Tensor, ...]:
+    def skip(s: Tensor, m: Tensor, *args: Any) -> tuple[Tensor, ...]:
         if pin_gradients:
             s = _InputLayoutGradient.apply(s)
         return (s.clone(), *(c.clone() for c in args[counts[0] + counts[1] :]))  # outputs may not alias inputs
@@ -334,7 +330,18 @@ def _cond_gate(gate: ResidualGate, kept: Tensor, shortcut: Tensor, inputs: tuple
         return crossed[-1][1]
 
     activations = [crossed_once(x) if isinstance(x, Tensor) else x for x in (shortcut, *inputs)]
-    operands = (*activations, *(p.reshape(-1) for p in params.values()), *(c.reshape(-1) for c in carried))
+    # m_l enters as an operand, a copy: indexed inside the branches, the block's index was a constant of
+    # their kernels, so that identical blocks compiled to different kernels (CifarResNet-56 at budget 0.5:
+    # 112 C++ kernels against 32 for the plain model, most differing only in that index). A copy, not the
+    # view ``_train_multipliers[l]``: a gate nested in this branch (timm EdgeNeXt) reads the multipliers,
+    # which torch.cond lifts as an input, and a view of them beside it would alias it.
+    operands = (
+        activations[0],
+        m.clone(),
+        *activations[1:],
+        *(p.reshape(-1) for p in params.values()),
+        *(c.reshape(-1) for c in carried),
+    )
     result = torch.cond(kept, run, skip, operands)
     for buffer, new in zip(live, result[1:]):
         buffer.copy_(new.detach().view(buffer.shape))
