@@ -20,7 +20,9 @@ repeats of the ratio within a repeat), the ideal ratio
 ``(T_0 + f (T_plain - T_0)) / T_plain`` (``T_0``: compiled step with every block dropped, ``f``: the
 fraction of branch compute that ran: the kept fraction for batch drop, the subset fraction for subset
 drop, 1 otherwise), the compile time (the warm-up steps' time minus as many steady steps), the number
-of graphs, and the peak memory (median over ``--steps`` steps) of a compiled step above what was allocated before it (gradients set
+of graphs, the number of distinct kernels Inductor generated for the configuration (C++ sources on CPU,
+Triton sources on CUDA, counted in its fresh cache directory: identical sources compile once, so this is
+what the compile time grows with; "-" with ``--cache``), and the peak memory (median over ``--steps`` steps) of a compiled step above what was allocated before it (gradients set
 to None first): activations, gradients and temporaries, not the parameters. On CUDA from the caching
 allocator's statistics (``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the step);
 on CPU from the profiler's memory events (``profile_memory=True``: the running total of the CPU
@@ -37,6 +39,7 @@ first configuration alone pays the start-up. ``--cache`` keeps all caches instea
     python examples/benchmarks/bench_compile.py --models vit_tiny --configs "batch 0.5" "subset 0.5"
     python examples/benchmarks/bench_compile.py --device cuda --dtype bfloat16 --models resnet50 cifar110 vit_small
     python examples/benchmarks/bench_compile.py --models resnet50 --image-size 64 --batch-size 16   # ResNet-50 on a CPU
+    python examples/benchmarks/bench_compile.py --models cifar56 --configs "batch 0.5" --phases     # where compile time goes
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import compilation_time_metrics
 from torch._inductor.utils import fresh_cache
 from torch.profiler import ProfilerActivity, profile
 
@@ -122,6 +126,40 @@ DTYPE = torch.float32
 DEVICE = torch.device("cpu")
 
 
+#: Compile phases printed with ``--phases``: the time Dynamo's ``dynamo_timed`` records under each key, summed
+#: over the configuration's compiles (forward and backward).
+PHASES = {
+    "Dynamo tracing": "bytecode_tracing",
+    "AOT joint graph": "aot_trace_joint_graph",
+    "Inductor lowering": "GraphLowering.run",
+    "Inductor code generation": "GraphLowering.codegen",
+    "kernel compilation": "compile_file",
+}
+
+
+def count_kernels(cache_dir: str | None) -> int | None:
+    """Distinct kernels Inductor generated into a fresh cache directory (None without one: ``--cache``).
+
+    C++ kernels on CPU (one ``.cpp`` source each), Triton kernels on CUDA (one ``.py`` source each, told
+    from the wrapper code by their ``@triton.jit`` and the wrapper's ``async_compile``). A kernel whose
+    source another configuration, or another block, already generated is one file: identical sources share
+    one compilation.
+    """
+    if cache_dir is None:
+        return None
+    count = 0
+    for root, _, files in os.walk(cache_dir):
+        for file in files:
+            path = os.path.join(root, file)
+            if file.endswith(".cpp"):
+                count += 1
+            elif file.endswith(".py"):
+                with open(path, encoding="utf-8", errors="replace") as source:
+                    text = source.read()
+                count += "@triton.jit" in text and "async_compile" not in text
+    return count
+
+
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -177,8 +215,9 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=layout)
     y = torch.randint(0, 10, (args.batch_size,), device=DEVICE)
-    runs: list[tuple[str, dict[str, Any] | None, Run, Run, CompileCounterWithBackend, float]] = []
+    runs: list[tuple[str, dict[str, Any] | None, Run, Run, CompileCounterWithBackend, float, int | None]] = []
     torch._dynamo.reset()
+    phases: dict[str, dict[str, float]] = {}
     cold = contextlib.nullcontext if args.cache else functools.partial(fresh_cache, delete=False)
     for label, inject, drop_path in configurations(name, timm_model):
         if args.configs and label not in args.configs and label != "no SD" and not label.startswith("all dropped"):
@@ -207,11 +246,20 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             compiled = Run(copied, copied_handle, xs, ys)
         else:
             compiled.forward = torch.compile(model, backend=counter)
+        compilation_time_metrics.clear()  # Dynamo's per-phase compile times, of this configuration only
         with cold():  # compiled from an empty kernel cache (see the module docstring)
+            cache_dir = None if args.cache else os.environ["TORCHINDUCTOR_CACHE_DIR"]
             warm = compiled.timed(args.warmup) * args.warmup
         steady = compiled.timed(1)
-        print(f"  {name} {label}: compiled in {max(warm - args.warmup * steady, 0.0):.1f} s, {counter.frame_count} graphs", flush=True)
-        runs.append((label, inject, eager, compiled, counter, max(warm - args.warmup * steady, 0.0)))
+        kernels = count_kernels(cache_dir)
+        if args.phases:
+            phases[label] = {phase: sum(compilation_time_metrics.get(key, [])) for phase, key in PHASES.items()}
+        print(
+            f"  {name} {label}: compiled in {max(warm - args.warmup * steady, 0.0):.1f} s, {counter.frame_count} graphs, "
+            f"{kernels} kernels",
+            flush=True,
+        )
+        runs.append((label, inject, eager, compiled, counter, max(warm - args.warmup * steady, 0.0), kernels))
     # Timing: every configuration in each repeat, in alternating order, so that drift of a shared
     # machine affects all of them alike.
     eager_times: dict[str, list[float]] = {r[0]: [] for r in runs}
@@ -220,14 +268,14 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     for repeat in range(args.repeats):
         order = runs if repeat % 2 == 0 else list(reversed(runs))
         this: dict[str, float] = {}
-        for label, _, eager, compiled, _, _ in order:
+        for label, _, eager, compiled, _, _, _ in order:
             eager_times[label].append(eager.timed(args.steps))
             this[label] = compiled.timed(args.steps)
             compiled_times[label].append(this[label])
         for label in this:
             ratios[label].append(this[label] / this["no SD"])
     rows = []
-    for label, inject, _, compiled, counter, compile_s in runs:
+    for label, inject, _, compiled, counter, compile_s, kernels in runs:
         kept = statistics.mean(compiled.fractions[args.warmup + 1 :]) if compiled.fractions else 1.0
         if inject is not None and inject["drop"] == "sample":
             kept = 1.0  # every branch computed
@@ -241,9 +289,11 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "ratio": statistics.median(ratios[label]),
                 "compile_s": compile_s,
                 "graphs": counter.frame_count,
+                "kernels": "-" if kernels is None else kernels,
                 "fraction": kept,
                 "batch_fraction": len(compiled.x) / len(x),  # below 1 for "no SD, half batch"
                 "peak": peak,
+                "phases": phases.get(label),
             }
         )
     return rows
@@ -264,6 +314,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     parser.add_argument("--image-size", type=int, default=0, help="input height and width (0: 32 for cifar, 224 for resnet50, 64 for ViTs)")
+    parser.add_argument("--phases", action="store_true", help="also print where each configuration's compile time went (Dynamo's phase timers)")
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format (4-D weights and images)")
     args = parser.parse_args()
     DEVICE = torch.device(args.device)
@@ -291,8 +342,8 @@ def main() -> None:
     layout = ", channels_last" if args.channels_last else ""
     size = f", {args.image_size} x {args.image_size}" if args.image_size else ""
     print(f"\n{where}, {args.dtype}{layout}{size}, batch {args.batch_size}, backend {args.backend}, torch {torch.__version__}")
-    print("| model | config | eager (ms) | compiled (ms) | / compiled no SD | ideal | compile (s) | graphs | peak (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | config | eager (ms) | compiled (ms) | / compiled no SD | ideal | compile (s) | graphs | kernels | peak (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         mine = [r for r in rows if r["model"] == name]
         plain = next(r for r in mine if r["config"] == "no SD")["compiled"]
@@ -301,7 +352,14 @@ def main() -> None:
             # a step linear in the batch for the half batch; else stem and head (T_0) plus the branches that ran
             ideal = r["batch_fraction"] if r["batch_fraction"] < 1 else (t0 + r["fraction"] * (plain - t0)) / plain
             print(f"| {name} | {r['config']} | {r['eager'] * 1e3:.1f} | {r['compiled'] * 1e3:.1f} | {r['ratio']:.3f} | "
-                  f"{ideal:.3f} | {r['compile_s']:.1f} | {r['graphs']} | {r['peak']} |")
+                  f"{ideal:.3f} | {r['compile_s']:.1f} | {r['graphs']} | {r['kernels']} | {r['peak']} |")
+    if args.phases:
+        print("\nCompile time by phase (s; Dynamo's phase timers; phases overlap: kernels are compiled partly "
+              "during code generation)")
+        print("| model | config | " + " | ".join(PHASES) + " |")
+        print("|---|---|" + "---|" * len(PHASES))
+        for r in rows:
+            print(f"| {r['model']} | {r['config']} | " + " | ".join(f"{r['phases'][phase]:.1f}" for phase in PHASES) + " |")
 
 
 if __name__ == "__main__":

@@ -273,6 +273,8 @@ def _cond_gate(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, in
       copy only where it did not: another backend, or no layout optimization), and its output leaves in
       channels_last; activations with a dimension of size 1 cross flattened (the stride order again); the
       others as they are (:func:`_activation_layout`).
+    - ``m_l`` crosses as an operand, so that alike blocks trace to one branch graph and Inductor compiles
+      their kernels once (indexed inside the branch, the block's index was a constant of its kernels).
     - The output leaves through :class:`_FixedLayoutGradient` (a copy, and its gradient in the traced layout).
     """
     names, live = gate.branch_buffers() if gate.holds_state else ([], [])
