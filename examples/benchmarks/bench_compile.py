@@ -143,7 +143,8 @@ def count_kernels(cache_dir: str | None) -> int | None:
     C++ kernels on CPU (one ``.cpp`` source each), Triton kernels on CUDA (one ``.py`` source each, told
     from the wrapper code by their ``@triton.jit`` and the wrapper's ``async_compile``). A kernel whose
     source another configuration, or another block, already generated is one file: identical sources share
-    one compilation.
+    one compilation. The CPU count was checked against the cache's contents; the CUDA rule has not run on
+    a GPU yet.
     """
     if cache_dir is None:
         return None
