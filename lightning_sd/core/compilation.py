@@ -332,11 +332,8 @@ def _cond_gate(gate: ResidualGate, kept: Tensor, m: Tensor, shortcut: Tensor, in
         return crossed[-1][1]
 
     activations = [crossed_once(x) if isinstance(x, Tensor) else x for x in (shortcut, *inputs)]
-    # m_l enters as an operand, a copy: indexed inside the branches, the block's index was a constant of
-    # their kernels, so that identical blocks compiled to different kernels (CifarResNet-56 at budget 0.5:
-    # 112 C++ kernels against 32 for the plain model, most differing only in that index). A copy, not the
-    # view ``_train_multipliers[l]``: a gate nested in this branch (timm EdgeNeXt) reads the multipliers,
-    # which torch.cond lifts as an input, and a view of them beside it would alias it.
+    # m_l as a copy, not the view ``_train_multipliers[l]``: a gate nested in this branch (timm EdgeNeXt)
+    # reads the multipliers, which torch.cond lifts as an input, and a view of them beside it would alias it.
     operands = (
         activations[0],
         m.clone(),
