@@ -6,10 +6,11 @@ import lightning.pytorch as pl
 import pytest
 import timm
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
-from lightning_sd.core.gates import existing_handle
-from tests.helpers import ClassifierModule, RegressionModule, image_loader, trainer_kwargs
+from lightning_sd.core.gates import StochasticDepthHandle, existing_handle
+from tests.helpers import ClassifierModule, RegressionModule, image_loader, regression_data, trainer_kwargs
 
 
 def _fit_backbone(tmp_path, precision, backbone):
@@ -246,29 +247,25 @@ class _MomentumRegression(RegressionModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=0.1)
 
 
+def _fit_recording(tmp_path, model: pl.LightningModule, steps: int, in_graph: bool | None) -> tuple[dict, _Recorder, StochasticDepth]:
+    """``steps`` steps of StochasticDepth(budget=0.5) on ``model``; final weights, the recorder, the callback."""
+    recorder = _Recorder(in_graph)
+    sd = StochasticDepth(budget=0.5, seed=3)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=steps, logger=False, callbacks=[sd, recorder]))
+    trainer.fit(model, DataLoader(regression_data(96), batch_size=8))
+    return {k: v.clone() for k, v in model.state_dict().items()}, recorder, sd
+
+
 @pytest.mark.parametrize("fill", [True, False])
 def test_one_device_zero_gradients_after_backward_train_as_the_graph_node(tmp_path, monkeypatch, fill):
     """On one device the callback gives skipped blocks their zero gradients in ``on_after_backward``
     (no autograd node): 12 steps with momentum and weight decay end in the same weights, bit for bit, as
     the run that keeps the node. Without the fill (``fill=False``) they differ: the test can fail."""
-    from torch.utils.data import DataLoader
-
-    from lightning_sd.core.gates import StochasticDepthHandle
-    from tests.helpers import regression_data
-
-    def fit(in_graph: bool | None) -> tuple[dict, _Recorder, StochasticDepth]:
-        model = _MomentumRegression()
-        recorder = _Recorder(in_graph)
-        sd = StochasticDepth(budget=0.5, seed=3)
-        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, logger=False, callbacks=[sd, recorder]))
-        trainer.fit(model, DataLoader(regression_data(96), batch_size=8))
-        return {k: v.clone() for k, v in model.state_dict().items()}, recorder, sd
-
-    reference, forced, _ = fit(True)
+    reference, forced, _ = _fit_recording(tmp_path, _MomentumRegression(), 12, in_graph=True)
     assert forced.seen == [True] * 12
     if not fill:
         monkeypatch.setattr(StochasticDepthHandle, "fill_zero_gradients", lambda self: 0)
-    weights, recorder, sd = fit(None)
+    weights, recorder, sd = _fit_recording(tmp_path, _MomentumRegression(), 12, in_graph=None)
     assert recorder.seen == [False] * 12  # single device: after the backward
     assert sd.handle.zero_gradients_in_graph is True  # restored at teardown: the gates outlive the fit
     assert all(bool(torch.isfinite(v).all()) for v in reference.values())
@@ -295,18 +292,7 @@ class _ManualRegression(_MomentumRegression):
 def test_manual_optimization_keeps_the_zero_gradient_node(tmp_path):
     """With manual optimization the zeros stay in the graph (a direct ``loss.backward()`` has no hook after
     it), so the weights equal a run that forces the node, bit for bit."""
-    from torch.utils.data import DataLoader
-
-    from tests.helpers import regression_data
-
-    def fit(in_graph: bool | None) -> tuple[dict, _Recorder]:
-        model = _ManualRegression()
-        recorder = _Recorder(in_graph)
-        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, logger=False, callbacks=[StochasticDepth(budget=0.5, seed=3), recorder]))
-        trainer.fit(model, DataLoader(regression_data(96), batch_size=8))
-        return {k: v.clone() for k, v in model.state_dict().items()}, recorder
-
-    weights, recorder = fit(None)
+    weights, recorder, _ = _fit_recording(tmp_path, _ManualRegression(), 8, in_graph=None)
     assert recorder.seen == [True] * 8
-    reference, _ = fit(True)
+    reference, _, _ = _fit_recording(tmp_path, _ManualRegression(), 8, in_graph=True)
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
