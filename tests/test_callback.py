@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_sd.callbacks.stochastic_depth import StochasticDepth
-from lightning_sd.core.gates import StochasticDepthHandle, existing_handle
+from lightning_sd.core.drop_kinds import BatchDrop
+from lightning_sd.core.gates import StochasticDepthHandle, existing_handle, mask_generator
 from tests.helpers import ClassifierModule, RegressionModule, image_loader, regression_data, trainer_kwargs
 
 
@@ -88,6 +89,35 @@ def test_masks_follow_seed_and_step_not_global_rng(tmp_path):
     a, b = run(1), run(2)
     assert a == b
     assert len({tuple(x) for x in a}) > 1  # masks change from step to step
+
+
+def test_masks_drawn_ahead_follow_the_trainers_keys(tmp_path, monkeypatch):
+    """The callback draws the next 32 batches' uniforms ahead, with keys predicted from global_step, batch_idx
+    and the gradient accumulation (3, over two epochs of 40 batches: 14 optimizer steps each, the last with one
+    micro-batch). Each mask is u < p of its own key, and every draw but the first of an epoch comes from the
+    prefetch: 80 uniform draws for 80 batches (a wrong key prediction draws each key twice)."""
+    draws = []
+    uniforms = BatchDrop._uniforms
+
+    def counted(self, seed, *key):
+        draws.append(key)
+        return uniforms(self, seed, *key)
+
+    monkeypatch.setattr(BatchDrop, "_uniforms", counted)
+    seen = []
+
+    class Recorder(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, batch_idx, existing_handle(pl_module).kept.clone()))
+
+    sd = StochasticDepth(budget=0.5, seed=5)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, accumulate_grad_batches=3, logger=False, callbacks=[sd, Recorder()]))
+    trainer.fit(RegressionModule(), DataLoader(regression_data(80), batch_size=2))
+    assert [(step, batch_idx) for step, batch_idx, _ in seen] == [(e * 14 + k // 3, k) for e in range(2) for k in range(40)]
+    for step, batch_idx, kept in seen:
+        u = torch.rand(sd.num_blocks, generator=mask_generator(5, step, batch_idx, 0), dtype=torch.float64)
+        assert torch.equal(kept, u < 0.5)
+    assert len(draws) == 80 and set(draws) == {(step, batch_idx) for step, batch_idx, _ in seen}
 
 
 def test_validation_runs_deterministic_network(tmp_path):

@@ -192,6 +192,24 @@ def test_full_depth_steps_keep_every_branch_and_leave_the_stream_alone():
     assert h.resample(4).tolist() == [True] * 6
 
 
+def test_masks_drawn_ahead_are_the_masks_drawn_at_their_step():
+    # prefetch_masks draws the uniforms of future keys; resample of such a key uses them with the rates
+    # of its own step. Each mask equals u < p with u from mask_generator(seed, step, micro_batch, 0).
+    model = ResidualMLP(4, 8, 6, 1)
+    h = inject_stochastic_depth(model, 0.5, seed=11, auto_resample=False)
+    assert h.prefetch_masks([(step, step % 3) for step in range(10)]) == 10
+    for step, rate in [(0, 0.5), (1, 0.3), (4, 0.8), (12, 0.5), (3, 0.5)]:  # 12: not drawn ahead; 3: after 4
+        h.set_survival([rate] * 6)
+        u = torch.rand(6, generator=mask_generator(11, step, step % 3, 0), dtype=torch.float64)
+        assert h.resample(step, step % 3).tolist() == (u < rate).tolist()
+    assert h.prefetch_masks([(20, 0), (21, 0)]) == 2  # replaces what was drawn ahead before
+    assert list(h.drop_kind._ahead) == [(11, 20, 0), (11, 21, 0)]
+    sample = inject_stochastic_depth(ResidualMLP(4, 8, 6, 1), 0.5, drop="sample", auto_resample=False)
+    assert sample.prefetch_masks([(0, 0)]) == 0  # per-example masks need the step's batch size
+    with pytest.raises(ValueError, match=r"\(step, micro_batch\) pairs.*\(1, 2, 3\)"):
+        h.prefetch_masks([(0, 0), (1, 2, 3)])
+
+
 def test_auto_resample_draws_a_new_mask_per_training_forward():
     model = ResidualMLP(4, 8, 30, 1)
     h = inject_stochastic_depth(model, 0.5, seed=3)

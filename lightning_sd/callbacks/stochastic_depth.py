@@ -52,6 +52,8 @@ _MEASURED_MODES = tuple(RATE_MEASUREMENTS)  # ("sensemode", "maxreg")
 _POSITIONAL_MODES = ("linear", "custom")  # rates belong to positions 1..L, not to particular branches
 #: ``scaling="inverted"`` multiplies a kept branch by 1/p_l; above this factor the callback warns.
 MAX_MULTIPLIER = 20.0
+#: Batch drop: how many batches' masks the callback draws ahead at once (:meth:`StochasticDepthHandle.prefetch_masks`).
+MASKS_DRAWN_AHEAD = 32
 _ENDLESS_WARMUP = (
     "StochasticDepth(schedule='warmup') ramps over a fraction of the run's optimizer steps, but this Trainer's number "
     "of steps is unknown (max_epochs=-1 and max_steps=-1, or training data without a length). Set max_steps or "
@@ -355,6 +357,7 @@ class StochasticDepth(Callback):
         self._order_checked = False
         self._order_probe: _CallOrderProbe | None = None
         self._rates_changed = True
+        self._drawn_ahead = range(0)  # the batch indices of this epoch whose masks were drawn ahead
 
     # ------------------------------------------------------------------ properties
     @property
@@ -556,6 +559,7 @@ class StochasticDepth(Callback):
             rank_zero_warn(message)
         self._order_checked = False
         self._rates_changed = True
+        self._drawn_ahead = range(0)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
@@ -613,12 +617,37 @@ class StochasticDepth(Callback):
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
             self._measure(trainer, pl_module)
         self._follow_schedule(trainer.global_step)
-        batch_size = _shared_batch_size(batch)  # None: the gates draw at their first call
+        # Per-example masks are drawn here when the batch size is known (None: at the gates' first call);
+        # batch drop draws one flag per block, whatever the batch.
+        batch_size = None if self.handle.drop_kind.skips_compute else _shared_batch_size(batch)
         # One mask per micro-batch: with gradient accumulation the micro-batches of an optimizer step
         # (same global_step, consecutive batch_idx) get independent masks, as separate steps would.
-        self.handle.resample(trainer.global_step, batch_idx, batch_size=batch_size, device=pl_module.device)
+        self.handle._draw(trainer.global_step, batch_idx, batch_size=batch_size, device=pl_module.device)
+        if batch_idx + 1 not in self._drawn_ahead:
+            self._draw_ahead(trainer, pl_module, batch_idx)
         if not self._order_checked and self._order_probe is None:
             self._order_probe = _CallOrderProbe(self.handle, positional=self.mode in _POSITIONAL_MODES)
+
+    def _draw_ahead(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        """Draw the uniforms of the next :data:`MASKS_DRAWN_AHEAD` batches' masks in one loop (batch drop).
+
+        Their keys follow Lightning's loop under automatic optimization: batch ``k`` of an epoch trains at
+        ``global_step`` + the optimizer steps after the accumulation cycles that end before it. A key that
+        does not come (manual optimization, where the loop cannot be predicted, is left out) costs its draw only.
+        """
+        assert self.handle is not None
+        ahead = MASKS_DRAWN_AHEAD
+        if math.isfinite(trainer.num_training_batches):
+            ahead = min(ahead, int(trainer.num_training_batches) - batch_idx - 1)
+        self._drawn_ahead = range(batch_idx + 1, batch_idx + 1 + ahead)
+        if ahead <= 0 or not (pl_module.automatic_optimization and self.handle.drop_kind.skips_compute):
+            return
+        if min(self.handle._p) >= 1.0:
+            return  # every rate 1: no draws to save (see BatchDrop._draw_step)
+        accumulate = trainer.accumulate_grad_batches
+        cycle = batch_idx % accumulate
+        keys = [(trainer.global_step + (cycle + j) // accumulate, batch_idx + j) for j in range(1, ahead + 1)]
+        self.handle.prefetch_masks(keys)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -86,9 +86,23 @@ class DropKind:
         """Draw this step's masks from ``self._key = (seed, (step, micro_batch), rank)``."""
         raise NotImplementedError
 
+    def prefetch(self, seed: int, keys: Sequence[tuple[int, ...]]) -> int:
+        """Draw now what the masks of the future steps ``keys = [(step, micro_batch), ...]`` need, if the kind can.
+
+        A later :meth:`resample` of one of these keys uses it: the same masks as drawn then, at a fraction
+        of the cost (one warm loop instead of one cold draw per step, between the forward and backward of
+        the model). Returns how many keys were drawn ahead; 0 for per-example kinds, whose masks need the
+        batch size and device of their step.
+        """
+        return 0
+
     def dropped(self, index: int) -> bool:
         """Whether branch ``index`` is dropped for the whole batch at this step (training mode)."""
         return False
+
+    def dropped_blocks(self) -> list[int]:
+        """The branches dropped for the whole batch at this step, in increasing order (training mode)."""
+        return []
 
     def rows(self, index: int, batch: int, rates: Sequence[float], device: torch.device) -> Tensor | None:
         """Rows of the batch on which branch ``index`` runs at this step, or None for all of them.
@@ -162,6 +176,8 @@ class BatchDrop(DropKind):
         self._rates: list[float] | None = None
         self._rates_tensor = torch.ones(0, dtype=torch.float64)
         self._keeps_all = False
+        #: Uniforms drawn ahead by :meth:`prefetch`, by ``(seed, step, micro_batch)``.
+        self._ahead: dict[tuple[int, ...], Tensor] = {}
 
     def _set_kept(self, kept: list[bool]) -> None:
         self.kept = kept
@@ -180,14 +196,33 @@ class BatchDrop(DropKind):
                 self._set_kept([True] * self.num_blocks)
             return
         seed, key, _ = self._key
-        self._generator = mask_generator(seed, *key, 0, generator=self._generator)
-        u = torch.rand(self.num_blocks, generator=self._generator, dtype=torch.float64)
+        u = self._ahead.pop((seed, *key), None)
+        if u is None:
+            u = self._uniforms(seed, *key)
         kept = u < self._rates_tensor
         self.kept = kept.tolist()
         self.kept_tensor = kept
 
+    def _uniforms(self, seed: int, *key: int) -> Tensor:
+        """The L uniforms of step ``key = (step, micro_batch)``: block l is kept where ``u_l < p_l``."""
+        self._generator = mask_generator(seed, *key, 0, generator=self._generator)
+        return torch.rand(self.num_blocks, generator=self._generator, dtype=torch.float64)
+
+    def prefetch(self, seed: int, keys: Sequence[tuple[int, ...]]) -> int:  # noqa: D102
+        # The uniforms, not the masks: the rates may change before those steps (a budget schedule).
+        ahead = {}
+        for step_key in keys:
+            key = (int(seed), *(int(k) for k in step_key))
+            u = self._ahead.get(key)
+            ahead[key] = self._uniforms(*key) if u is None else u
+        self._ahead = ahead  # what was drawn ahead for other keys (a prediction that missed) goes
+        return len(ahead)
+
     def dropped(self, index: int) -> bool:  # noqa: D102
         return not self.kept[index]
+
+    def dropped_blocks(self) -> list[int]:  # noqa: D102
+        return [index for index, kept in enumerate(self.kept) if not kept]
 
     def multiplier(self, index: int, rates: Sequence[float], scaling: str, like: Tensor) -> Tensor | float:  # noqa: D102
         return 1.0 / rates[index] if scaling == "inverted" else 1.0

@@ -76,6 +76,9 @@ _GATE_PREFIX = "_sd_gate"
 
 def _walk(root: nn.Module, path: str) -> nn.Module:
     """``root.get_submodule(path)`` through the ``_modules`` dicts (falls back to it for anything unusual)."""
+    child = root._modules.get(path)  # a direct child, the usual case (a dotted path is never a key)
+    if child is not None:
+        return child
     module = root
     for part in path.split("."):
         child = module._modules.get(part)
@@ -258,8 +261,9 @@ class ResidualGate(_GateBase):
             if module._modules:
                 weights.extend(module.parameters())
             else:
-                weights.extend(w for w in module._parameters.values() if w is not None)
-        weights.extend(_parameter_at(block, name) for name in self.weight_attrs)
+                weights += [w for w in module._parameters.values() if w is not None]
+        if self.weight_attrs:
+            weights += [_parameter_at(block, name) for name in self.weight_attrs]
         return weights
 
     def _skip(self, shortcut: Tensor) -> Tensor:
@@ -742,6 +746,39 @@ class StochasticDepthHandle:
         the forward, so a ``torch.compile``-d model reads them as an input (no graph break, no
         recompile per step); otherwise at the first gate call.
         """
+        self._draw(step, micro_batch, batch_size, device)
+        return self.kept
+
+    def prefetch_masks(self, keys: Iterable[tuple[int, int]]) -> int:
+        """Draw ahead what the masks of future steps need: ``keys = [(step, micro_batch), ...]`` (batch drop).
+
+        A step's mask draw (``numpy.random.SeedSequence`` of its key, a seeded generator) costs tens of
+        microseconds where it runs, between the steps of a training loop (cold caches), and a few in a
+        loop of its own. A later :meth:`resample` of one of these keys takes what was drawn: the masks are
+        those it would draw, as they depend on the key only (the rates of that step decide which blocks
+        run). A key that never comes costs its draw; each call replaces what the last one drew ahead.
+        :class:`~lightning_sd.callbacks.StochasticDepth` calls it every 32 steps with the keys the
+        Trainer will use.
+
+        Args:
+            keys: ``(step, micro_batch)`` pairs, as :meth:`resample` will be called with.
+
+        Returns:
+            The number of keys drawn ahead; 0 for ``drop="sample"`` and ``"subset"``, whose masks need
+            their step's batch size and device.
+
+        Example::
+
+            >>> handle.prefetch_masks([(s, 0) for s in range(step + 1, step + 33)])
+        """
+        pairs = [tuple(int(k) for k in key) for key in keys]
+        wrong = [key for key in pairs if len(key) != 2]
+        if wrong:
+            raise ValueError(f"prefetch_masks takes (step, micro_batch) pairs, as resample is called with; got {wrong[0]!r}")
+        return self.drop_kind.prefetch(self.seed, pairs)
+
+    def _draw(self, step: int, micro_batch: int = 0, batch_size: int | None = None, device: torch.device | str | None = None) -> None:
+        """:meth:`resample` without the copy of the mask it returns: what the training loops call at every step."""
         self._key = (int(step), int(micro_batch))
         self._draws += 1
         if self._traced_on_untested_torch and not self._warned_untested_torch:
@@ -750,7 +787,6 @@ class StochasticDepthHandle:
         self.drop_kind.resample(
             seed=self.seed, key=self._key, rank=self._rank, rates=self._p, scaling=self.scaling, batch_size=batch_size, device=device
         )
-        return self.kept
 
     def prune(
         self,
@@ -784,14 +820,8 @@ class StochasticDepthHandle:
 
     def _dropped_weights(self) -> list[Tensor]:
         """Parameters (requiring gradients) of the branches dropped for the whole batch at this step."""
-        dropped = self.drop_kind.dropped
-        return [
-            w
-            for gate in self.gates
-            if dropped(gate.index) and isinstance(gate, ResidualGate)
-            for w in gate._weights()
-            if w.requires_grad
-        ]
+        dropped = [self.gates[index] for index in self.drop_kind.dropped_blocks()]
+        return [w for gate in dropped if isinstance(gate, ResidualGate) for w in gate._weights() if w.requires_grad]
 
     def fill_zero_gradients(self) -> int:
         """Give the parameters of the branches skipped at this step a zero gradient where they have none.
@@ -936,7 +966,7 @@ def _auto_resample(handle: StochasticDepthHandle, args: tuple[Any, ...]) -> None
     # (traced, the draw would break the graph at every step of it).
     first = next((a for a in args if isinstance(a, Tensor)), None)
     batch = None if first is None or first.ndim == 0 else first.shape[0]
-    handle.resample(handle._auto_step, batch_size=batch, device=None if first is None else first.device)
+    handle._draw(handle._auto_step, batch_size=batch, device=None if first is None else first.device)
     handle._auto_step += 1
 
 
