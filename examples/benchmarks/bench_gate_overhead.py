@@ -24,9 +24,10 @@ in a training loop: a backward then stores a branch's (zero) gradient instead of
 Then Trainer fits of 4 epochs of ``--trainer-steps`` steps, plain vs ``StochasticDepth(budget=1.0)``
 vs ``StochasticDepth(budget=0.5)``, in rounds: the callback + gates cost per step at budget 1.0 is the
 median over rounds of the difference of the per-step times (each the median of the warm epochs 2-4);
-the callback's own hooks (``on_train_batch_start``, which draws the masks, ``on_after_backward``, which
-gives the skipped blocks' zero gradients, and ``on_train_batch_end``)
-are also timed inside the fits, per step (median over the warm epochs' steps, then over rounds).
+the callback's own hooks (``on_train_batch_start``, which draws the masks and every 32 steps draws the next
+32 steps' ahead, ``on_after_backward``, which gives the skipped blocks' zero gradients, and
+``on_train_batch_end``) are also timed inside the fits, per step (mean over the warm epochs' steps, so that
+the steps that draw ahead count, then median over rounds).
 
     python examples/benchmarks/bench_gate_overhead.py
 """
@@ -124,7 +125,7 @@ class _TimedStochasticDepth(StochasticDepth):
 
 def trainer_step_time(steps: int, budget: float | None, epochs: int = 4) -> tuple[float, float]:
     """Microseconds per training step (optimizer step included), median over the epochs after the first,
-    and the callback's hooks per step (median over those epochs' steps; 0 without the callback)."""
+    and the callback's hooks per step (mean over those epochs' steps; 0 without the callback)."""
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(steps * BATCH, WIDTH, generator=g), torch.randn(steps * BATCH, 1, generator=g)), batch_size=BATCH)
     times: list[float] = []
@@ -148,7 +149,7 @@ def trainer_step_time(steps: int, budget: float | None, epochs: int = 4) -> tupl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(_Module(), data)
-    return statistics.median(times[1:]), 0.0 if sd is None else statistics.median(sd.hook_times)  # warm epochs
+    return statistics.median(times[1:]), 0.0 if sd is None else statistics.fmean(sd.hook_times)  # warm epochs
 
 
 def main() -> None:
