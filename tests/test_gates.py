@@ -204,6 +204,12 @@ def test_masks_drawn_ahead_are_the_masks_drawn_at_their_step():
         assert h.resample(step, step % 3).tolist() == (u < rate).tolist()
     assert h.prefetch_masks([(20, 0), (21, 0)]) == 2  # replaces what was drawn ahead before
     assert list(h.drop_kind._ahead) == [(11, 20, 0), (11, 21, 0)]
+    older = copy.copy(h.drop_kind.__dict__)  # a batch drop pickled before draws ahead existed
+    del older["_ahead"]
+    kind = type(h.drop_kind).__new__(type(h.drop_kind))
+    kind.__setstate__(older)
+    kind.resample(seed=11, key=(7, 1), rank=0, rates=[0.5] * 6, scaling="inverted")
+    assert kind.kept == (torch.rand(6, generator=mask_generator(11, 7, 1, 0), dtype=torch.float64) < 0.5).tolist()
     sample = inject_stochastic_depth(ResidualMLP(4, 8, 6, 1), 0.5, drop="sample", auto_resample=False)
     assert sample.prefetch_masks([(0, 0)]) == 0  # per-example masks need the step's batch size
     with pytest.raises(ValueError, match=r"\(step, micro_batch\) pairs.*\(1, 2, 3\)"):

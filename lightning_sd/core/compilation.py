@@ -135,8 +135,11 @@ OLDEST_COMPILE_TORCH = (2, 11)
 OLD_COMPILE_TORCH = _TORCH < OLDEST_COMPILE_TORCH
 
 
-def warn_untested_torch(handle: StochasticDepthHandle) -> None:
-    """Say once per handle that a compiled model runs its gates on a torch older than the tested one."""
+def warn_untested_torch(handle: StochasticDepthHandle, stacklevel: int = 3) -> None:
+    """Say once per handle that a compiled model runs its gates on a torch older than the tested one.
+
+    ``stacklevel`` as for :func:`warnings.warn`, counted from this function.
+    """
     handle._warned_untested_torch = True
     if OLD_COMPILE_TORCH:
         message = (
@@ -153,7 +156,7 @@ def warn_untested_torch(handle: StochasticDepthHandle) -> None:
             "(timm ConvNeXt) zero gradients upstream of the gates. Upgrade torch, or check a few steps' gradients "
             "against the uncompiled model, or use drop='subset' or drop='sample' (no torch.cond). Shown once per model."
         )
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=stacklevel)
 
 
 def _batch_mask(handle: StochasticDepthHandle, index: int) -> tuple[Tensor, Tensor]:

@@ -179,6 +179,10 @@ class BatchDrop(DropKind):
         #: Uniforms drawn ahead by :meth:`prefetch`, by ``(seed, step, micro_batch)``.
         self._ahead: dict[tuple[int, ...], Tensor] = {}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_ahead", {})  # pickled (inside a model) before draws ahead existed
+        self.__dict__.update(state)
+
     def _set_kept(self, kept: list[bool]) -> None:
         self.kept = kept
         #: The same mask as a bool tensor (CPU): what a gate traced by ``torch.compile`` reads, as data.

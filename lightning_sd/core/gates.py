@@ -746,7 +746,7 @@ class StochasticDepthHandle:
         the forward, so a ``torch.compile``-d model reads them as an input (no graph break, no
         recompile per step); otherwise at the first gate call.
         """
-        self._draw(step, micro_batch, batch_size, device)
+        self._draw(step, micro_batch, batch_size, device, warn_stacklevel=4)
         return self.kept
 
     def prefetch_masks(self, keys: Iterable[tuple[int, int]]) -> int:
@@ -777,12 +777,22 @@ class StochasticDepthHandle:
             raise ValueError(f"prefetch_masks takes (step, micro_batch) pairs, as resample is called with; got {wrong[0]!r}")
         return self.drop_kind.prefetch(self.seed, pairs)
 
-    def _draw(self, step: int, micro_batch: int = 0, batch_size: int | None = None, device: torch.device | str | None = None) -> None:
-        """:meth:`resample` without the copy of the mask it returns: what the training loops call at every step."""
+    def _draw(
+        self,
+        step: int,
+        micro_batch: int = 0,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+        warn_stacklevel: int = 3,
+    ) -> None:
+        """:meth:`resample` without the copy of the mask it returns: what the training loops call at every step.
+
+        ``warn_stacklevel``: where the untested-torch warning points (3: this method's caller).
+        """
         self._key = (int(step), int(micro_batch))
         self._draws += 1
         if self._traced_on_untested_torch and not self._warned_untested_torch:
-            warn_untested_torch(self)
+            warn_untested_torch(self, warn_stacklevel)
         self._refresh_rates(device)
         self.drop_kind.resample(
             seed=self.seed, key=self._key, rank=self._rank, rates=self._p, scaling=self.scaling, batch_size=batch_size, device=device
