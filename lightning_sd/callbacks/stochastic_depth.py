@@ -631,9 +631,10 @@ class StochasticDepth(Callback):
     def _draw_ahead(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
         """Draw the uniforms of the next :data:`MASKS_DRAWN_AHEAD` batches' masks in one loop (batch drop).
 
-        Their keys follow Lightning's loop under automatic optimization: batch ``k`` of an epoch trains at
-        ``global_step`` + the optimizer steps after the accumulation cycles that end before it. A key that
-        does not come (manual optimization, where the loop cannot be predicted, is left out) costs its draw only.
+        Their keys follow Lightning's loop under automatic optimization, where an optimizer step ends each
+        cycle of ``a = accumulate_grad_batches`` batches: batch ``batch_idx + j`` of this epoch trains at
+        ``global_step + (batch_idx % a + j) // a``. A key that does not come costs its draw only; manual
+        optimization, whose steps cannot be predicted, draws at each step.
         """
         assert self.handle is not None
         ahead = MASKS_DRAWN_AHEAD
