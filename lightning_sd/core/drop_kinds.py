@@ -90,9 +90,9 @@ class DropKind:
         """Draw now what the masks of the future steps ``keys = [(step, micro_batch), ...]`` need, if the kind can.
 
         A later :meth:`resample` of one of these keys uses it: the same masks as drawn then, at a fraction
-        of the cost (one warm loop instead of one cold draw per step, between the forward and backward of
-        the model). Returns how many keys were drawn ahead; 0 for per-example kinds, whose masks need the
-        batch size and device of their step.
+        of the cost (one warm loop instead of one cold draw between each two steps of a training loop).
+        Returns how many keys were drawn ahead; 0 for per-example kinds, whose masks need the batch size
+        and device of their step.
         """
         return 0
 
