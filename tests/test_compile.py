@@ -152,7 +152,8 @@ def test_alike_blocks_trace_to_one_cond_branch(model, shape, distinct) -> None:
 
     The block's index (into the handle's multipliers) was a constant of each branch, so that Inductor
     generated and compiled one kernel set per block, not per block type: CifarResNet-56 at budget 0.5 compiled
-    112 C++ kernels (32 for the plain model), 64 once ``m_l`` entered the cond as an operand.
+    106 distinct C++ kernels (26 for the plain model), 58 once ``m_l`` entered the cond as an operand
+    (``bench_compile.py``'s kernels column; docs/compile.md).
     """
     graphs: list[torch.fx.GraphModule] = []
 

@@ -101,8 +101,8 @@ class DropKind:
         return False
 
     def dropped_blocks(self) -> list[int]:
-        """The branches dropped for the whole batch at this step, in increasing order (training mode)."""
-        return []
+        """The branches dropped for the whole batch at this step, in increasing order (training mode): :meth:`dropped`'s."""
+        return [index for index in range(self.num_blocks) if self.dropped(index)]
 
     def rows(self, index: int, batch: int, rates: Sequence[float], device: torch.device) -> Tensor | None:
         """Rows of the batch on which branch ``index`` runs at this step, or None for all of them.
@@ -224,9 +224,6 @@ class BatchDrop(DropKind):
 
     def dropped(self, index: int) -> bool:  # noqa: D102
         return not self.kept[index]
-
-    def dropped_blocks(self) -> list[int]:  # noqa: D102
-        return [index for index, kept in enumerate(self.kept) if not kept]
 
     def multiplier(self, index: int, rates: Sequence[float], scaling: str, like: Tensor) -> Tensor | float:  # noqa: D102
         return 1.0 / rates[index] if scaling == "inverted" else 1.0
