@@ -3,8 +3,10 @@
 Configurations per model: no SD; batch drop at budgets 0.25, 0.5, 0.75, 1.0 (uniform rates,
 inverted scaling; dropped blocks skipped; ``compile_route="cond"``); batch drop at 0.5 with
 ``compile_route="graph_break"``; sample drop and subset drop at budget 0.5; batch drop at
-0.5 and 1.0 with the model eager and each branch compiled as a region (``handle.compile``, "regional"
-rows: the eager column is the same model without regions); for timm
+0.5, 0.75 and 1.0 with the model eager and each branch compiled as a region (``handle.compile``, "regional"
+rows: the eager column is the same model without regions); batch drop at 0.5 and 0.75 with the model
+compiled whole, route ``"graph_break"`` and each branch a compiled region ("graph_break + regional": no
+``torch.cond``, whose backward recomputes the kept branches' forward); for timm
 models, timm's own ``DropPath`` with drop probability 0.5 in every block (the same expected depth); and
 the plain model on half the batch ("no SD, half batch": what subset drop at 0.5 runs its branches on;
 its ideal column assumes a step cost linear in the batch).
@@ -198,7 +200,13 @@ def configurations(name: str, timm_model: bool) -> list[tuple[str, dict[str, Any
     # Route 1 with the decision between compiled pieces instead of torch.cond
     out += [("batch 0.5, graph_break", {"survival": 0.5, "drop": "batch", "route": "graph_break"}, 0.0)]
     # Route 2: the model stays eager, each branch compiled as a region (handle.compile)
-    out += [(f"batch {b}, regional", {"survival": b, "drop": "batch", "regional": True}, 0.0) for b in (0.5, 1.0)]
+    out += [(f"batch {b}, regional", {"survival": b, "drop": "batch", "regional": True}, 0.0) for b in (0.5, 0.75, 1.0)]
+    # Route 1 without torch.cond's recomputation: the model compiled whole, each gate a graph break, each
+    # branch a compiled region (compile_route="graph_break" and handle.compile)
+    out += [
+        (f"batch {b}, graph_break + regional", {"survival": b, "drop": "batch", "route": "graph_break", "regional": True}, 0.0)
+        for b in (0.5, 0.75)
+    ]
     if timm_model:
         out.append(("timm DropPath 0.5", None, 0.5))
     # Reference for subset drop, whose branches all run on half the batch: the plain model on half the
@@ -243,8 +251,10 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             copied = copy.deepcopy(model)  # a copy runs plain branches: the eager column stays eager
             copied_handle = existing_handle(copied)
             assert copied_handle is not None
-            copied_handle.compile(backend=counter)  # the model itself stays eager
+            copied_handle.compile(backend=counter)  # the model itself stays eager, unless compiled whole too
             compiled = Run(copied, copied_handle, xs, ys)
+            if copied_handle.compile_route == "graph_break":
+                compiled.forward = torch.compile(copied, backend=counter)
         else:
             compiled.forward = torch.compile(model, backend=counter)
         compilation_time_metrics.clear()  # Dynamo's per-phase compile times, of this configuration only
