@@ -917,6 +917,61 @@ def test_trainer_schedule_from_budget_one_compiles_one_variant(tmp_path, schedul
         assert means == [1.0, 1.0, 1.0]
 
 
+def test_compiled_around_gates_sees_a_compiled_module_that_holds_blocks_only() -> None:
+    from lightning_sd.core.compilation import compiled_around_gates
+
+    def wrapped(head_compiled: bool) -> tuple[nn.Module, object]:
+        net = ResidualMLP(8, 8, 4, 1)
+        handle = inject_stochastic_depth(net, 0.5, auto_resample=False)
+        head = nn.Linear(1, 1)
+        return nn.ModuleDict({"net": net, "head": torch.compile(head) if head_compiled else head}), handle
+
+    outer, handle = wrapped(head_compiled=True)
+    assert not compiled_around_gates(outer, handle)  # a compiled module without blocks: the gates run eagerly
+    outer.net = torch.compile(outer.net)
+    assert compiled_around_gates(outer, handle)
+    outer, handle = wrapped(head_compiled=False)
+    outer.net.blocks[2].compile()  # one block compiled in place: Dynamo traces its gate
+    assert compiled_around_gates(outer, handle)
+    outer, handle = wrapped(head_compiled=False)
+    assert not compiled_around_gates(outer, handle)
+    outer.compile()
+    assert compiled_around_gates(outer, handle)
+
+
+_RECOMPUTES = "the model is compiled whole, so each batch-drop gate runs its branch in torch.cond"
+_REGIONS_UNUSED = "compile= changes nothing here"
+
+
+@pytest.mark.parametrize("how", ["submodule", "in_place", "lightning", "with_compile_argument", "uncompiled", "regional"])
+def test_trainer_says_what_a_model_compiled_whole_does_with_the_gates(tmp_path, caplog, how) -> None:
+    """At train start: torch.cond's recomputation for a model compiled whole (``4/3 x budget``), and a warning
+    when ``compile=`` regions would be inlined into it (redundant); nothing for an uncompiled model."""
+    torch.manual_seed(0)
+    module = RegressionModule(in_features=8, width=16, depth=4, lr=0.01)
+    sd = StochasticDepth(mode="uniform", budget=0.75, seed=3, compile={"backend": "eager"} if how in ("with_compile_argument", "regional") else False)
+    fitted: nn.Module = module
+    if how in ("submodule", "with_compile_argument"):
+        module.net = torch.compile(module.net, backend="eager")
+    elif how == "in_place":
+        module.net.compile(backend="eager")
+    elif how == "lightning":
+        fitted = torch.compile(module, backend="eager")  # Trainer.fit unwraps it (LightningModule._compiler_ctx)
+    data = DataLoader(regression_data(n=16, in_features=8), batch_size=8)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[sd], **trainer_kwargs(tmp_path, logger=False))
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(fitted, data)
+    said = [r.getMessage() for r in caplog.records if _RECOMPUTES in r.getMessage()]
+    warned = [str(w.message) for w in record if _REGIONS_UNUSED in str(w.message)]
+    if how in ("uncompiled", "regional"):
+        assert said == [] and warned == []
+        return
+    assert len(said) == 1
+    assert "at budget 0.75 the blocks cost about 4/3 x 0.75 = 1.00 of their compute" in said[0]
+    assert len(warned) == (1 if how == "with_compile_argument" else 0)
+
+
 @pytest.mark.slow
 def test_trainer_user_compiled_resnet_with_batchnorm(tmp_path) -> None:
     counter = CompileCounterWithBackend("aot_eager")

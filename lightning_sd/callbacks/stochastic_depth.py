@@ -23,6 +23,7 @@ from lightning_sd.callbacks.output import log_epoch_metrics, log_per_block, publ
 from lightning_sd.callbacks.rate_measurement import RATE_MEASUREMENTS, MeasurementSettings, RateMeasurement
 from lightning_sd.callbacks.strategy_support import fills_zero_gradients_after_backward, skips_compute_under
 from lightning_sd.core.budget_schedule import DEFAULT_PLD_GAMMA, BudgetSchedule, check_schedule, scheduled_budget
+from lightning_sd.core.compilation import compiled_around_gates
 from lightning_sd.core.discovery import find_residual_branches
 from lightning_sd.core.gates import (
     StochasticDepthHandle,
@@ -198,7 +199,9 @@ class StochasticDepth(Callback):
             ``torch.compile``'s defaults, or a dict of its keyword arguments (``{"mode": "max-autotune"}``).
             Identical blocks share one compiled graph, the skip decision stays eager, and neither the masks
             nor the rates recompile. A model compiled by the user (``torch.compile(model)``) needs nothing
-            here: see :mod:`lightning_sd.core.compilation`.
+            here: see :mod:`lightning_sd.core.compilation`. At train start the callback says, for a model
+            compiled whole, what batch drop costs there (``torch.cond`` recomputes the kept blocks), and warns
+            when ``compile=`` is given too: Dynamo then inlines the regions into the model's graph.
 
     With ``scaling="inverted"`` the callback warns whenever a rate gives a multiplier
     ``1/p_l > 20`` (:data:`MAX_MULTIPLIER`, ``p_l < 0.05``).
@@ -596,6 +599,7 @@ class StochasticDepth(Callback):
             self.schedule_total_steps = int(total)
         if self.mode in _MEASURED_MODES and not self._measured and trainer.global_step >= self.measure_after_steps:
             self._measure(trainer, pl_module)
+        self._say_how_compiled(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -845,6 +849,35 @@ class StochasticDepth(Callback):
         if result.regularization_terms is not None:
             self.regularization_terms = result.regularization_terms
             self.regularization_loss_used = result.loss
+
+    def _say_how_compiled(self, pl_module: pl.LightningModule) -> None:
+        """At train start (after ``configure_model`` and the module's ``setup``): what a model compiled whole does with the gates.
+
+        Route 1 (docs/compile.md): batch drop runs each branch in ``torch.cond``, whose backward recomputes a
+        kept branch's forward, and ``compile=`` regions are inlined into the model's graph, not called.
+        """
+        handle = self.handle
+        if handle is None:
+            return
+        if getattr(pl_module, "_compiler_ctx", None) is None and not compiled_around_gates(pl_module, handle):
+            return
+        if self.compile is not False and handle.compile_route == "cond":
+            rank_zero_warn(
+                "StochasticDepth: compile= compiles each residual branch as a region, but this model is compiled whole "
+                "(torch.compile): Dynamo traces the gates into the model's graph and inlines the regions, so compile= "
+                "changes nothing here (unless the model was compiled with dynamic=True, whose gates decide outside the "
+                "graph and call the regions). For the regional route, leave the model uncompiled; to keep the whole "
+                "compiled model, drop compile=. See docs/compile.md."
+            )
+        if self.drop == "batch" and handle.skip_compute and not (self.schedule == "constant" and self.budget == 1.0):
+            rank_zero_info(
+                f"StochasticDepth: the model is compiled whole, so each batch-drop gate runs its branch in torch.cond, "
+                f"whose backward recomputes a kept branch's forward (torch {torch.__version__}): at budget {self.budget} the "
+                f"blocks cost about 4/3 x {self.budget} = {4 / 3 * self.budget:.2f} of their compute without stochastic depth "
+                "(a block's backward taken as twice its forward), and they hold less activation memory (only their inputs are "
+                "kept). Below budget 1 StochasticDepth(compile=True) on the uncompiled model was faster in docs/compile.md's "
+                "measurements."
+            )
 
     def _warn_large_multiplier(self) -> None:
         if self.handle is None:

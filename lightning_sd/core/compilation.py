@@ -67,6 +67,7 @@ __all__ = [
     "TESTED_TORCH",
     "CompileRoute",
     "compile_branches",
+    "compiled_around_gates",
     "traced_gate_forward",
     "traced_slot_forward",
     "warn_untested_torch",
@@ -444,3 +445,27 @@ def compile_branches(handle: StochasticDepthHandle, **compile_kwargs: Any) -> in
         plain, region = shared[id(fn)]
         gate.set_compiled(plain, region, args)
     return len(shared)
+
+
+def compiled_around_gates(root: nn.Module, handle: StochasticDepthHandle) -> bool:
+    """Whether ``torch.compile`` wraps a module of ``root`` that holds a gated block: route 1, the model compiled whole.
+
+    True when ``root`` or one of its submodules holding a block of ``handle`` is an ``OptimizedModule``
+    (``torch.compile(module)``) or was compiled in place (``module.compile()``). Dynamo then traces those
+    gates: a batch-drop gate runs its branch in ``torch.cond`` (route ``"cond"``), and the regions of
+    :func:`compile_branches` are inlined into the model's graph instead of called, except where a gate
+    decides outside the graph (route ``"graph_break"``). A model whose ``forward`` method alone was
+    replaced by a compiled function is not seen.
+
+    Example::
+
+        >>> compiled_around_gates(model, handle)   # False
+        >>> model.compile(); compiled_around_gates(model, handle)   # True
+    """
+    blocks = {id(gate.block) for gate in handle.gates}
+    for module in root.modules():
+        compiled = isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+        if compiled or getattr(module, "_compiled_call_impl", None) is not None:
+            if any(id(inner) in blocks for inner in module.modules()):
+                return True
+    return False
