@@ -869,7 +869,8 @@ class StochasticDepth(Callback):
                 "graph and call the regions). For the regional route, leave the model uncompiled; to keep the whole "
                 "compiled model, drop compile=. See docs/compile.md."
             )
-        if self.drop == "batch" and handle.skip_compute and not (self.schedule == "constant" and self.budget == 1.0):
+        cond = self.drop == "batch" and handle.skip_compute and handle.compile_route == "cond"
+        if cond and not (self.schedule == "constant" and self.budget == 1.0):
             rank_zero_info(
                 f"StochasticDepth: the model is compiled whole, so each batch-drop gate runs its branch in torch.cond, "
                 f"whose backward recomputes a kept branch's forward (torch {torch.__version__}): at budget {self.budget} the "
