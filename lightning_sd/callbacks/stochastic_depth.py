@@ -869,8 +869,8 @@ class StochasticDepth(Callback):
                 "graph and call the regions). For the regional route, leave the model uncompiled; to keep the whole "
                 "compiled model, drop compile=. See docs/compile.md."
             )
-        cond = self.drop == "batch" and handle.skip_compute and handle.compile_route == "cond"
-        if cond and not (self.schedule == "constant" and self.budget == 1.0):
+        # _all_kept: every rate 1 and no schedule to lower them, the gates trace without torch.cond
+        if self.drop == "batch" and handle.skip_compute and handle.compile_route == "cond" and not handle._all_kept:
             rank_zero_info(
                 f"StochasticDepth: the model is compiled whole, so each batch-drop gate runs its branch in torch.cond, "
                 f"whose backward recomputes a kept branch's forward (torch {torch.__version__}): at budget {self.budget} the "
